@@ -1,0 +1,35 @@
+//! Postern identities and the secure channels bound to them.
+//!
+//! This crate holds everything two Postern parties need to know *who* is on
+//! the other end of a byte stream and to talk to them privately:
+//!
+//! - [`Identity`]: an Ed25519 key pair, its [`Identifier`] (a hash of the
+//!   public key printed as `P` followed by 40 hex digits) and its key file
+//!   ([`keyfile`]).
+//! - [`handshake`]: a sans-IO Noise handshake (`Noise_XX_25519_AESGCM_SHA256`
+//!   as implemented by `snow`) in which each side proves its identity by
+//!   signing its Noise static key, and the `IK` handshake a node uses to
+//!   attach a data connection to the relay.
+//! - [`frame`]: the length-prefixed framing of Noise messages on a stream,
+//!   with "need more bytes" kept apart from "invalid".
+//! - [`transport`]: the established channel: encrypts and decrypts frames with
+//!   explicit, strictly sequential nonces.
+//! - [`wire`]: the typed messages carried inside those channels (CBOR).
+//!
+//! It does no I/O of its own beyond reading and writing key files: callers
+//! feed it bytes and a clock, and send what it returns. It knows nothing of
+//! relays, services or policies.
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod frame;
+pub mod handshake;
+mod identifier;
+mod identity;
+pub mod keyfile;
+pub mod transport;
+pub mod wire;
+
+pub use error::{ChannelError, IdentityError};
+pub use identifier::Identifier;
+pub use identity::{Identity, PublicIdentity};

@@ -1,0 +1,7 @@
+//! Shared helpers for Postern's integration tests.
+//!
+//! Include from a test crate with `mod support;` and use, e.g.,
+//! `support::pg::TempPg` to get a throwaway PostgreSQL cluster.
+#![allow(dead_code)]
+
+pub mod pg;
