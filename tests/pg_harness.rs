@@ -14,7 +14,10 @@ use support::pg::{pg_bin, TempPg};
 async fn two_clusters_run_concurrently_and_clean_up() -> Result<()> {
     let (a, b) = tokio::try_join!(TempPg::start_async(), TempPg::start_async())?;
     ensure!(a.port() != b.port(), "both clusters got port {}", a.port());
-    ensure!(a.root_dir() != b.root_dir(), "both clusters share a directory");
+    ensure!(
+        a.root_dir() != b.root_dir(),
+        "both clusters share a directory"
+    );
 
     for (i, pg) in [&a, &b].into_iter().enumerate() {
         let client = pg.connect_direct().await?;
@@ -105,7 +108,10 @@ fn connection_string_quotes_awkward_hosts() {
 fn a_panicking_test_leaves_no_server_behind() -> Result<()> {
     let seen = std::sync::Mutex::new(None);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let pg = TempPg::start().expect("TempPg::start");
+        let pg = match TempPg::start() {
+            Ok(pg) => pg,
+            Err(e) => panic!("TempPg::start failed: {e:#}"),
+        };
         if let Ok(mut seen) = seen.lock() {
             *seen = Some((pg.addr(), pg.root_dir().to_path_buf()));
         }
@@ -121,14 +127,40 @@ fn a_panicking_test_leaves_no_server_behind() -> Result<()> {
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
         "{addr} still accepts connections after a panic"
     );
-    ensure!(!root.exists(), "{} left behind after a panic", root.display());
+    ensure!(
+        !root.exists(),
+        "{} left behind after a panic",
+        root.display()
+    );
     Ok(())
 }
 
-#[test]
-#[ignore]
-fn tmp_hold() {
-    let pg = TempPg::start().unwrap();
-    println!("HOLD {} {}", pg.port(), pg.root_dir().display());
-    std::thread::sleep(Duration::from_secs(600));
+#[tokio::test]
+async fn stop_and_restart_keep_port_and_data() -> Result<()> {
+    let mut pg = TempPg::start_async().await?;
+    let port = pg.port();
+    let client = pg.connect_direct().await?;
+    client
+        .batch_execute("create table kept (v int); insert into kept values (42)")
+        .await?;
+
+    pg.stop()?;
+    ensure!(
+        TcpStream::connect_timeout(&pg.addr(), Duration::from_secs(2)).is_err(),
+        "server still accepts connections after stop()"
+    );
+    ensure!(
+        client.simple_query("select 1").await.is_err(),
+        "old connection survived stop()"
+    );
+
+    pg.restart()?;
+    ensure!(pg.port() == port, "restart moved the port");
+    let client = pg.connect_direct().await?;
+    let v: i32 = client
+        .query_one("select v from kept", &[])
+        .await?
+        .try_get(0)?;
+    ensure!(v == 42, "read back {v} after restart");
+    Ok(())
 }

@@ -46,6 +46,8 @@ pub enum ChannelKind {
     Hop,
     /// An inlet's channel to an outlet, carried through the relay.
     EndToEnd,
+    /// A node attaching a data connection at the relay (IK).
+    Attach,
 }
 
 impl ChannelKind {
@@ -53,6 +55,7 @@ impl ChannelKind {
         match self {
             ChannelKind::Hop => b"postern/1 hop",
             ChannelKind::EndToEnd => b"postern/1 end-to-end",
+            ChannelKind::Attach => b"postern/1 attach",
         }
     }
 }
@@ -302,7 +305,7 @@ pub struct AttachInitiator {
     hs: HandshakeState,
 }
 
-const ATTACH_PROLOGUE: ChannelKind = ChannelKind::Hop;
+const ATTACH_PROLOGUE: ChannelKind = ChannelKind::Attach;
 
 impl AttachInitiator {
     /// Writes message 1: our static key and the encrypted attach request, to

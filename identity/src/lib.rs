@@ -27,6 +27,7 @@ pub mod handshake;
 mod identifier;
 mod identity;
 pub mod keyfile;
+pub mod link;
 pub mod transport;
 pub mod wire;
 

@@ -24,6 +24,13 @@ use crate::ChannelError;
 /// refused with a clear reason.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// Length of the preamble that opens every connection to a relay.
+pub const PREAMBLE_LEN: usize = 6;
+/// Preamble of a hop channel (followed by a Noise XX handshake).
+pub const PREAMBLE_HOP: [u8; PREAMBLE_LEN] = *b"PSTN\x01H";
+/// Preamble of a data connection (followed by a Noise IK attach handshake).
+pub const PREAMBLE_ATTACH: [u8; PREAMBLE_LEN] = *b"PSTN\x01A";
+
 /// Encodes a message as CBOR.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ChannelError> {
     cbor4ii::serde::to_vec(Vec::new(), value)

@@ -226,23 +226,36 @@ impl TempPg {
         connect_str(&self.socket_connection_string()).await
     }
 
-    /// Stop the server now (`pg_ctl stop -m immediate`), keeping the data
-    /// directory so [`TempPg::restart`] can bring it back on the same port.
-    /// Useful for "backend went away" tests.
+    /// Stop the server cleanly (`pg_ctl stop -m fast`: open connections are
+    /// terminated, committed data is kept), leaving the data directory so
+    /// [`TempPg::restart`] can bring it back on the same port. Useful for
+    /// "backend went away" tests.
     pub fn stop(&mut self) -> Result<()> {
+        self.stop_mode("fast")
+    }
+
+    /// Simulate a server crash (`pg_ctl stop -m immediate`). Because the
+    /// cluster runs with `synchronous_commit=off`, transactions committed in
+    /// the last few hundred milliseconds are lost on [`TempPg::restart`].
+    pub fn crash(&mut self) -> Result<()> {
+        self.stop_mode("immediate")
+    }
+
+    fn stop_mode(&mut self, mode: &str) -> Result<()> {
         if !self.running {
             return Ok(());
         }
         let out = self
-            .pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "60"])
+            .pg_ctl(&["stop", "-m", mode, "-w", "-t", "60"])
             .output()
-            .context("running pg_ctl stop")?;
-        check_output(&out, "pg_ctl stop -m immediate")?;
+            .with_context(|| format!("running pg_ctl stop -m {mode}"))?;
+        check_output(&out, &format!("pg_ctl stop -m {mode}"))?;
         self.running = false;
         Ok(())
     }
 
-    /// Start the server again after [`TempPg::stop`], on the same port.
+    /// Start the server again after [`TempPg::stop`] or [`TempPg::crash`],
+    /// on the same port.
     pub fn restart(&mut self) -> Result<()> {
         if self.running {
             return Ok(());
@@ -583,8 +596,8 @@ fn root_prerequisites() -> Result<PathBuf> {
 fn temp_base(as_postgres: bool) -> PathBuf {
     let base = std::env::temp_dir();
     // "<base>/postern-pg-XXXXXX/.s.PGSQL.65535.lock"
-    let fits = base.as_os_str().len() + "/postern-pg-XXXXXX/.s.PGSQL.65535.lock".len()
-        <= MAX_SOCKET_PATH;
+    let fits =
+        base.as_os_str().len() + "/postern-pg-XXXXXX/.s.PGSQL.65535.lock".len() <= MAX_SOCKET_PATH;
     let traversable = !as_postgres
         || base.ancestors().all(|a| {
             fs::metadata(a)

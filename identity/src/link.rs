@@ -1,0 +1,276 @@
+//! Thin async I/O around the sans-IO pieces: reading frames from a stream,
+//! driving a handshake over it, and sending typed control messages.
+//!
+//! Everything here is a loop around [`crate::frame`], [`crate::handshake`]
+//! and [`crate::transport`]; protocol decisions are made there.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{self, MAX_NOISE_MESSAGE};
+use crate::handshake::{
+    AttachInitiator, ChannelKind, Initiator, LocalParty, Peer, Responder,
+};
+use crate::transport::{Opener, Sealer, Transport};
+use crate::wire::{self, Attach, AttachReply, Control, Hello};
+use crate::ChannelError;
+
+/// Largest control message accepted on a hop channel.
+pub const MAX_CONTROL_FRAME: usize = 16 * 1024;
+/// Reader capacity that holds two maximal frames (data channels).
+pub const DATA_READ_BUFFER: usize = 2 * (frame::LEN_PREFIX + MAX_NOISE_MESSAGE);
+/// Reader capacity for hop channels: any handshake message and control frames.
+pub const CONTROL_READ_BUFFER: usize = frame::LEN_PREFIX + MAX_NOISE_MESSAGE + MAX_CONTROL_FRAME;
+
+/// Why a link (a stream carrying frames) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The peer closed the connection at a frame boundary.
+    #[error("connection closed by the other side")]
+    Closed,
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// The peer sent something the protocol does not allow.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// The operating system reported an error.
+    #[error("network error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A step did not finish in time.
+    #[error("{what} did not complete within {after:?}")]
+    Timeout {
+        /// What we were waiting for.
+        what: &'static str,
+        /// How long we waited.
+        after: Duration,
+    },
+}
+
+impl LinkError {
+    /// Whether the peer (or the network) caused this error, as opposed to a
+    /// local failure.
+    pub fn is_peer_fault(&self) -> bool {
+        matches!(
+            self,
+            LinkError::Closed | LinkError::Truncated | LinkError::Channel(_) | LinkError::Timeout { .. }
+        )
+    }
+}
+
+/// Runs `fut`, failing with [`LinkError::Timeout`] after `after`.
+pub async fn within<T>(
+    after: Duration,
+    what: &'static str,
+    fut: impl std::future::Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .unwrap_or(Err(LinkError::Timeout { what, after }))
+}
+
+/// Reads length-prefixed frames from a stream through one reusable buffer.
+///
+/// [`FramedReader::next_frame`] is cancel-safe: bytes already read stay in
+/// the buffer, so it may be used in `select!`.
+#[derive(Debug)]
+pub struct FramedReader<R> {
+    inner: R,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: AsyncRead + Unpin> FramedReader<R> {
+    /// Wraps a stream with a buffer of `capacity` bytes (at least one
+    /// maximal frame; see [`DATA_READ_BUFFER`] and [`CONTROL_READ_BUFFER`]).
+    pub fn new(inner: R, capacity: usize) -> Self {
+        FramedReader {
+            inner,
+            buf: vec![0u8; capacity.max(frame::LEN_PREFIX + MAX_NOISE_MESSAGE)].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// The underlying stream and the bytes buffered beyond the last frame.
+    pub fn into_parts(self) -> (R, Vec<u8>) {
+        let rest = self.buf[self.start..self.end].to_vec();
+        (self.inner, rest)
+    }
+
+    /// The next frame body, at most `max_body` bytes. A clean end of stream
+    /// at a frame boundary is [`LinkError::Closed`].
+    pub async fn next_frame(&mut self, max_body: usize) -> Result<&[u8], LinkError> {
+        loop {
+            if let Some((body, used)) = frame::decode(&self.buf[self.start..self.end], max_body)? {
+                let (from, len) = (self.start + frame::LEN_PREFIX, body.len());
+                self.start += used;
+                return Ok(&self.buf[from..from + len]);
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.buf.len() - self.start < frame::LEN_PREFIX + MAX_NOISE_MESSAGE {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = self.inner.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return Err(if self.start == self.end {
+                    LinkError::Closed
+                } else {
+                    LinkError::Truncated
+                });
+            }
+            self.end += n;
+        }
+    }
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> Result<(), LinkError> {
+    let mut out = Vec::with_capacity(body.len() + frame::LEN_PREFIX);
+    frame::encode(body, &mut out)?;
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+/// Runs the XX handshake as initiator. `accept` sees the responder's verified
+/// identity before we reveal ours, and may refuse it.
+pub async fn initiate<R, W>(
+    reader: &mut FramedReader<R>,
+    writer: &mut W,
+    local: &LocalParty,
+    kind: ChannelKind,
+    hello: &Hello,
+    accept: impl FnOnce(&Peer) -> Result<(), ChannelError>,
+) -> Result<(Peer, Transport), LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (init, msg1) = Initiator::start(local, kind)?;
+    write_frame(writer, &msg1).await?;
+    let msg2 = reader.next_frame(MAX_NOISE_MESSAGE).await?;
+    let (verified, peer) = init.handle_response(msg2)?;
+    accept(&peer)?;
+    let (msg3, transport) = verified.finish(local, hello)?;
+    write_frame(writer, &msg3).await?;
+    Ok((peer, transport))
+}
+
+/// Runs the XX handshake as responder.
+pub async fn respond<R, W>(
+    reader: &mut FramedReader<R>,
+    writer: &mut W,
+    local: &LocalParty,
+    kind: ChannelKind,
+    hello: &Hello,
+) -> Result<(Peer, Transport), LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let responder = Responder::new(local, kind)?;
+    let msg1 = reader.next_frame(MAX_NOISE_MESSAGE).await?;
+    let (sent, msg2) = responder.handle_hello(msg1, local, hello)?;
+    write_frame(writer, &msg2).await?;
+    let msg3 = reader.next_frame(MAX_NOISE_MESSAGE).await?;
+    Ok(sent.handle_finish(msg3)?)
+}
+
+/// Attaches a data connection at the relay (IK handshake) and returns the
+/// relay's verdict.
+pub async fn attach<R, W>(
+    reader: &mut FramedReader<R>,
+    writer: &mut W,
+    local: &LocalParty,
+    relay_static: &[u8; 32],
+    request: &Attach,
+) -> Result<AttachReply, LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (init, msg1) = AttachInitiator::start(local, relay_static, request)?;
+    write_frame(writer, &msg1).await?;
+    let msg2 = reader.next_frame(MAX_NOISE_MESSAGE).await?;
+    Ok(init.handle_reply(msg2)?)
+}
+
+/// Writes a raw handshake message as one frame (for responders driving the
+/// sans-IO state machines themselves).
+pub async fn send_raw<W: AsyncWrite + Unpin>(writer: &mut W, message: &[u8]) -> Result<(), LinkError> {
+    write_frame(writer, message).await
+}
+
+/// Receives control messages on an established hop channel.
+#[derive(Debug)]
+pub struct ControlReceiver<R> {
+    reader: FramedReader<R>,
+    opener: Opener,
+    plain: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> ControlReceiver<R> {
+    /// Wraps the reading half of an established channel.
+    pub fn new(reader: FramedReader<R>, opener: Opener) -> Self {
+        ControlReceiver {
+            reader,
+            opener,
+            plain: vec![0u8; MAX_CONTROL_FRAME],
+        }
+    }
+
+    /// The next message. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Control, LinkError> {
+        let body = self.reader.next_frame(MAX_CONTROL_FRAME).await?;
+        let n = self.opener.open(body, &mut self.plain)?;
+        Ok(wire::decode(&self.plain[..n])?)
+    }
+}
+
+/// Sends control messages on an established hop channel.
+#[derive(Debug)]
+pub struct ControlSender<W> {
+    writer: W,
+    sealer: Sealer,
+    out: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> ControlSender<W> {
+    /// Wraps the writing half of an established channel.
+    pub fn new(writer: W, sealer: Sealer) -> Self {
+        ControlSender {
+            writer,
+            sealer,
+            out: Vec::new(),
+        }
+    }
+
+    /// Encrypts and sends one message.
+    pub async fn send(&mut self, msg: &Control) -> Result<(), LinkError> {
+        let plain = wire::encode(msg)?;
+        if plain.len() > MAX_CONTROL_FRAME - frame::TAG_LEN {
+            return Err(ChannelError::TooLarge(plain.len()).into());
+        }
+        self.out.clear();
+        self.sealer.seal(&plain, &mut self.out)?;
+        self.writer.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    /// Closes the writing direction.
+    pub async fn shutdown(&mut self) -> Result<(), LinkError> {
+        self.writer.shutdown().await?;
+        Ok(())
+    }
+}

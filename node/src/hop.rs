@@ -1,0 +1,339 @@
+//! A node's hop channel to its relay: dialling, the pinned-identity
+//! handshake, heartbeats, and request/response over control messages. Also
+//! the dialling of data connections that attach to a tunnel.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use postern_identity::handshake::{ChannelKind, LocalParty};
+use postern_identity::link::{
+    self, ControlReceiver, ControlSender, FramedReader, LinkError, CONTROL_READ_BUFFER,
+    DATA_READ_BUFFER,
+};
+use postern_identity::wire::{
+    Attach, AttachReply, Control, Hello, ServiceName, Side, TunnelToken, PREAMBLE_ATTACH,
+    PREAMBLE_HOP, PROTOCOL_VERSION,
+};
+use postern_identity::ChannelError;
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{NodeError, RelayEndpoint, Timeouts};
+
+type OpenReply = Result<TunnelToken, String>;
+
+/// Events the relay pushes to a node.
+#[derive(Debug)]
+pub(crate) enum HopEvent {
+    Registered(ServiceName),
+    RegisterRefused(ServiceName, String),
+    Incoming(ServiceName, TunnelToken),
+}
+
+/// An authenticated hop channel, shared by the node's tasks.
+#[derive(Debug)]
+pub(crate) struct Hop {
+    pub relay: RelayEndpoint,
+    pub relay_static: [u8; 32],
+    outbox: mpsc::Sender<Control>,
+    opens: Mutex<HashMap<u64, oneshot::Sender<OpenReply>>>,
+    next_request: AtomicU64,
+    /// Cancelled when the channel ends, for whatever reason.
+    pub closed: CancellationToken,
+    end_reason: Mutex<Option<String>>,
+}
+
+pub(crate) fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(5));
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+async fn dial(relay: &RelayEndpoint, timeouts: &Timeouts, preamble: &[u8]) -> Result<TcpStream, NodeError> {
+    let unreachable = |source| NodeError::RelayUnreachable {
+        address: relay.address.clone(),
+        source,
+    };
+    let mut stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(&relay.address))
+        .await
+        .map_err(|_| unreachable(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {:?}", timeouts.connect))))?
+        .map_err(unreachable)?;
+    tune(&stream);
+    stream.write_all(preamble).await.map_err(unreachable)?;
+    Ok(stream)
+}
+
+/// Dials the relay and authenticates, pinning its identity. Returns the
+/// shared channel, the stream of pushed events, and runs the channel's driver
+/// in a background task until `stop` or failure.
+pub(crate) async fn connect(
+    local: &LocalParty,
+    relay: &RelayEndpoint,
+    timeouts: &Timeouts,
+    stop: &CancellationToken,
+) -> Result<(Arc<Hop>, mpsc::Receiver<HopEvent>), NodeError> {
+    let stream = dial(relay, timeouts, &PREAMBLE_HOP).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FramedReader::new(rd, CONTROL_READ_BUFFER);
+    let expected = relay.identifier;
+    let hello = Hello::default();
+    let handshake = link::initiate(&mut reader, &mut wr, local, ChannelKind::Hop, &hello, |peer| {
+        let actual = peer.identity.identifier();
+        if actual == expected {
+            Ok(())
+        } else {
+            Err(ChannelError::UnexpectedPeer {
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            })
+        }
+    });
+    let (peer, transport) = match link::within(timeouts.handshake, "hop handshake", handshake).await {
+        Ok(ok) => ok,
+        Err(LinkError::Channel(ChannelError::UnexpectedPeer { actual, .. })) => {
+            return Err(NodeError::WrongRelay {
+                address: relay.address.clone(),
+                expected,
+                actual: actual.parse().unwrap_or(expected),
+            })
+        }
+        Err(source) => {
+            return Err(NodeError::RelayHandshake {
+                address: relay.address.clone(),
+                source,
+            })
+        }
+    };
+    let (sealer, opener) = transport.split();
+    let (outbox, outbox_rx) = mpsc::channel(256);
+    let (events_tx, events) = mpsc::channel(256);
+    let hop = Arc::new(Hop {
+        relay: relay.clone(),
+        relay_static: peer.static_key,
+        outbox,
+        opens: Mutex::new(HashMap::new()),
+        next_request: AtomicU64::new(1),
+        closed: stop.child_token(),
+        end_reason: Mutex::new(None),
+    });
+    let driver = Driver {
+        hop: Arc::clone(&hop),
+        inbox: ControlReceiver::new(reader, opener),
+        outbox: ControlSender::new(wr, sealer),
+        outbox_rx,
+        events: events_tx,
+        timeouts: timeouts.clone(),
+    };
+    tokio::spawn(driver.run());
+    Ok((hop, events))
+}
+
+struct Driver {
+    hop: Arc<Hop>,
+    inbox: ControlReceiver<OwnedReadHalf>,
+    outbox: ControlSender<OwnedWriteHalf>,
+    outbox_rx: mpsc::Receiver<Control>,
+    events: mpsc::Sender<HopEvent>,
+    timeouts: Timeouts,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let reason = self.drive().await;
+        debug!(relay = %self.hop.relay.address, %reason, "hop channel ended");
+        *self.hop.end_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.hop.closed.cancel();
+        let _ = self.outbox.shutdown().await;
+        // Fail every request still waiting for an answer.
+        self.hop.lock_opens().clear();
+    }
+
+    async fn drive(&mut self) -> String {
+        let mut heartbeat = tokio::time::interval(self.timeouts.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = tokio::time::Instant::now();
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                () = self.hop.closed.cancelled() => return "stopped".into(),
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() >= self.timeouts.dead_after {
+                        return format!("relay silent for {:?}", self.timeouts.dead_after);
+                    }
+                    seq += 1;
+                    if let Err(e) = self.outbox.send(&Control::Ping { seq }).await {
+                        return format!("send failed: {e}");
+                    }
+                }
+                out = self.outbox_rx.recv() => {
+                    let Some(msg) = out else { return "node dropped its channel".into() };
+                    if let Err(e) = self.outbox.send(&msg).await {
+                        return format!("send failed: {e}");
+                    }
+                }
+                msg = self.inbox.recv() => {
+                    let msg = match msg {
+                        Ok(msg) => msg,
+                        Err(LinkError::Closed) => return "relay closed the connection".into(),
+                        Err(e) => return format!("{e}"),
+                    };
+                    last_heard = tokio::time::Instant::now();
+                    if let Some(reason) = self.dispatch(msg).await {
+                        return reason;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, msg: Control) -> Option<String> {
+        let event = match msg {
+            Control::Ping { seq } => {
+                return self.outbox.send(&Control::Pong { seq }).await.err().map(|e| format!("send failed: {e}"));
+            }
+            Control::Pong { .. } => return None,
+            Control::Opened { request, token } => {
+                self.hop.answer(request, Ok(token));
+                return None;
+            }
+            Control::OpenRefused { request, reason } => {
+                self.hop.answer(request, Err(reason));
+                return None;
+            }
+            Control::Registered { service } => HopEvent::Registered(service),
+            Control::RegisterRefused { service, reason } => HopEvent::RegisterRefused(service, reason),
+            Control::Incoming { service, token } => HopEvent::Incoming(service, token),
+            other => {
+                warn!(message = ?other, "relay sent a message nodes do not accept; ignoring it");
+                return None;
+            }
+        };
+        // A node that stopped listening for events is shutting down.
+        let _ = self.events.send(event).await;
+        None
+    }
+}
+
+impl Hop {
+    fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<OpenReply>>> {
+        self.opens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why the channel ended, once it has.
+    pub fn ended_because(&self) -> Option<String> {
+        self.end_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn answer(&self, request: u64, reply: OpenReply) {
+        if let Some(tx) = self.lock_opens().remove(&request) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// Queues a control message.
+    pub async fn send(&self, msg: Control) -> Result<(), NodeError> {
+        self.outbox
+            .send(msg)
+            .await
+            .map_err(|_| NodeError::RelayLost(self.ended_because().unwrap_or_else(|| "channel closed".into())))
+    }
+
+    /// Asks the relay for a tunnel to `service`.
+    pub async fn open(&self, service: &ServiceName, timeout: Duration) -> Result<TunnelToken, NodeError> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock_opens().insert(request, tx);
+        self.send(Control::Open {
+            request,
+            service: service.clone(),
+        })
+        .await?;
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(timeout, rx) => answer,
+            () = self.closed.cancelled() => {
+                return Err(NodeError::RelayLost(self.ended_because().unwrap_or_else(|| "channel closed".into())));
+            }
+        };
+        match answer {
+            Ok(Ok(Ok(token))) => Ok(token),
+            Ok(Ok(Err(reason))) => Err(NodeError::OpenRefused(reason)),
+            Ok(Err(_)) => Err(NodeError::RelayLost(self.ended_because().unwrap_or_else(|| "channel closed".into()))),
+            Err(_) => {
+                self.lock_opens().remove(&request);
+                Err(NodeError::OpenRefused(format!("relay did not answer within {timeout:?}")))
+            }
+        }
+    }
+
+    /// Dials a data connection and attaches it to the tunnel of `token`.
+    pub async fn attach(
+        &self,
+        local: &LocalParty,
+        timeouts: &Timeouts,
+        side: Side,
+        token: TunnelToken,
+    ) -> Result<(FramedReader<OwnedReadHalf>, OwnedWriteHalf), NodeError> {
+        let stream = dial(&self.relay, timeouts, &PREAMBLE_ATTACH).await?;
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = FramedReader::new(rd, DATA_READ_BUFFER);
+        let request = Attach {
+            version: PROTOCOL_VERSION,
+            side,
+            token,
+        };
+        let reply = link::within(
+            timeouts.handshake,
+            "attach handshake",
+            link::attach(&mut reader, &mut wr, local, &self.relay_static, &request),
+        )
+        .await
+        .map_err(|source| NodeError::RelayHandshake {
+            address: self.relay.address.clone(),
+            source,
+        })?;
+        match reply {
+            AttachReply::Accepted => Ok((reader, wr)),
+            AttachReply::Refused { reason } => Err(NodeError::AttachRefused(reason)),
+        }
+    }
+}
+
+/// Jittered exponential back-off between reconnection attempts.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(timeouts: &Timeouts) -> Self {
+        Backoff {
+            next: timeouts.reconnect_min,
+            min: timeouts.reconnect_min,
+            max: timeouts.reconnect_max,
+        }
+    }
+
+    /// The delay before the next attempt (between half and all of the
+    /// current step), and doubles the step.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = rand::thread_rng().gen_range(0.5..=1.0);
+        step.mul_f64(jitter)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}

@@ -1,0 +1,307 @@
+//! The inlet: listens on loopback and turns each accepted connection into a
+//! tunnel to the outlet, opened just in time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use postern_identity::handshake::{ChannelKind, LocalParty};
+use postern_identity::link::{self, LinkError};
+use postern_identity::wire::{CloseReason, DataFrame, Hello, Side};
+use postern_identity::{ChannelError, Identifier, Identity};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::hop::{self, Backoff, Hop};
+use crate::outlet::{log_end, reset_tcp};
+use crate::tunnel::{self, ChannelHalves, TunnelEnd};
+use crate::{InletConfig, NodeError, NodeHandle, NodeStatus};
+
+/// An inlet node. See [`Inlet::start`].
+#[derive(Debug)]
+pub struct Inlet;
+
+struct Shared {
+    local: LocalParty,
+    config: InletConfig,
+    /// The current hop channel, if connected.
+    hop: watch::Sender<Option<Arc<Hop>>>,
+    status: watch::Sender<NodeStatus>,
+}
+
+type Channel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
+
+impl Inlet {
+    /// Binds the listening socket, then connects to the relay in the
+    /// background (retrying with back-off). Client connections that arrive
+    /// while the relay is unreachable are refused at once, with a logged
+    /// reason.
+    pub async fn start(identity: Identity, config: InletConfig) -> Result<NodeHandle, NodeError> {
+        if !config.listen.ip().is_loopback() {
+            if !config.dangerous_allow_non_loopback {
+                return Err(NodeError::NonLoopback(config.listen));
+            }
+            warn!(listen = %config.listen, "listening on a non-loopback address: anyone who can reach it can use this tunnel with your identity");
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                address: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| NodeError::Bind {
+            address: config.listen,
+            source,
+        })?;
+        let (status_tx, status) = watch::channel(NodeStatus::Connecting);
+        let shared = Arc::new(Shared {
+            local: LocalParty::new(identity)?,
+            config,
+            hop: watch::channel(None).0,
+            status: status_tx,
+        });
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(shared, listener, local_addr, stop.clone()));
+        Ok(NodeHandle {
+            stop,
+            task,
+            status,
+            local_addr: Some(local_addr),
+        })
+    }
+}
+
+async fn run(shared: Arc<Shared>, listener: TcpListener, local_addr: SocketAddr, stop: CancellationToken) {
+    let cfg = &shared.config;
+    info!(identity = %shared.local.identity().identifier(), service = %cfg.service, listen = %local_addr, relay = %cfg.relay.address, "inlet listening");
+    let tunnels = TaskTracker::new();
+    let keeper = tokio::spawn(keep_connected(Arc::clone(&shared), stop.clone()));
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (client, client_addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                warn!(error = %e, "accept failed; retrying shortly");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        tunnels.spawn(async move { serve_client(&shared, client, client_addr, stop).await });
+    }
+    drop(listener);
+    tunnels.close();
+    if tokio::time::timeout(Duration::from_secs(5), tunnels.wait()).await.is_err() {
+        warn!("some tunnels did not close within 5 s of shutdown");
+    }
+    let _ = keeper.await;
+    shared.status.send_replace(NodeStatus::Stopped);
+    info!("inlet stopped");
+}
+
+/// Keeps a hop channel to the relay up, reconnecting with back-off.
+async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
+    let cfg = &shared.config;
+    let mut backoff = Backoff::new(&cfg.timeouts);
+    while !stop.is_cancelled() {
+        shared.status.send_replace(NodeStatus::Connecting);
+        let ended = match hop::connect(&shared.local, &cfg.relay, &cfg.timeouts, &stop).await {
+            Ok((hop, _events)) => {
+                info!(relay = %cfg.relay.address, "connected to relay");
+                backoff.reset();
+                shared.hop.send_replace(Some(Arc::clone(&hop)));
+                shared.status.send_replace(NodeStatus::Ready);
+                hop.closed.cancelled().await;
+                shared.hop.send_replace(None);
+                hop.ended_because().unwrap_or_else(|| "relay session closed".into())
+            }
+            Err(e) => e.to_string(),
+        };
+        if stop.is_cancelled() {
+            break;
+        }
+        let delay = backoff.next_delay();
+        warn!(relay = %cfg.relay.address, reason = %ended, "no relay connection; new client connections are refused until it is back; retrying in {delay:.1?}");
+        shared.status.send_replace(NodeStatus::Disconnected(ended));
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Opens one tunnel: token from the relay, attach, end-to-end handshake with
+/// the pinned outlet.
+async fn open_tunnel(shared: &Shared) -> Result<(Identifier, Channel), NodeError> {
+    let cfg = &shared.config;
+    let hop = shared.hop.borrow().clone();
+    let Some(hop) = hop else {
+        let status = match &*shared.status.borrow() {
+            NodeStatus::Disconnected(reason) => reason.clone(),
+            other => format!("{other:?}"),
+        };
+        return Err(NodeError::NotConnected {
+            address: cfg.relay.address.clone(),
+            status,
+        });
+    };
+    let token = hop.open(&cfg.service, cfg.timeouts.handshake).await?;
+    let (mut reader, mut writer) = hop.attach(&shared.local, &cfg.timeouts, Side::Inlet, token).await?;
+    let hello = Hello {
+        service: Some(cfg.service.clone()),
+    };
+    let (expected, service) = (cfg.outlet, cfg.service.clone());
+    let handshake = link::initiate(&mut reader, &mut writer, &shared.local, ChannelKind::EndToEnd, &hello, |peer| {
+        let actual = peer.identity.identifier();
+        if actual != expected {
+            return Err(ChannelError::UnexpectedPeer {
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        if peer.hello.service.as_ref() != Some(&service) {
+            return Err(ChannelError::BadIdentityProof(format!(
+                "outlet claims to serve {:?}, not \"{service}\"",
+                peer.hello.service.as_ref().map(|s| s.as_str())
+            )));
+        }
+        Ok(())
+    });
+    let (peer, transport) = match link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await {
+        Ok(ok) => ok,
+        Err(LinkError::Channel(ChannelError::UnexpectedPeer { actual, .. })) => {
+            return Err(NodeError::WrongOutlet {
+                service: cfg.service.clone(),
+                expected,
+                actual: actual.parse().unwrap_or(expected),
+            })
+        }
+        Err(source) => {
+            return Err(NodeError::Tunnel {
+                service: cfg.service.clone(),
+                source,
+            })
+        }
+    };
+    let (sealer, opener) = transport.split();
+    Ok((
+        peer.identity.identifier(),
+        ChannelHalves {
+            reader,
+            writer,
+            sealer,
+            opener,
+        },
+    ))
+}
+
+fn explain(cfg: &InletConfig, outlet: Identifier, end: &TunnelEnd) -> Option<NodeError> {
+    match end {
+        TunnelEnd::PeerClosed(CloseReason::Denied { reason }) => Some(NodeError::Denied {
+            service: cfg.service.clone(),
+            outlet,
+            reason: reason.clone(),
+        }),
+        TunnelEnd::PeerClosed(reason @ (CloseReason::TargetUnavailable { .. } | CloseReason::ServiceMismatch { .. })) => {
+            Some(NodeError::ClosedByOutlet {
+                service: cfg.service.clone(),
+                outlet,
+                reason: reason.clone(),
+            })
+        }
+        _ => None,
+    }
+}
+
+async fn serve_client(shared: &Shared, client: TcpStream, client_addr: SocketAddr, stop: CancellationToken) {
+    let cfg = &shared.config;
+    let started = Instant::now();
+    let (outlet, channel) = match open_tunnel(shared).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            error!(client = %client_addr, service = %cfg.service, "refusing client connection: {e}");
+            let (r, _w) = client.into_split();
+            reset_tcp(&r);
+            return;
+        }
+    };
+    debug!(client = %client_addr, %outlet, setup = ?started.elapsed(), "tunnel open");
+    let (mut r, mut w) = client.into_split();
+    let outcome = tunnel::pump(&mut r, &mut w, channel, stop).await;
+    if outcome.end.is_abort() {
+        reset_tcp(&r);
+    }
+    match explain(cfg, outlet, &outcome.end) {
+        Some(e) => error!(client = %client_addr, "{e}"),
+        None => log_end(&client_addr.to_string(), &outlet.to_string(), cfg.service.as_str(), &outcome),
+    }
+}
+
+/// Result of [`check`].
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    /// The outlet that answered and admitted us.
+    pub outlet: Identifier,
+    /// Time to connect to the relay and open the tunnel through to the
+    /// outlet's `Ready`.
+    pub elapsed: Duration,
+}
+
+/// Connects to the relay, opens one tunnel and waits for the outlet's
+/// verdict, without any client: `Ok` means a client connection would be
+/// served. Errors say exactly what refused it (relay, outlet identity, access
+/// decision, target).
+pub async fn check(identity: Identity, config: &InletConfig) -> Result<CheckReport, NodeError> {
+    let started = Instant::now();
+    let local = LocalParty::new(identity)?;
+    let stop = CancellationToken::new();
+    let (hop, _events) = hop::connect(&local, &config.relay, &config.timeouts, &stop).await?;
+    let shared = Shared {
+        local,
+        config: config.clone(),
+        hop: watch::channel(Some(hop)).0,
+        status: watch::channel(NodeStatus::Ready).0,
+    };
+    let result = async {
+        let (outlet, mut channel) = open_tunnel(&shared).await?;
+        let mut plain = vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE];
+        let verdict = link::within(config.timeouts.handshake, "outlet verdict", async {
+            let n = tunnel::recv_frame(&mut channel.reader, &mut channel.opener, &mut plain).await?;
+            Ok(match DataFrame::decode(&plain[..n])? {
+                DataFrame::Close(reason) => Some(reason),
+                _ => None,
+            })
+        })
+        .await
+        .map_err(|source| NodeError::Tunnel {
+            service: config.service.clone(),
+            source,
+        })?;
+        if let Some(reason) = verdict {
+            let end = TunnelEnd::PeerClosed(reason.clone());
+            return Err(explain(config, outlet, &end).unwrap_or(NodeError::ClosedByOutlet {
+                service: config.service.clone(),
+                outlet,
+                reason,
+            }));
+        }
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        let _ = tunnel::send_frame(&mut channel.writer, &mut channel.sealer, &DataFrame::Eof, &mut scratch, &mut out).await;
+        Ok(CheckReport {
+            outlet,
+            elapsed: started.elapsed(),
+        })
+    }
+    .await;
+    stop.cancel();
+    result
+}

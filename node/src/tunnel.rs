@@ -1,0 +1,270 @@
+//! The data path of one established tunnel: local stream ⇄ end-to-end Noise
+//! frames on the spliced relay connection.
+//!
+//! Two directions run side by side in one task:
+//! - *up*: read the local stream, seal each chunk as a `Data` frame, write it
+//!   to the relay connection; on local EOF send `Eof`.
+//! - *down*: read frames, open them, write `Data` to the local stream; on
+//!   `Eof` half-close the local stream; on `Close` end the tunnel with the
+//!   peer's reason.
+//!
+//! The relay connection is half-closed (FIN) only once both `Eof`s have been
+//! exchanged, so a `Close` can still be delivered until then. A tunnel that
+//! ends any other way is an abort: the caller resets the local stream.
+
+use std::io;
+
+use postern_identity::frame::MAX_PLAINTEXT;
+use postern_identity::link::{FramedReader, LinkError};
+use postern_identity::transport::{Opener, Sealer};
+use postern_identity::wire::{CloseReason, DataFrame, FRAME_DATA};
+use postern_identity::frame::MAX_NOISE_MESSAGE;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Largest chunk of local data carried in one frame (one byte is the kind).
+const MAX_CHUNK: usize = MAX_PLAINTEXT - 1;
+
+/// How a tunnel ended.
+#[derive(Debug)]
+pub enum TunnelEnd {
+    /// Both directions finished with `Eof`.
+    Clean,
+    /// The local stream failed (for example reset by the client or target).
+    LocalFailed(io::Error),
+    /// The peer closed the tunnel and said why.
+    PeerClosed(CloseReason),
+    /// The relay connection broke or carried invalid frames.
+    LinkFailed(LinkError),
+    /// Stopped by our own shutdown.
+    Cancelled,
+}
+
+impl TunnelEnd {
+    /// Whether the local stream should be reset rather than closed.
+    pub fn is_abort(&self) -> bool {
+        !matches!(self, TunnelEnd::Clean)
+    }
+}
+
+/// Byte counts and outcome of a tunnel.
+#[derive(Debug)]
+pub struct TunnelOutcome {
+    /// Bytes read from the local stream and sent into the tunnel.
+    pub sent: u64,
+    /// Bytes received from the tunnel and written to the local stream.
+    pub received: u64,
+    /// How it ended.
+    pub end: TunnelEnd,
+}
+
+/// Relay-side halves of an established end-to-end channel.
+#[derive(Debug)]
+pub struct ChannelHalves<TR, TW> {
+    /// Frames from the peer.
+    pub reader: FramedReader<TR>,
+    /// Frames to the peer.
+    pub writer: TW,
+    /// Encrypts our frames.
+    pub sealer: Sealer,
+    /// Decrypts the peer's frames.
+    pub opener: Opener,
+}
+
+/// Seals one data-channel frame and writes it.
+pub(crate) async fn send_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    sealer: &mut Sealer,
+    frame: &DataFrame<'_>,
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<(), LinkError> {
+    frame.encode_into(scratch)?;
+    out.clear();
+    sealer.seal(scratch, out)?;
+    writer.write_all(out).await?;
+    Ok(())
+}
+
+/// Reads and opens the next data-channel frame into `plain`, returning its length.
+pub(crate) async fn recv_frame<R: AsyncRead + Unpin>(
+    reader: &mut FramedReader<R>,
+    opener: &mut Opener,
+    plain: &mut [u8],
+) -> Result<usize, LinkError> {
+    let body = reader.next_frame(MAX_NOISE_MESSAGE).await?;
+    Ok(opener.open(body, plain)?)
+}
+
+enum UpEnd {
+    Done,
+    Failed(TunnelEnd),
+}
+
+/// Moves bytes both ways until the tunnel ends. `stop` ends it early (node
+/// shutdown): the peer is told with a `Close(Shutdown)` frame.
+pub async fn pump<LR, LW, TR, TW>(
+    mut local_r: LR,
+    mut local_w: LW,
+    channel: ChannelHalves<TR, TW>,
+    stop: CancellationToken,
+) -> TunnelOutcome
+where
+    LR: AsyncRead + Unpin,
+    LW: AsyncWrite + Unpin,
+    TR: AsyncRead + Unpin,
+    TW: AsyncWrite + Unpin,
+{
+    let ChannelHalves {
+        mut reader,
+        mut writer,
+        mut sealer,
+        mut opener,
+    } = channel;
+    // Down tells up: "I received Eof" / "send this Close and stop".
+    let peer_eof = Notify::new();
+    let (close_tx, mut close_rx) = oneshot::channel::<CloseReason>();
+    // Either direction failing ends the other.
+    let abort = stop.child_token();
+    let mut sent = 0u64;
+    let mut received = 0u64;
+
+    let up = async {
+        let mut plain = vec![0u8; 1 + MAX_CHUNK];
+        plain[0] = FRAME_DATA;
+        let mut out = Vec::with_capacity(MAX_NOISE_MESSAGE + 2);
+        let mut scratch = Vec::new();
+        let mut eof_sent = false;
+        let mut close_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                reason = &mut close_rx, if close_open => match reason {
+                    Ok(reason) => {
+                        let _ = send_frame(&mut writer, &mut sealer, &DataFrame::Close(reason), &mut scratch, &mut out).await;
+                        return UpEnd::Done;
+                    }
+                    // The down direction finished without asking for a Close.
+                    Err(_) => close_open = false,
+                },
+                () = abort.cancelled() => {
+                    let reason = CloseReason::Shutdown;
+                    if stop.is_cancelled() {
+                        let _ = send_frame(&mut writer, &mut sealer, &DataFrame::Close(reason), &mut scratch, &mut out).await;
+                        return UpEnd::Failed(TunnelEnd::Cancelled);
+                    }
+                    return UpEnd::Done;
+                }
+                () = peer_eof.notified(), if eof_sent => {
+                    // Both directions are finished: FIN the relay connection.
+                    let _ = writer.shutdown().await;
+                    return UpEnd::Done;
+                }
+                read = local_r.read(&mut plain[1..]), if !eof_sent => match read {
+                    Ok(0) => {
+                        if let Err(e) = send_frame(&mut writer, &mut sealer, &DataFrame::Eof, &mut scratch, &mut out).await {
+                            abort.cancel();
+                            return UpEnd::Failed(TunnelEnd::LinkFailed(e));
+                        }
+                        eof_sent = true;
+                    }
+                    Ok(n) => {
+                        out.clear();
+                        let sealed = sealer.seal(&plain[..=n], &mut out);
+                        let written = match sealed {
+                            Ok(()) => writer.write_all(&out).await.map_err(LinkError::from),
+                            Err(e) => Err(e.into()),
+                        };
+                        if let Err(e) = written {
+                            abort.cancel();
+                            return UpEnd::Failed(TunnelEnd::LinkFailed(e));
+                        }
+                        sent += n as u64;
+                    }
+                    Err(e) => {
+                        let reason = CloseReason::Aborted { reason: format!("connection reset at the other end ({})", e.kind()) };
+                        let _ = send_frame(&mut writer, &mut sealer, &DataFrame::Close(reason), &mut scratch, &mut out).await;
+                        abort.cancel();
+                        return UpEnd::Failed(TunnelEnd::LocalFailed(e));
+                    }
+                },
+            }
+        }
+    };
+
+    let down = async {
+        let mut plain = vec![0u8; MAX_NOISE_MESSAGE];
+        let mut eof_received = false;
+        let mut close_tx = Some(close_tx);
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = abort.cancelled() => return None,
+                next = recv_frame(&mut reader, &mut opener, &mut plain) => next,
+            };
+            let n = match next {
+                Ok(n) => n,
+                Err(LinkError::Closed) if eof_received => return None,
+                Err(e) => {
+                    abort.cancel();
+                    return Some(TunnelEnd::LinkFailed(e));
+                }
+            };
+            let frame = match DataFrame::decode(&plain[..n]) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    abort.cancel();
+                    return Some(TunnelEnd::LinkFailed(e.into()));
+                }
+            };
+            match frame {
+                DataFrame::Data(_) if eof_received => {
+                    abort.cancel();
+                    return Some(TunnelEnd::LinkFailed(LinkError::Channel(
+                        postern_identity::ChannelError::BadMessage("data after end of stream".into()),
+                    )));
+                }
+                DataFrame::Data(data) => {
+                    let written = tokio::select! {
+                        biased;
+                        () = abort.cancelled() => return None,
+                        w = local_w.write_all(data) => w,
+                    };
+                    if let Err(e) = written {
+                        if let Some(tx) = close_tx.take() {
+                            let _ = tx.send(CloseReason::Aborted {
+                                reason: format!("connection reset at the other end ({})", e.kind()),
+                            });
+                        }
+                        return Some(TunnelEnd::LocalFailed(e));
+                    }
+                    received += data.len() as u64;
+                }
+                DataFrame::Eof => {
+                    let _ = local_w.shutdown().await;
+                    eof_received = true;
+                    peer_eof.notify_one();
+                }
+                DataFrame::Ready => {}
+                DataFrame::Close(reason) => {
+                    abort.cancel();
+                    return Some(TunnelEnd::PeerClosed(reason));
+                }
+            }
+        }
+    };
+
+    let (up_end, down_end) = tokio::join!(up, down);
+    let end = match (up_end, down_end) {
+        (UpEnd::Failed(end), _) => end,
+        (UpEnd::Done, Some(end)) => end,
+        (UpEnd::Done, None) if stop.is_cancelled() => TunnelEnd::Cancelled,
+        (UpEnd::Done, None) => TunnelEnd::Clean,
+    };
+    TunnelOutcome {
+        sent,
+        received,
+        end,
+    }
+}

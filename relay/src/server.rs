@@ -1,0 +1,486 @@
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use postern_identity::handshake::{AttachResponder, ChannelKind, LocalParty};
+use postern_identity::link::{
+    self, ControlReceiver, ControlSender, FramedReader, LinkError, CONTROL_READ_BUFFER,
+};
+use postern_identity::wire::{
+    AttachReply, Control, Hello, PREAMBLE_ATTACH, PREAMBLE_HOP, PREAMBLE_LEN,
+};
+use postern_identity::{Identifier, Identity};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::registry::{Registration, Registry, SessionId};
+
+/// Relay settings. [`RelayConfig::new`] gives safe defaults.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Longest time a connection may take to authenticate.
+    pub handshake_timeout: Duration,
+    /// Longest time between `open` and both ends attaching.
+    pub token_ttl: Duration,
+    /// A hop channel silent for this long is closed (nodes ping every few seconds).
+    pub idle_timeout: Duration,
+    /// Most connections (hop and data) at once.
+    pub max_connections: usize,
+    /// Most connections still authenticating at once.
+    pub max_pending_handshakes: usize,
+    /// Buffer size of each direction of a splice.
+    pub splice_buffer: usize,
+}
+
+impl RelayConfig {
+    /// Defaults for listening on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        RelayConfig {
+            listen,
+            handshake_timeout: Duration::from_secs(10),
+            token_ttl: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 20_000,
+            max_pending_handshakes: 1_024,
+            splice_buffer: 64 * 1024,
+        }
+    }
+}
+
+/// Why the relay could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Setting up the relay's Noise key failed.
+    #[error("cannot set up the relay's secure channel key: {0}")]
+    Key(#[from] postern_identity::ChannelError),
+}
+
+/// A data connection handed from the second end to arrive to the first.
+struct Arrival {
+    stream: TcpStream,
+    leftover: Vec<u8>,
+}
+
+struct State {
+    registry: Registry<oneshot::Sender<Arrival>>,
+    sessions: HashMap<SessionId, mpsc::Sender<Control>>,
+    next_session: u64,
+}
+
+struct Shared {
+    local: LocalParty,
+    config: RelayConfig,
+    state: Mutex<State>,
+    pending_handshakes: Semaphore,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the registry half
+        // updated in a way that matters more than stopping would; keep going.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A bound relay, ready to [`run`](Relay::run).
+pub struct Relay {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("identity", &self.shared.local.identity().identifier())
+            .field("listen", &self.listener.local_addr().ok())
+            .finish()
+    }
+}
+
+impl Relay {
+    /// Binds the listening socket.
+    pub async fn bind(identity: Identity, config: RelayConfig) -> Result<Relay, RelayError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| RelayError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let relay_id = identity.identifier();
+        let local = LocalParty::new(identity)?;
+        let shared = Arc::new(Shared {
+            pending_handshakes: Semaphore::new(config.max_pending_handshakes),
+            state: Mutex::new(State {
+                registry: Registry::new(relay_id, config.token_ttl),
+                sessions: HashMap::new(),
+                next_session: 1,
+            }),
+            local,
+            config,
+        });
+        Ok(Relay { listener, shared })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The relay's identifier, which nodes pin.
+    pub fn identifier(&self) -> Identifier {
+        self.shared.local.identity().identifier()
+    }
+
+    /// Serves until `shutdown` is cancelled, then closes every connection.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Relay { listener, shared } = self;
+        let connections = Arc::new(Semaphore::new(shared.config.max_connections));
+        let tasks = TaskTracker::new();
+        info!(relay = %shared.local.identity().identifier(), addr = ?listener.local_addr().ok(), "relay listening");
+        let sweeper = {
+            let shared = Arc::clone(&shared);
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        _ = tick.tick() => {
+                            let expired = shared.state().registry.expire(Instant::now());
+                            if expired > 0 {
+                                debug!(expired, "tunnel tokens expired before both ends attached");
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer_addr) = match accepted {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(5);
+                    pair
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    warn!(error = %e, "accept failed; backing off {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                warn!(%peer_addr, limit = shared.config.max_connections, "connection limit reached; refusing connection");
+                continue;
+            };
+            let shared = Arc::clone(&shared);
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                handle_connection(&shared, stream, peer_addr, shutdown).await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        sweeper.abort();
+        tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+            warn!("some relay connections did not close within 5 s of shutdown");
+        }
+        info!("relay stopped");
+    }
+}
+
+fn tune_socket(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(5));
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// Makes dropping the socket send a reset instead of a FIN. With a zero
+/// linger time the close does not block.
+fn reset_on_close(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+async fn handle_connection(shared: &Shared, mut stream: TcpStream, peer_addr: SocketAddr, shutdown: CancellationToken) {
+    tune_socket(&stream);
+    let Ok(handshake_permit) = shared.pending_handshakes.try_acquire() else {
+        warn!(%peer_addr, limit = shared.config.max_pending_handshakes, "too many connections still authenticating; refusing connection");
+        return;
+    };
+    let mut preamble = [0u8; PREAMBLE_LEN];
+    let timeout = shared.config.handshake_timeout;
+    match tokio::time::timeout(timeout, stream.read_exact(&mut preamble)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            debug!(%peer_addr, error = %e, "connection closed before sending a preamble");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer_addr, "no preamble within {timeout:?}; closing");
+            return;
+        }
+    }
+    match preamble {
+        PREAMBLE_HOP => hop_session(shared, stream, peer_addr, handshake_permit, shutdown).await,
+        PREAMBLE_ATTACH => attach(shared, stream, peer_addr, handshake_permit, shutdown).await,
+        other => {
+            let looks_like = if other.starts_with(b"GET ") || other.starts_with(b"POST") || other.starts_with(b"HEAD") {
+                " (an HTTP request)"
+            } else if other[0] == 0x16 && other[1] == 0x03 {
+                " (a TLS ClientHello)"
+            } else {
+                ""
+            };
+            warn!(%peer_addr, "not a Postern node{looks_like}: unknown preamble; closing");
+        }
+    }
+}
+
+async fn hop_session(
+    shared: &Shared,
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    handshake_permit: tokio::sync::SemaphorePermit<'_>,
+    shutdown: CancellationToken,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FramedReader::new(rd, CONTROL_READ_BUFFER);
+    let hello = Hello::default();
+    let handshake = link::respond(&mut reader, &mut wr, &shared.local, ChannelKind::Hop, &hello);
+    let (peer, transport) = match link::within(shared.config.handshake_timeout, "hop handshake", handshake).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            warn!(%peer_addr, error = %e, "hop handshake failed; closing");
+            return;
+        }
+    };
+    drop(handshake_permit);
+    let node = peer.identity.identifier();
+    let (sealer, opener) = transport.split();
+    let mut inbox = ControlReceiver::new(reader, opener);
+    let mut outbox = ControlSender::new(wr, sealer);
+    let (tx, mut rx) = mpsc::channel::<Control>(256);
+    let session = {
+        let mut state = shared.state();
+        let id = SessionId(state.next_session);
+        state.next_session += 1;
+        state.sessions.insert(id, tx.clone());
+        id
+    };
+    info!(%node, %peer_addr, session = session.0, "node connected");
+    let idle = shared.config.idle_timeout;
+    let reason = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break "relay shutting down".to_owned(),
+            out = rx.recv() => {
+                let Some(msg) = out else { break "session replaced".to_owned() };
+                if let Err(e) = outbox.send(&msg).await {
+                    break format!("send failed: {e}");
+                }
+            }
+            msg = tokio::time::timeout(idle, inbox.recv()) => {
+                let msg = match msg {
+                    Err(_) => break format!("no message for {idle:?}"),
+                    Ok(Err(LinkError::Closed)) => break "node disconnected".to_owned(),
+                    Ok(Err(e)) => break format!("protocol error: {e}"),
+                    Ok(Ok(msg)) => msg,
+                };
+                if let Some(reply) = handle_control(shared, session, node, &peer.static_key, msg) {
+                    if let Err(e) = outbox.send(&reply).await {
+                        break format!("send failed: {e}");
+                    }
+                }
+            }
+        }
+    };
+    let released = {
+        let mut state = shared.state();
+        state.sessions.remove(&session);
+        state.registry.remove_session(session)
+    };
+    for service in released {
+        info!(%node, %service, "service unregistered (its outlet disconnected)");
+    }
+    info!(%node, session = session.0, %reason, "node disconnected");
+}
+
+fn handle_control(shared: &Shared, session: SessionId, node: Identifier, node_static: &[u8; 32], msg: Control) -> Option<Control> {
+    match msg {
+        Control::Register { service } => {
+            let reg = Registration {
+                owner: node,
+                session,
+                owner_static: *node_static,
+            };
+            let result = shared.state().registry.register(service.clone(), reg);
+            Some(match result {
+                Ok(replaced) => {
+                    info!(%node, %service, replaced_session = ?replaced.map(|s| s.0), "service registered");
+                    Control::Registered { service }
+                }
+                Err(e) => {
+                    warn!(%node, %service, reason = %e, "registration refused");
+                    Control::RegisterRefused {
+                        service,
+                        reason: e.to_string(),
+                    }
+                }
+            })
+        }
+        Control::Open { request, service } => {
+            let mut state = shared.state();
+            let opened = state.registry.open(&service, (node, *node_static), Instant::now());
+            let opened = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    info!(inlet = %node, %service, reason = %e, "open refused");
+                    return Some(Control::OpenRefused {
+                        request,
+                        reason: e.to_string(),
+                    });
+                }
+            };
+            let notified = state.sessions.get(&opened.outlet_session).map(|tx| {
+                tx.try_send(Control::Incoming {
+                    service: service.clone(),
+                    token: opened.token.clone(),
+                })
+            });
+            if !matches!(notified, Some(Ok(()))) {
+                warn!(%service, outlet = %opened.outlet, "outlet session is overloaded or gone; refusing open");
+                return Some(Control::OpenRefused {
+                    request,
+                    reason: format!("the outlet of service \"{service}\" is not answering at this relay; try again"),
+                });
+            }
+            debug!(inlet = %node, %service, outlet = %opened.outlet, token = %opened.token.label(), "tunnel opened");
+            Some(Control::Opened {
+                request,
+                token: opened.token,
+            })
+        }
+        Control::Ping { seq } => Some(Control::Pong { seq }),
+        Control::Pong { .. } => None,
+        other => {
+            debug!(%node, message = ?other, "ignoring unexpected control message");
+            None
+        }
+    }
+}
+
+async fn attach(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer_addr: SocketAddr,
+    handshake_permit: tokio::sync::SemaphorePermit<'_>,
+    shutdown: CancellationToken,
+) {
+    let (tx, rx) = oneshot::channel::<Arrival>();
+    let outcome = {
+        let (rd, mut wr) = stream.split();
+        let mut reader = FramedReader::new(rd, CONTROL_READ_BUFFER);
+        let steps = async {
+            let msg1 = reader.next_frame(postern_identity::frame::MAX_NOISE_MESSAGE).await?;
+            let (responder, request) = AttachResponder::handle_request(&shared.local, msg1)?;
+            let claimed = shared.state().registry.claim(
+                &request.attach.token,
+                request.attach.side,
+                &request.node_static,
+                tx,
+                Instant::now(),
+            );
+            let reply = match &claimed {
+                Ok(_) => AttachReply::Accepted,
+                Err(e) => AttachReply::Refused { reason: e.to_string() },
+            };
+            link::send_raw(&mut wr, &responder.reply(&reply)?).await?;
+            Ok::<_, LinkError>((claimed, request.attach.side))
+        };
+        match link::within(shared.config.handshake_timeout, "attach handshake", steps).await {
+            Ok((claimed, side)) => claimed.map(|c| (c, side, reader.into_parts().1)),
+            Err(e) => {
+                warn!(%peer_addr, error = %e, "attach failed; closing");
+                return;
+            }
+        }
+    };
+    drop(handshake_permit);
+    let (claim, side, leftover) = match outcome {
+        Ok(ok) => ok,
+        Err(e) => {
+            warn!(%peer_addr, reason = %e, "attach refused");
+            return;
+        }
+    };
+    if let Some(peer) = claim.peer {
+        // The other end is waiting: hand it our connection; it splices.
+        let _ = peer.send(Arrival { stream, leftover });
+        return;
+    }
+    let wait = shared.config.token_ttl;
+    let arrival = tokio::select! {
+        () = shutdown.cancelled() => return,
+        arrival = tokio::time::timeout(wait, rx) => arrival,
+    };
+    let Ok(Ok(other)) = arrival else {
+        info!(service = %claim.service, token = %claim.label, ?side, "the other end of the tunnel did not attach within {wait:?}; closing");
+        return;
+    };
+    let Arrival {
+        stream: mut other_stream,
+        leftover: other_leftover,
+    } = other;
+    debug!(service = %claim.service, inlet = %claim.inlet, outlet = %claim.outlet, token = %claim.label, "tunnel spliced");
+    let spliced = async {
+        if !leftover.is_empty() {
+            other_stream.write_all(&leftover).await?;
+        }
+        if !other_leftover.is_empty() {
+            stream.write_all(&other_leftover).await?;
+        }
+        let size = shared.config.splice_buffer;
+        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut other_stream, size, size).await
+    };
+    let result = tokio::select! {
+        () = shutdown.cancelled() => Err(io::Error::other("relay shutting down")),
+        r = spliced => r,
+    };
+    match result {
+        Ok((a_to_b, b_to_a)) => {
+            let (up, down) = if side == postern_identity::wire::Side::Inlet { (a_to_b, b_to_a) } else { (b_to_a, a_to_b) };
+            info!(service = %claim.service, inlet = %claim.inlet, outlet = %claim.outlet, bytes_up = up, bytes_down = down, "tunnel closed");
+        }
+        Err(e) => {
+            // Propagate a reset: abort both connections instead of closing them.
+            reset_on_close(&stream);
+            reset_on_close(&other_stream);
+            info!(service = %claim.service, inlet = %claim.inlet, outlet = %claim.outlet, error = %e, "tunnel aborted");
+        }
+    }
+}

@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Installs what Postern's tests and benchmarks need on a Debian machine:
+#   - PostgreSQL server binaries (initdb, pg_ctl, postgres) under
+#     /usr/lib/postgresql/*/bin, for the throwaway clusters of
+#     tests/support/pg.rs  -> packages postgresql, postgresql-contrib
+#   - pgbench and psql, for the benchmarks (Debian ships pgbench in the
+#     server package postgresql-<ver>, psql in postgresql-client-<ver>)
+#   - runuser (util-linux): tests run as root start PostgreSQL as `postgres`
+#   - ip (iproute2) and nft (nftables) or iptables, for the network-namespace
+#     tests; ps/pkill (procps)
+#
+# Idempotent and quiet: prints nothing when everything is already there,
+# otherwise one line per step. Needs root only when something is missing;
+# run without root it reports which packages to install and exits 1.
+# Leaves alone a PostgreSQL cluster that was already running; stops a Debian
+# default cluster (port 5432) that the package installation itself started.
+set -euo pipefail
+
+say() { printf 'setup.sh: %s\n' "$*"; }
+die() {
+    printf 'setup.sh: error: %s\n' "$*" >&2
+    exit 1
+}
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# Prints the newest /usr/lib/postgresql/<ver>/bin/<tool>, if any.
+pg_tool() {
+    local found=""
+    # Sort by version so 9.6 < 10 < 15.
+    found=$(ls -1d /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -n "$found" ] && [ -x "$found" ]; then
+        printf '%s\n' "$found"
+    fi
+}
+
+pg_version() {
+    local initdb
+    initdb=$(pg_tool initdb)
+    [ -n "$initdb" ] || return 0
+    basename "$(dirname "$(dirname "$initdb")")"
+}
+
+have_pgbench() { [ -n "$(pg_tool pgbench)" ] || have pgbench; }
+have_psql() { [ -n "$(pg_tool psql)" ] || have psql; }
+
+# Online clusters as "ver/name", one per line (empty if pg_lsclusters absent).
+online_clusters() {
+    if have pg_lsclusters; then
+        pg_lsclusters -h 2>/dev/null | awk '$4 == "online" { print $1 "/" $2 }' || true
+    fi
+}
+
+# ----- work out what is missing -------------------------------------------
+
+missing=()   # packages to install
+reasons=()   # human-readable "tool (package)"
+
+need() { # need PACKAGE WHY
+    local p
+    for p in "${missing[@]+"${missing[@]}"}"; do
+        [ "$p" = "$1" ] && return 0
+    done
+    missing+=("$1")
+    reasons+=("$2 ($1)")
+}
+
+installing_postgres=0
+if [ -z "$(pg_tool initdb)" ]; then
+    need postgresql "PostgreSQL server: initdb/pg_ctl under /usr/lib/postgresql/*/bin"
+    need postgresql-contrib "PostgreSQL contrib modules"
+    installing_postgres=1
+else
+    ver=$(pg_version)
+    [ -n "$(pg_tool pg_ctl)" ] || need "postgresql-$ver" "pg_ctl"
+    have_pgbench || need "postgresql-$ver" "pgbench"
+    have_psql || need "postgresql-client-$ver" "psql"
+fi
+have runuser || [ -x /usr/sbin/runuser ] || [ -x /sbin/runuser ] || need util-linux "runuser"
+have ip || need iproute2 "ip"
+have nft || have iptables || need nftables "nft (or iptables)"
+{ have ps && have pkill; } || need procps "ps/pkill"
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+# ----- not root: tell the user what to do ---------------------------------
+
+if [ "$(id -u)" -ne 0 ]; then
+    {
+        printf 'setup.sh: missing:\n'
+        printf '  - %s\n' "${reasons[@]}"
+        printf 'setup.sh: run this script as root (sudo %s), or install them yourself:\n' "$0"
+        printf '  sudo apt-get update && sudo apt-get install --no-install-recommends %s\n' "${missing[*]}"
+    } >&2
+    exit 1
+fi
+
+have apt-get || die "apt-get not found; this script supports Debian/Ubuntu only. Install: ${missing[*]}"
+
+# ----- install --------------------------------------------------------------
+
+apt_log=$(mktemp /tmp/postern-setup.XXXXXX.log)
+trap 'rm -f "$apt_log"' EXIT
+
+run_apt() { # run_apt ARGS...  (quiet; shows apt's output on failure)
+    if ! DEBIAN_FRONTEND=noninteractive apt-get -q "$@" >"$apt_log" 2>&1; then
+        cat "$apt_log" >&2
+        die "apt-get $* failed"
+    fi
+}
+
+apt_install() {
+    say "installing: $*"
+    run_apt install -y --no-install-recommends "$@"
+}
+
+before=$(online_clusters)
+
+say "running apt-get update"
+run_apt update
+apt_install "${missing[@]}"
+
+# pgbench ships with the server package on Debian 12 (postgresql-15); if
+# this distribution puts it elsewhere, install the versioned server and
+# client packages that exist.
+if ! have_pgbench || ! have_psql; then
+    ver=$(pg_version)
+    extra=()
+    for p in "postgresql-$ver" "postgresql-client-$ver" postgresql-client; do
+        if apt-cache show "$p" >/dev/null 2>&1; then
+            extra+=("$p")
+        fi
+    done
+    if [ "${#extra[@]}" -gt 0 ]; then
+        apt_install "${extra[@]}"
+    fi
+fi
+
+# ----- stop a default cluster that the installation started ---------------
+
+if [ "$installing_postgres" -eq 1 ]; then
+    after=$(online_clusters)
+    started=$(comm -13 <(printf '%s\n' "$before" | sort) <(printf '%s\n' "$after" | sort) | sed '/^$/d')
+    if [ -n "$started" ]; then
+        while IFS=/ read -r v name; do
+            say "stopping cluster $v/$name started by the package installation"
+            pg_ctlcluster "$v" "$name" stop >/dev/null 2>&1 || true
+        done <<<"$started"
+    elif ! have pg_lsclusters && [ -z "$before" ]; then
+        service postgresql stop >/dev/null 2>&1 || true
+    fi
+fi
+
+# ----- verify ---------------------------------------------------------------
+
+problems=()
+[ -n "$(pg_tool initdb)" ] || problems+=("initdb not under /usr/lib/postgresql/*/bin")
+[ -n "$(pg_tool pg_ctl)" ] || problems+=("pg_ctl not under /usr/lib/postgresql/*/bin")
+have_pgbench || problems+=("pgbench not found")
+have_psql || problems+=("psql not found")
+id -u postgres >/dev/null 2>&1 || problems+=("no 'postgres' system user")
+have runuser || [ -x /usr/sbin/runuser ] || [ -x /sbin/runuser ] || problems+=("runuser not found")
+have ip || problems+=("ip (iproute2) not found")
+have nft || have iptables || problems+=("neither nft nor iptables found")
+have ps || problems+=("ps (procps) not found")
+
+if [ "${#problems[@]}" -gt 0 ]; then
+    printf 'setup.sh: error: still missing after installation:\n' >&2
+    printf '  - %s\n' "${problems[@]}" >&2
+    exit 1
+fi
+say "done: PostgreSQL $(pg_version) in $(dirname "$(pg_tool initdb)")"
