@@ -69,7 +69,10 @@ mod tests {
         assert_eq!(decode(&[], 100), Ok(None));
         assert_eq!(decode(&[0], 100), Ok(None));
         assert_eq!(decode(&[0, 3, 1, 2], 100), Ok(None));
-        assert_eq!(decode(&[0, 3, 1, 2, 3, 9], 100), Ok(Some((&[1u8, 2, 3][..], 5))));
+        assert_eq!(
+            decode(&[0, 3, 1, 2, 3, 9], 100),
+            Ok(Some((&[1u8, 2, 3][..], 5)))
+        );
         assert!(decode(&[0, 0], 100).is_err());
         assert!(decode(&[0, 101], 100).is_err());
         assert!(decode(&[0xff, 0xff], usize::MAX).is_ok());

@@ -165,7 +165,9 @@ pub struct Peer {
 fn remote_static(hs: &HandshakeState) -> Result<[u8; 32], ChannelError> {
     hs.get_remote_static()
         .and_then(|k| <[u8; 32]>::try_from(k).ok())
-        .ok_or_else(|| ChannelError::Internal("remote static key missing after it was received".into()))
+        .ok_or_else(|| {
+            ChannelError::Internal("remote static key missing after it was received".into())
+        })
 }
 
 /// Decodes and checks a proof payload against the static key Noise authenticated.
@@ -178,8 +180,9 @@ pub fn verify_proof(payload: &[u8], remote_static: &[u8; 32]) -> Result<Peer, Ch
             proof.version
         )));
     }
-    let identity = PublicIdentity::from_bytes(&proof.identity_key)
-        .ok_or_else(|| ChannelError::BadIdentityProof("identity key is not a valid Ed25519 key".into()))?;
+    let identity = PublicIdentity::from_bytes(&proof.identity_key).ok_or_else(|| {
+        ChannelError::BadIdentityProof("identity key is not a valid Ed25519 key".into())
+    })?;
     if !identity.verify(STATIC_KEY_LABEL, remote_static, &proof.signature) {
         return Err(ChannelError::BadIdentityProof(format!(
             "signature of {} does not cover the Noise static key the peer used",
@@ -236,7 +239,10 @@ impl Initiator {
     /// decides whether this is the peer it wanted before calling
     /// [`InitiatorVerified::finish`], so an unexpected peer never learns who
     /// we are.
-    pub fn handle_response(mut self, msg2: &[u8]) -> Result<(InitiatorVerified, Peer), ChannelError> {
+    pub fn handle_response(
+        mut self,
+        msg2: &[u8],
+    ) -> Result<(InitiatorVerified, Peer), ChannelError> {
         let payload = read(&mut self.hs, msg2)?;
         let peer = verify_proof(&payload, &remote_static(&self.hs)?)?;
         Ok((InitiatorVerified { hs: self.hs }, peer))
@@ -251,7 +257,11 @@ pub struct InitiatorVerified {
 
 impl InitiatorVerified {
     /// Writes message 3 with our proof and `hello`; the channel is established.
-    pub fn finish(mut self, local: &LocalParty, hello: &Hello) -> Result<(Vec<u8>, Transport), ChannelError> {
+    pub fn finish(
+        mut self,
+        local: &LocalParty,
+        hello: &Hello,
+    ) -> Result<(Vec<u8>, Transport), ChannelError> {
         let msg3 = write(&mut self.hs, &local.proof(hello)?)?;
         Ok((msg3, Transport::from_handshake(self.hs)?))
     }
@@ -274,10 +284,17 @@ impl Responder {
     }
 
     /// Reads message 1 and writes message 2 carrying our proof and `hello`.
-    pub fn handle_hello(mut self, msg1: &[u8], local: &LocalParty, hello: &Hello) -> Result<(ResponderSent, Vec<u8>), ChannelError> {
+    pub fn handle_hello(
+        mut self,
+        msg1: &[u8],
+        local: &LocalParty,
+        hello: &Hello,
+    ) -> Result<(ResponderSent, Vec<u8>), ChannelError> {
         let payload = read(&mut self.hs, msg1)?;
         if !payload.is_empty() {
-            return Err(ChannelError::BadHandshake("unexpected plaintext payload in message 1".into()));
+            return Err(ChannelError::BadHandshake(
+                "unexpected plaintext payload in message 1".into(),
+            ));
         }
         let msg2 = write(&mut self.hs, &local.proof(hello)?)?;
         Ok((ResponderSent { hs: self.hs }, msg2))
@@ -310,7 +327,11 @@ const ATTACH_PROLOGUE: ChannelKind = ChannelKind::Attach;
 impl AttachInitiator {
     /// Writes message 1: our static key and the encrypted attach request, to
     /// the relay whose static key the hop channel authenticated.
-    pub fn start(local: &LocalParty, relay_static: &[u8; 32], attach: &Attach) -> Result<(Self, Vec<u8>), ChannelError> {
+    pub fn start(
+        local: &LocalParty,
+        relay_static: &[u8; 32],
+        attach: &Attach,
+    ) -> Result<(Self, Vec<u8>), ChannelError> {
         let mut hs = local
             .builder(IK_PROTOCOL, ATTACH_PROLOGUE)?
             .remote_public_key(relay_static)
@@ -344,7 +365,10 @@ pub struct AttachResponder {
 
 impl AttachResponder {
     /// Reads an attach request.
-    pub fn handle_request(local: &LocalParty, msg1: &[u8]) -> Result<(Self, AttachRequest), ChannelError> {
+    pub fn handle_request(
+        local: &LocalParty,
+        msg1: &[u8],
+    ) -> Result<(Self, AttachRequest), ChannelError> {
         let mut hs = local
             .builder(IK_PROTOCOL, ATTACH_PROLOGUE)?
             .build_responder()
@@ -358,7 +382,13 @@ impl AttachResponder {
                 attach.version
             )));
         }
-        Ok((AttachResponder { hs }, AttachRequest { node_static, attach }))
+        Ok((
+            AttachResponder { hs },
+            AttachRequest {
+                node_static,
+                attach,
+            },
+        ))
     }
 
     /// Writes message 2 with the verdict.
@@ -383,9 +413,13 @@ mod tests {
     }
 
     /// Runs a whole XX handshake in memory.
-    fn xx(a: &LocalParty, b: &LocalParty) -> Result<(Peer, Transport, Peer, Transport), ChannelError> {
+    fn xx(
+        a: &LocalParty,
+        b: &LocalParty,
+    ) -> Result<(Peer, Transport, Peer, Transport), ChannelError> {
         let (init, m1) = Initiator::start(a, ChannelKind::EndToEnd)?;
-        let (resp, m2) = Responder::new(b, ChannelKind::EndToEnd)?.handle_hello(&m1, b, &hello("db"))?;
+        let (resp, m2) =
+            Responder::new(b, ChannelKind::EndToEnd)?.handle_hello(&m1, b, &hello("db"))?;
         let (verified, b_seen) = init.handle_response(&m2)?;
         let (m3, ta) = verified.finish(a, &hello("db"))?;
         let (a_seen, tb) = resp.handle_finish(&m3)?;
@@ -423,10 +457,15 @@ mod tests {
                 let (init, m1) = Initiator::start(&a, ChannelKind::EndToEnd).unwrap();
                 let mut m1 = m1;
                 if target == 1 {
-                    if flip >= m1.len() { continue; }
+                    if flip >= m1.len() {
+                        continue;
+                    }
                     m1[flip] ^= 0x40;
                 }
-                let Ok((resp, mut m2)) = Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&m1, &b, &hello("db")) else {
+                let Ok((resp, mut m2)) = Responder::new(&b, ChannelKind::EndToEnd)
+                    .unwrap()
+                    .handle_hello(&m1, &b, &hello("db"))
+                else {
                     // A flipped ephemeral key is not always detected at message 1
                     // (any 32 bytes are a valid X25519 key); if it is, fine.
                     continue;
@@ -444,7 +483,10 @@ mod tests {
                 let (mut m3, _) = verified.finish(&a, &hello("db")).unwrap();
                 let i = flip.min(m3.len() - 1);
                 m3[i] ^= 0x40;
-                assert!(resp.handle_finish(&m3).is_err(), "tampered message 3 at {flip} accepted");
+                assert!(
+                    resp.handle_finish(&m3).is_err(),
+                    "tampered message 3 at {flip} accepted"
+                );
             }
         }
     }
@@ -453,18 +495,33 @@ mod tests {
     fn truncated_and_garbage_messages_fail() {
         let (a, b) = (party(), party());
         let (init, m1) = Initiator::start(&a, ChannelKind::EndToEnd).unwrap();
-        assert!(Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&m1[..20], &b, &Hello::default()).is_err());
-        assert!(Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&[], &b, &Hello::default()).is_err());
-        let (_resp, m2) = Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&m1, &b, &Hello::default()).unwrap();
+        assert!(Responder::new(&b, ChannelKind::EndToEnd)
+            .unwrap()
+            .handle_hello(&m1[..20], &b, &Hello::default())
+            .is_err());
+        assert!(Responder::new(&b, ChannelKind::EndToEnd)
+            .unwrap()
+            .handle_hello(&[], &b, &Hello::default())
+            .is_err());
+        let (_resp, m2) = Responder::new(&b, ChannelKind::EndToEnd)
+            .unwrap()
+            .handle_hello(&m1, &b, &Hello::default())
+            .unwrap();
         assert!(init.handle_response(&m2[..m2.len() - 1]).is_err());
-        assert!(Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&vec![0xAB; 70_000], &b, &Hello::default()).is_err());
+        assert!(Responder::new(&b, ChannelKind::EndToEnd)
+            .unwrap()
+            .handle_hello(&vec![0xAB; 70_000], &b, &Hello::default())
+            .is_err());
     }
 
     #[test]
     fn kinds_do_not_mix() {
         let (a, b) = (party(), party());
         let (init, m1) = Initiator::start(&a, ChannelKind::Hop).unwrap();
-        let (_resp, m2) = Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&m1, &b, &Hello::default()).unwrap();
+        let (_resp, m2) = Responder::new(&b, ChannelKind::EndToEnd)
+            .unwrap()
+            .handle_hello(&m1, &b, &Hello::default())
+            .unwrap();
         assert!(init.handle_response(&m2).is_err());
     }
 
@@ -472,7 +529,10 @@ mod tests {
     fn replayed_message_from_another_session_fails() {
         let (a, b) = (party(), party());
         let (init1, m1a) = Initiator::start(&a, ChannelKind::EndToEnd).unwrap();
-        let (_r1, m2a) = Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&m1a, &b, &Hello::default()).unwrap();
+        let (_r1, m2a) = Responder::new(&b, ChannelKind::EndToEnd)
+            .unwrap()
+            .handle_hello(&m1a, &b, &Hello::default())
+            .unwrap();
         let (init2, _m1b) = Initiator::start(&a, ChannelKind::EndToEnd).unwrap();
         // Message 2 of session 1 replayed into session 2.
         assert!(init2.handle_response(&m2a).is_err());
@@ -480,7 +540,10 @@ mod tests {
         let (v1, _) = init1.handle_response(&m2a).unwrap();
         let (m3a, _) = v1.finish(&a, &Hello::default()).unwrap();
         let (init3, m1c) = Initiator::start(&a, ChannelKind::EndToEnd).unwrap();
-        let (r3, _m2c) = Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&m1c, &b, &Hello::default()).unwrap();
+        let (r3, _m2c) = Responder::new(&b, ChannelKind::EndToEnd)
+            .unwrap()
+            .handle_hello(&m1c, &b, &Hello::default())
+            .unwrap();
         assert!(r3.handle_finish(&m3a).is_err());
         drop(init3);
     }
@@ -497,7 +560,8 @@ mod tests {
             signature: honest.signature,
             hello: Hello::default(),
         };
-        let err = verify_proof(&wire::encode(&stolen).unwrap(), mallory.static_public()).unwrap_err();
+        let err =
+            verify_proof(&wire::encode(&stolen).unwrap(), mallory.static_public()).unwrap_err();
         assert!(matches!(err, ChannelError::BadIdentityProof(_)), "{err}");
         // Same proof against the right key passes.
         assert!(verify_proof(&wire::encode(&stolen).unwrap(), honest.static_public()).is_ok());
@@ -517,7 +581,10 @@ mod tests {
         let mut b = party();
         b.signature = Identity::generate().sign(STATIC_KEY_LABEL, &b.public);
         let (init, m1) = Initiator::start(&a, ChannelKind::EndToEnd).unwrap();
-        let (_resp, m2) = Responder::new(&b, ChannelKind::EndToEnd).unwrap().handle_hello(&m1, &b, &Hello::default()).unwrap();
+        let (_resp, m2) = Responder::new(&b, ChannelKind::EndToEnd)
+            .unwrap()
+            .handle_hello(&m1, &b, &Hello::default())
+            .unwrap();
         let err = init.handle_response(&m2).unwrap_err();
         assert!(matches!(err, ChannelError::BadIdentityProof(_)), "{err}");
     }
@@ -534,14 +601,23 @@ mod tests {
         tx.seal(b"two", &mut f2).unwrap();
         let mut out = vec![0u8; 100];
         // Reordered: frame 2 first fails (nonce 0 expected).
-        assert_eq!(rx.clone_for_test().open(&f2[2..], &mut out), Err(ChannelError::Decrypt));
+        assert_eq!(
+            rx.clone_for_test().open(&f2[2..], &mut out),
+            Err(ChannelError::Decrypt)
+        );
         // Tampered.
         let mut bad = f1.clone();
         bad[5] ^= 1;
-        assert_eq!(rx.clone_for_test().open(&bad[2..], &mut out), Err(ChannelError::Decrypt));
+        assert_eq!(
+            rx.clone_for_test().open(&bad[2..], &mut out),
+            Err(ChannelError::Decrypt)
+        );
         // In order works; replay of frame 1 afterwards fails.
         assert_eq!(rx.open(&f1[2..], &mut out), Ok(3));
-        assert_eq!(rx.clone_for_test().open(&f1[2..], &mut out), Err(ChannelError::Decrypt));
+        assert_eq!(
+            rx.clone_for_test().open(&f1[2..], &mut out),
+            Err(ChannelError::Decrypt)
+        );
         assert_eq!(rx.open(&f2[2..], &mut out), Ok(3));
         // Truncated.
         assert_eq!(rx.open(&f2[2..10], &mut out), Err(ChannelError::Decrypt));
@@ -554,7 +630,11 @@ mod tests {
     #[test]
     fn attach_round_trip_and_wrong_relay_key() {
         let (node, relay) = (party(), party());
-        let attach = Attach { version: PROTOCOL_VERSION, side: Side::Inlet, token: TunnelToken::random() };
+        let attach = Attach {
+            version: PROTOCOL_VERSION,
+            side: Side::Inlet,
+            token: TunnelToken::random(),
+        };
         let (init, m1) = AttachInitiator::start(&node, relay.static_public(), &attach).unwrap();
         let (resp, req) = AttachResponder::handle_request(&relay, &m1).unwrap();
         assert_eq!(&req.node_static, node.static_public());

@@ -22,7 +22,10 @@ pub struct Identifier([u8; IDENTIFIER_LEN]);
 impl Identifier {
     /// Derives the identifier of an Ed25519 public key.
     pub fn from_public_key(key: &[u8; 32]) -> Self {
-        let digest = Sha256::new().chain_update(DOMAIN).chain_update(key).finalize();
+        let digest = Sha256::new()
+            .chain_update(DOMAIN)
+            .chain_update(key)
+            .finalize();
         let mut id = [0u8; IDENTIFIER_LEN];
         id.copy_from_slice(&digest[..IDENTIFIER_LEN]);
         Identifier(id)
@@ -93,23 +96,42 @@ mod tests {
         assert!(text.starts_with('P'));
         assert_eq!(text.len(), 41);
         assert_eq!(text.parse::<Identifier>().ok(), Some(id));
-        assert_eq!(text.to_uppercase().replacen('P', "P", 1).parse::<Identifier>().ok(), Some(id));
+        assert_eq!(
+            text.to_uppercase()
+                .replacen('P', "P", 1)
+                .parse::<Identifier>()
+                .ok(),
+            Some(id)
+        );
     }
 
     #[test]
     fn known_answer() {
         // SHA-256("postern identifier v1\0" || 32 zero bytes), first 20 bytes.
         let id = Identifier::from_public_key(&[0u8; 32]);
-        let digest = Sha256::new().chain_update(DOMAIN).chain_update([0u8; 32]).finalize();
+        let digest = Sha256::new()
+            .chain_update(DOMAIN)
+            .chain_update([0u8; 32])
+            .finalize();
         assert_eq!(id.to_string(), format!("P{}", hex::encode(&digest[..20])));
         assert_ne!(id, Identifier::from_public_key(&[1u8; 32]));
     }
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "P", "X0000000000000000000000000000000000000000", "P00", "Pzz00000000000000000000000000000000000000", "P00000000000000000000000000000000000000000"] {
+        for bad in [
+            "",
+            "P",
+            "X0000000000000000000000000000000000000000",
+            "P00",
+            "Pzz00000000000000000000000000000000000000",
+            "P00000000000000000000000000000000000000000",
+        ] {
             let err = bad.parse::<Identifier>().err();
-            assert!(matches!(err, Some(IdentityError::MalformedIdentifier { .. })), "{bad:?}");
+            assert!(
+                matches!(err, Some(IdentityError::MalformedIdentifier { .. })),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -145,6 +145,9 @@ mod tests {
         let id = Identity::generate();
         let again = Identity::from_secret_bytes(&id.secret_bytes());
         assert_eq!(id.identifier(), again.identifier());
-        assert_eq!(PublicIdentity::from_bytes(id.public().as_bytes()), Some(id.public()));
+        assert_eq!(
+            PublicIdentity::from_bytes(id.public().as_bytes()),
+            Some(id.public())
+        );
     }
 }

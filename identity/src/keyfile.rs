@@ -178,11 +178,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let path = resolve(dir.path(), "alice").unwrap_or_else(|e| panic!("{e}"));
         let created = create(&path).unwrap_or_else(|e| panic!("{e}"));
-        let mode = fs::metadata(&path).map(|m| m.permissions().mode() & 0o777).ok();
+        let mode = fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok();
         assert_eq!(mode, Some(0o600));
         let loaded = load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(created.identifier(), loaded.identifier());
-        assert!(matches!(create(&path), Err(IdentityError::AlreadyExists { .. })));
+        assert!(matches!(
+            create(&path),
+            Err(IdentityError::AlreadyExists { .. })
+        ));
     }
 
     #[test]
@@ -190,7 +195,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let path = dir.path().join("x.key");
         create(&path).unwrap_or_else(|e| panic!("{e}"));
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap_or_else(|e| panic!("{e}"));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+            .unwrap_or_else(|e| panic!("{e}"));
         let err = load(&path).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("chmod 600"), "{err}");
         let missing = load(&dir.path().join("nope.key")).err();
@@ -204,9 +210,16 @@ mod tests {
         create(&path).unwrap_or_else(|e| panic!("{e}"));
         let text = fs::read_to_string(&path).unwrap_or_default();
         let other = Identity::generate();
-        let line = text.lines().find(|l| l.starts_with("identifier")).unwrap_or_default().to_owned();
-        fs::write(&path, text.replace(&line, &format!("identifier = \"{}\"", other.identifier())))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("identifier"))
+            .unwrap_or_default()
+            .to_owned();
+        fs::write(
+            &path,
+            text.replace(&line, &format!("identifier = \"{}\"", other.identifier())),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(load(&path), Err(IdentityError::BadKeyFile { .. })));
         fs::write(&path, b"\x00\xffgarbage").unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(load(&path), Err(IdentityError::BadKeyFile { .. })));
@@ -216,8 +229,14 @@ mod tests {
     fn names_are_checked() {
         let home = Path::new("/h");
         assert!(resolve(home, "../etc").is_ok()); // contains '/', treated as a path
-        assert!(matches!(resolve(home, ".hidden"), Err(IdentityError::BadName(_))));
-        assert!(matches!(resolve(home, "a b"), Err(IdentityError::BadName(_))));
+        assert!(matches!(
+            resolve(home, ".hidden"),
+            Err(IdentityError::BadName(_))
+        ));
+        assert!(matches!(
+            resolve(home, "a b"),
+            Err(IdentityError::BadName(_))
+        ));
         assert_eq!(
             resolve(home, "svc-1").ok(),
             Some(PathBuf::from("/h/identities/svc-1.key"))

@@ -9,9 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{self, MAX_NOISE_MESSAGE};
-use crate::handshake::{
-    AttachInitiator, ChannelKind, Initiator, LocalParty, Peer, Responder,
-};
+use crate::handshake::{AttachInitiator, ChannelKind, Initiator, LocalParty, Peer, Responder};
 use crate::transport::{Opener, Sealer, Transport};
 use crate::wire::{self, Attach, AttachReply, Control, Hello};
 use crate::ChannelError;
@@ -55,7 +53,10 @@ impl LinkError {
     pub fn is_peer_fault(&self) -> bool {
         matches!(
             self,
-            LinkError::Closed | LinkError::Truncated | LinkError::Channel(_) | LinkError::Timeout { .. }
+            LinkError::Closed
+                | LinkError::Truncated
+                | LinkError::Channel(_)
+                | LinkError::Timeout { .. }
         )
     }
 }
@@ -208,7 +209,10 @@ where
 
 /// Writes a raw handshake message as one frame (for responders driving the
 /// sans-IO state machines themselves).
-pub async fn send_raw<W: AsyncWrite + Unpin>(writer: &mut W, message: &[u8]) -> Result<(), LinkError> {
+pub async fn send_raw<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &[u8],
+) -> Result<(), LinkError> {
     write_frame(writer, message).await
 }
 

@@ -64,7 +64,9 @@ impl Sealer {
             return Err(ChannelError::TooLarge(plaintext.len()));
         }
         if self.nonce == u64::MAX {
-            return Err(ChannelError::Internal("nonce space exhausted; reconnect".into()));
+            return Err(ChannelError::Internal(
+                "nonce space exhausted; reconnect".into(),
+            ));
         }
         let start = out.len();
         let body_len = plaintext.len() + TAG_LEN;
@@ -75,7 +77,9 @@ impl Sealer {
             .write_message(self.nonce, plaintext, &mut out[start + frame::LEN_PREFIX..])
             .map_err(|e| ChannelError::Internal(format!("encryption failed: {e}")))?;
         if n != body_len {
-            return Err(ChannelError::Internal("unexpected ciphertext length".into()));
+            return Err(ChannelError::Internal(
+                "unexpected ciphertext length".into(),
+            ));
         }
         self.nonce += 1;
         Ok(())

@@ -65,7 +65,8 @@ impl FromStr for ServiceName {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let ok = (1..=63).contains(&s.len())
             && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if ok {
             Ok(ServiceName(s.to_owned()))
         } else {
@@ -361,9 +362,17 @@ mod tests {
     #[test]
     fn control_round_trip() {
         let msgs = vec![
-            Control::Register { service: "db".parse().unwrap() },
-            Control::Open { request: 7, service: "db".parse().unwrap() },
-            Control::Opened { request: 7, token: TunnelToken::random() },
+            Control::Register {
+                service: "db".parse().unwrap(),
+            },
+            Control::Open {
+                request: 7,
+                service: "db".parse().unwrap(),
+            },
+            Control::Opened {
+                request: 7,
+                token: TunnelToken::random(),
+            },
             Control::Ping { seq: u64::MAX },
         ];
         for msg in msgs {
@@ -392,7 +401,9 @@ mod tests {
             DataFrame::Data(b""),
             DataFrame::Eof,
             DataFrame::Ready,
-            DataFrame::Close(CloseReason::Denied { reason: "no".into() }),
+            DataFrame::Close(CloseReason::Denied {
+                reason: "no".into(),
+            }),
         ];
         for f in frames {
             f.encode_into(&mut buf).unwrap();
@@ -406,7 +417,13 @@ mod tests {
 
     #[test]
     fn hostile_cbor_is_an_error_not_a_panic() {
-        let inputs: [&[u8]; 5] = [&[], &[0xff], &[0x9f; 4096], &[0xbf, 0x61], &[0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]];
+        let inputs: [&[u8]; 5] = [
+            &[],
+            &[0xff],
+            &[0x9f; 4096],
+            &[0xbf, 0x61],
+            &[0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        ];
         for input in inputs {
             assert!(decode::<Control>(input).is_err());
             assert!(decode::<Attach>(input).is_err());

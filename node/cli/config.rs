@@ -54,8 +54,11 @@ pub struct InletFile {
 
 /// Reads a TOML config file of type `T`.
 pub fn read_file<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
-    let Some(path) = path else { return Ok(T::default()) };
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     parse_file(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
@@ -65,7 +68,9 @@ pub fn parse_file<T: DeserializeOwned>(text: &str) -> Result<T> {
 }
 
 fn required<T>(value: Option<T>, flag: &str, key: &str) -> Result<T> {
-    value.ok_or_else(|| anyhow!("missing {flag} (or `{key} = ...` in the --config file); see --help"))
+    value.ok_or_else(|| {
+        anyhow!("missing {flag} (or `{key} = ...` in the --config file); see --help")
+    })
 }
 
 fn identity_name(common: &Common, file: Option<String>) -> String {
@@ -76,9 +81,17 @@ fn identity_name(common: &Common, file: Option<String>) -> String {
         .unwrap_or_else(|| postern_identity::keyfile::DEFAULT_NAME.to_owned())
 }
 
-fn relay_endpoint(flags: RelayFlags, address: Option<String>, identifier: Option<Identifier>) -> Result<RelayEndpoint> {
+fn relay_endpoint(
+    flags: RelayFlags,
+    address: Option<String>,
+    identifier: Option<Identifier>,
+) -> Result<RelayEndpoint> {
     let address = required(flags.relay.or(address), "--relay", "relay")?;
-    let identifier = required(flags.relay_identity.or(identifier), "--relay-identity", "relay_identity")?;
+    let identifier = required(
+        flags.relay_identity.or(identifier),
+        "--relay-identity",
+        "relay_identity",
+    )?;
     Ok(RelayEndpoint::new(address, identifier))
 }
 
@@ -91,7 +104,9 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
     let file: RelayFile = read_file(args.common.config.as_deref())?;
     let listen = match args.listen.or(file.listen) {
         Some(addr) => addr,
-        None => DEFAULT_RELAY_LISTEN.parse().context("default relay address")?,
+        None => DEFAULT_RELAY_LISTEN
+            .parse()
+            .context("default relay address")?,
     };
     Ok(Relay {
         identity: identity_name(&args.common, file.identity),
@@ -110,10 +125,16 @@ pub fn outlet(args: OutletArgs) -> Result<Outlet> {
     let service = required(args.service.or(file.service), "--service", "service")?;
     let target = match (args.target, file.target) {
         (Some(t), _) => t,
-        (None, Some(t)) => t.parse().map_err(|e: String| anyhow!("config key `target`: {e}"))?,
+        (None, Some(t)) => t
+            .parse()
+            .map_err(|e: String| anyhow!("config key `target`: {e}"))?,
         (None, None) => required(None, "--target", "target")?,
     };
-    let allow = if args.allow.is_empty() { file.allow } else { args.allow };
+    let allow = if args.allow.is_empty() {
+        file.allow
+    } else {
+        args.allow
+    };
     Ok(Outlet {
         identity: identity_name(&args.common, file.identity),
         outlet: OutletConfig::new(relay, service, target, AllowList::new(allow)),
@@ -131,11 +152,18 @@ pub fn inlet(args: InletArgs) -> Result<Inlet> {
     let service = required(args.service.or(file.service), "--service", "service")?;
     let listen = match args.listen.or(file.listen) {
         Some(addr) => addr,
-        None => DEFAULT_INLET_LISTEN.parse().context("default inlet address")?,
+        None => DEFAULT_INLET_LISTEN
+            .parse()
+            .context("default inlet address")?,
     };
-    let outlet = required(args.outlet_identity.or(file.outlet_identity), "--outlet-identity", "outlet_identity")?;
+    let outlet = required(
+        args.outlet_identity.or(file.outlet_identity),
+        "--outlet-identity",
+        "outlet_identity",
+    )?;
     let mut inlet = InletConfig::new(relay, service, listen, outlet);
-    inlet.dangerous_allow_non_loopback = args.dangerous_allow_non_loopback || file.dangerous_allow_non_loopback;
+    inlet.dangerous_allow_non_loopback =
+        args.dangerous_allow_non_loopback || file.dangerous_allow_non_loopback;
     Ok(Inlet {
         identity: identity_name(&args.common, file.identity),
         inlet,
@@ -158,7 +186,11 @@ mod tests {
             for entry in entries {
                 let path = entry.expect("entry").path();
                 let text = std::fs::read_to_string(&path).expect("read");
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_owned();
                 let result = if name.starts_with("relay") {
                     parse_file::<RelayFile>(&text).map(|_| ())
                 } else if name.starts_with("outlet") {

@@ -21,7 +21,10 @@ use args::{Cli, Command, IdentityCommand};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -49,6 +52,7 @@ fn init_tracing(verbose: u8, quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -63,7 +67,11 @@ fn load_identity(home: &std::path::Path, name: &str) -> Result<Identity> {
         postern_identity::IdentityError::NotFound { path, .. } => anyhow::anyhow!(
             "no identity {name:?} at {}: create it first with `postern identity create{}`",
             path.display(),
-            if name == keyfile::DEFAULT_NAME { String::new() } else { format!(" --name {name}") }
+            if name == keyfile::DEFAULT_NAME {
+                String::new()
+            } else {
+                format!(" --name {name}")
+            }
         ),
         other => other.into(),
     })
@@ -94,7 +102,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let cfg = config::relay(args)?;
             let identity = load_identity(&home, &cfg.identity)?;
             let relay = Relay::bind(identity, cfg.relay).await?;
-            let addr = relay.local_addr().context("cannot read the bound address")?;
+            let addr = relay
+                .local_addr()
+                .context("cannot read the bound address")?;
             eprintln!("relay {} listening on {addr}", relay.identifier());
             let stop = on_signal()?;
             relay.run(stop).await;
@@ -127,7 +137,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             let node = Inlet::start(identity, cfg.inlet.clone()).await?;
             if let Some(addr) = node.local_addr() {
-                eprintln!("inlet for service \"{}\" listening on {addr}", cfg.inlet.service);
+                eprintln!(
+                    "inlet for service \"{}\" listening on {addr}",
+                    cfg.inlet.service
+                );
             }
             let stop = on_signal()?;
             let node_stop = node.stop_token();
@@ -147,10 +160,16 @@ fn identity(home: &std::path::Path, command: IdentityCommand) -> Result<()> {
             let path = keyfile::resolve(home, &name)?;
             let identity = keyfile::create(&path)?;
             println!("{}", identity.identifier());
-            eprintln!("created identity {name:?} in {} (keep this file private)", path.display());
+            eprintln!(
+                "created identity {name:?} in {} (keep this file private)",
+                path.display()
+            );
             Ok(())
         }
-        IdentityCommand::Show { name, path: show_path } => {
+        IdentityCommand::Show {
+            name,
+            path: show_path,
+        } => {
             let path = keyfile::resolve(home, &name)?;
             let identity = load_identity(home, &name)?;
             println!("{}", identity.identifier());

@@ -115,7 +115,12 @@ pub struct OutletConfig {
 
 impl OutletConfig {
     /// An outlet configuration with default time limits.
-    pub fn new(relay: RelayEndpoint, service: ServiceName, target: Target, allow: AllowList) -> Self {
+    pub fn new(
+        relay: RelayEndpoint,
+        service: ServiceName,
+        target: Target,
+        allow: AllowList,
+    ) -> Self {
         OutletConfig {
             relay,
             service,
@@ -147,7 +152,12 @@ pub struct InletConfig {
 
 impl InletConfig {
     /// An inlet configuration with default time limits, listening on `listen`.
-    pub fn new(relay: RelayEndpoint, service: ServiceName, listen: SocketAddr, outlet: Identifier) -> Self {
+    pub fn new(
+        relay: RelayEndpoint,
+        service: ServiceName,
+        listen: SocketAddr,
+        outlet: Identifier,
+    ) -> Self {
         InletConfig {
             relay,
             service,
@@ -165,10 +175,19 @@ mod tests {
 
     #[test]
     fn targets_parse() {
-        assert_eq!("127.0.0.1:5432".parse(), Ok(Target::Tcp("127.0.0.1:5432".into())));
-        assert_eq!("localhost:5432".parse(), Ok(Target::Tcp("localhost:5432".into())));
+        assert_eq!(
+            "127.0.0.1:5432".parse(),
+            Ok(Target::Tcp("127.0.0.1:5432".into()))
+        );
+        assert_eq!(
+            "localhost:5432".parse(),
+            Ok(Target::Tcp("localhost:5432".into()))
+        );
         assert_eq!("[::1]:5432".parse(), Ok(Target::Tcp("[::1]:5432".into())));
-        assert_eq!("unix:/run/pg/.s.PGSQL.5432".parse(), Ok(Target::Unix("/run/pg/.s.PGSQL.5432".into())));
+        assert_eq!(
+            "unix:/run/pg/.s.PGSQL.5432".parse(),
+            Ok(Target::Unix("/run/pg/.s.PGSQL.5432".into()))
+        );
         assert_eq!("/tmp/s".parse(), Ok(Target::Unix("/tmp/s".into())));
         for bad in ["", "5432", "host:", ":5432", "host:0", "host:99999"] {
             assert!(bad.parse::<Target>().is_err(), "{bad}");

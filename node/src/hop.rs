@@ -58,14 +58,23 @@ pub(crate) fn tune(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
-async fn dial(relay: &RelayEndpoint, timeouts: &Timeouts, preamble: &[u8]) -> Result<TcpStream, NodeError> {
+async fn dial(
+    relay: &RelayEndpoint,
+    timeouts: &Timeouts,
+    preamble: &[u8],
+) -> Result<TcpStream, NodeError> {
     let unreachable = |source| NodeError::RelayUnreachable {
         address: relay.address.clone(),
         source,
     };
     let mut stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(&relay.address))
         .await
-        .map_err(|_| unreachable(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {:?}", timeouts.connect))))?
+        .map_err(|_| {
+            unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", timeouts.connect),
+            ))
+        })?
         .map_err(unreachable)?;
     tune(&stream);
     stream.write_all(preamble).await.map_err(unreachable)?;
@@ -86,18 +95,26 @@ pub(crate) async fn connect(
     let mut reader = FramedReader::new(rd, CONTROL_READ_BUFFER);
     let expected = relay.identifier;
     let hello = Hello::default();
-    let handshake = link::initiate(&mut reader, &mut wr, local, ChannelKind::Hop, &hello, |peer| {
-        let actual = peer.identity.identifier();
-        if actual == expected {
-            Ok(())
-        } else {
-            Err(ChannelError::UnexpectedPeer {
-                expected: expected.to_string(),
-                actual: actual.to_string(),
-            })
-        }
-    });
-    let (peer, transport) = match link::within(timeouts.handshake, "hop handshake", handshake).await {
+    let handshake = link::initiate(
+        &mut reader,
+        &mut wr,
+        local,
+        ChannelKind::Hop,
+        &hello,
+        |peer| {
+            let actual = peer.identity.identifier();
+            if actual == expected {
+                Ok(())
+            } else {
+                Err(ChannelError::UnexpectedPeer {
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                })
+            }
+        },
+    );
+    let (peer, transport) = match link::within(timeouts.handshake, "hop handshake", handshake).await
+    {
         Ok(ok) => ok,
         Err(LinkError::Channel(ChannelError::UnexpectedPeer { actual, .. })) => {
             return Err(NodeError::WrongRelay {
@@ -150,7 +167,11 @@ impl Driver {
     async fn run(mut self) {
         let reason = self.drive().await;
         debug!(relay = %self.hop.relay.address, %reason, "hop channel ended");
-        *self.hop.end_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        *self
+            .hop
+            .end_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(reason);
         self.hop.closed.cancel();
         let _ = self.outbox.shutdown().await;
         // Fail every request still waiting for an answer.
@@ -198,7 +219,12 @@ impl Driver {
     async fn dispatch(&mut self, msg: Control) -> Option<String> {
         let event = match msg {
             Control::Ping { seq } => {
-                return self.outbox.send(&Control::Pong { seq }).await.err().map(|e| format!("send failed: {e}"));
+                return self
+                    .outbox
+                    .send(&Control::Pong { seq })
+                    .await
+                    .err()
+                    .map(|e| format!("send failed: {e}"));
             }
             Control::Pong { .. } => return None,
             Control::Opened { request, token } => {
@@ -210,7 +236,9 @@ impl Driver {
                 return None;
             }
             Control::Registered { service } => HopEvent::Registered(service),
-            Control::RegisterRefused { service, reason } => HopEvent::RegisterRefused(service, reason),
+            Control::RegisterRefused { service, reason } => {
+                HopEvent::RegisterRefused(service, reason)
+            }
             Control::Incoming { service, token } => HopEvent::Incoming(service, token),
             other => {
                 warn!(message = ?other, "relay sent a message nodes do not accept; ignoring it");
@@ -230,7 +258,10 @@ impl Hop {
 
     /// Why the channel ended, once it has.
     pub fn ended_because(&self) -> Option<String> {
-        self.end_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.end_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn answer(&self, request: u64, reply: OpenReply) {
@@ -241,14 +272,20 @@ impl Hop {
 
     /// Queues a control message.
     pub async fn send(&self, msg: Control) -> Result<(), NodeError> {
-        self.outbox
-            .send(msg)
-            .await
-            .map_err(|_| NodeError::RelayLost(self.ended_because().unwrap_or_else(|| "channel closed".into())))
+        self.outbox.send(msg).await.map_err(|_| {
+            NodeError::RelayLost(
+                self.ended_because()
+                    .unwrap_or_else(|| "channel closed".into()),
+            )
+        })
     }
 
     /// Asks the relay for a tunnel to `service`.
-    pub async fn open(&self, service: &ServiceName, timeout: Duration) -> Result<TunnelToken, NodeError> {
+    pub async fn open(
+        &self,
+        service: &ServiceName,
+        timeout: Duration,
+    ) -> Result<TunnelToken, NodeError> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.lock_opens().insert(request, tx);
@@ -266,10 +303,15 @@ impl Hop {
         match answer {
             Ok(Ok(Ok(token))) => Ok(token),
             Ok(Ok(Err(reason))) => Err(NodeError::OpenRefused(reason)),
-            Ok(Err(_)) => Err(NodeError::RelayLost(self.ended_because().unwrap_or_else(|| "channel closed".into()))),
+            Ok(Err(_)) => Err(NodeError::RelayLost(
+                self.ended_because()
+                    .unwrap_or_else(|| "channel closed".into()),
+            )),
             Err(_) => {
                 self.lock_opens().remove(&request);
-                Err(NodeError::OpenRefused(format!("relay did not answer within {timeout:?}")))
+                Err(NodeError::OpenRefused(format!(
+                    "relay did not answer within {timeout:?}"
+                )))
             }
         }
     }

@@ -47,12 +47,13 @@ impl Inlet {
             }
             warn!(listen = %config.listen, "listening on a non-loopback address: anyone who can reach it can use this tunnel with your identity");
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| NodeError::Bind {
-                address: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    address: config.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| NodeError::Bind {
             address: config.listen,
             source,
@@ -75,7 +76,12 @@ impl Inlet {
     }
 }
 
-async fn run(shared: Arc<Shared>, listener: TcpListener, local_addr: SocketAddr, stop: CancellationToken) {
+async fn run(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    stop: CancellationToken,
+) {
     let cfg = &shared.config;
     info!(identity = %shared.local.identity().identifier(), service = %cfg.service, listen = %local_addr, relay = %cfg.relay.address, "inlet listening");
     let tunnels = TaskTracker::new();
@@ -100,7 +106,10 @@ async fn run(shared: Arc<Shared>, listener: TcpListener, local_addr: SocketAddr,
     }
     drop(listener);
     tunnels.close();
-    if tokio::time::timeout(Duration::from_secs(5), tunnels.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), tunnels.wait())
+        .await
+        .is_err()
+    {
         warn!("some tunnels did not close within 5 s of shutdown");
     }
     let _ = keeper.await;
@@ -122,7 +131,8 @@ async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
                 shared.status.send_replace(NodeStatus::Ready);
                 hop.closed.cancelled().await;
                 shared.hop.send_replace(None);
-                hop.ended_because().unwrap_or_else(|| "relay session closed".into())
+                hop.ended_because()
+                    .unwrap_or_else(|| "relay session closed".into())
             }
             Err(e) => e.to_string(),
         };
@@ -155,43 +165,53 @@ async fn open_tunnel(shared: &Shared) -> Result<(Identifier, Channel), NodeError
         });
     };
     let token = hop.open(&cfg.service, cfg.timeouts.handshake).await?;
-    let (mut reader, mut writer) = hop.attach(&shared.local, &cfg.timeouts, Side::Inlet, token).await?;
+    let (mut reader, mut writer) = hop
+        .attach(&shared.local, &cfg.timeouts, Side::Inlet, token)
+        .await?;
     let hello = Hello {
         service: Some(cfg.service.clone()),
     };
     let (expected, service) = (cfg.outlet, cfg.service.clone());
-    let handshake = link::initiate(&mut reader, &mut writer, &shared.local, ChannelKind::EndToEnd, &hello, |peer| {
-        let actual = peer.identity.identifier();
-        if actual != expected {
-            return Err(ChannelError::UnexpectedPeer {
-                expected: expected.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-        if peer.hello.service.as_ref() != Some(&service) {
-            return Err(ChannelError::BadIdentityProof(format!(
-                "outlet claims to serve {:?}, not \"{service}\"",
-                peer.hello.service.as_ref().map(|s| s.as_str())
-            )));
-        }
-        Ok(())
-    });
-    let (peer, transport) = match link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await {
-        Ok(ok) => ok,
-        Err(LinkError::Channel(ChannelError::UnexpectedPeer { actual, .. })) => {
-            return Err(NodeError::WrongOutlet {
-                service: cfg.service.clone(),
-                expected,
-                actual: actual.parse().unwrap_or(expected),
-            })
-        }
-        Err(source) => {
-            return Err(NodeError::Tunnel {
-                service: cfg.service.clone(),
-                source,
-            })
-        }
-    };
+    let handshake = link::initiate(
+        &mut reader,
+        &mut writer,
+        &shared.local,
+        ChannelKind::EndToEnd,
+        &hello,
+        |peer| {
+            let actual = peer.identity.identifier();
+            if actual != expected {
+                return Err(ChannelError::UnexpectedPeer {
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+            if peer.hello.service.as_ref() != Some(&service) {
+                return Err(ChannelError::BadIdentityProof(format!(
+                    "outlet claims to serve {:?}, not \"{service}\"",
+                    peer.hello.service.as_ref().map(|s| s.as_str())
+                )));
+            }
+            Ok(())
+        },
+    );
+    let (peer, transport) =
+        match link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await {
+            Ok(ok) => ok,
+            Err(LinkError::Channel(ChannelError::UnexpectedPeer { actual, .. })) => {
+                return Err(NodeError::WrongOutlet {
+                    service: cfg.service.clone(),
+                    expected,
+                    actual: actual.parse().unwrap_or(expected),
+                })
+            }
+            Err(source) => {
+                return Err(NodeError::Tunnel {
+                    service: cfg.service.clone(),
+                    source,
+                })
+            }
+        };
     let (sealer, opener) = transport.split();
     Ok((
         peer.identity.identifier(),
@@ -211,18 +231,23 @@ fn explain(cfg: &InletConfig, outlet: Identifier, end: &TunnelEnd) -> Option<Nod
             outlet,
             reason: reason.clone(),
         }),
-        TunnelEnd::PeerClosed(reason @ (CloseReason::TargetUnavailable { .. } | CloseReason::ServiceMismatch { .. })) => {
-            Some(NodeError::ClosedByOutlet {
-                service: cfg.service.clone(),
-                outlet,
-                reason: reason.clone(),
-            })
-        }
+        TunnelEnd::PeerClosed(
+            reason @ (CloseReason::TargetUnavailable { .. } | CloseReason::ServiceMismatch { .. }),
+        ) => Some(NodeError::ClosedByOutlet {
+            service: cfg.service.clone(),
+            outlet,
+            reason: reason.clone(),
+        }),
         _ => None,
     }
 }
 
-async fn serve_client(shared: &Shared, client: TcpStream, client_addr: SocketAddr, stop: CancellationToken) {
+async fn serve_client(
+    shared: &Shared,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    stop: CancellationToken,
+) {
     let cfg = &shared.config;
     let started = Instant::now();
     let (outlet, channel) = match open_tunnel(shared).await {
@@ -242,7 +267,12 @@ async fn serve_client(shared: &Shared, client: TcpStream, client_addr: SocketAdd
     }
     match explain(cfg, outlet, &outcome.end) {
         Some(e) => error!(client = %client_addr, "{e}"),
-        None => log_end(&client_addr.to_string(), &outlet.to_string(), cfg.service.as_str(), &outcome),
+        None => log_end(
+            &client_addr.to_string(),
+            &outlet.to_string(),
+            cfg.service.as_str(),
+            &outcome,
+        ),
     }
 }
 
@@ -275,7 +305,8 @@ pub async fn check(identity: Identity, config: &InletConfig) -> Result<CheckRepo
         let (outlet, mut channel) = open_tunnel(&shared).await?;
         let mut plain = vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE];
         let verdict = link::within(config.timeouts.handshake, "outlet verdict", async {
-            let n = tunnel::recv_frame(&mut channel.reader, &mut channel.opener, &mut plain).await?;
+            let n =
+                tunnel::recv_frame(&mut channel.reader, &mut channel.opener, &mut plain).await?;
             Ok(match DataFrame::decode(&plain[..n])? {
                 DataFrame::Close(reason) => Some(reason),
                 _ => None,
@@ -288,14 +319,23 @@ pub async fn check(identity: Identity, config: &InletConfig) -> Result<CheckRepo
         })?;
         if let Some(reason) = verdict {
             let end = TunnelEnd::PeerClosed(reason.clone());
-            return Err(explain(config, outlet, &end).unwrap_or(NodeError::ClosedByOutlet {
-                service: config.service.clone(),
-                outlet,
-                reason,
-            }));
+            return Err(
+                explain(config, outlet, &end).unwrap_or(NodeError::ClosedByOutlet {
+                    service: config.service.clone(),
+                    outlet,
+                    reason,
+                }),
+            );
         }
         let (mut scratch, mut out) = (Vec::new(), Vec::new());
-        let _ = tunnel::send_frame(&mut channel.writer, &mut channel.sealer, &DataFrame::Eof, &mut scratch, &mut out).await;
+        let _ = tunnel::send_frame(
+            &mut channel.writer,
+            &mut channel.sealer,
+            &DataFrame::Eof,
+            &mut scratch,
+            &mut out,
+        )
+        .await;
         Ok(CheckReport {
             outlet,
             elapsed: started.elapsed(),

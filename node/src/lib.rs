@@ -91,9 +91,10 @@ impl NodeHandle {
     /// Waits until the node is [`NodeStatus::Ready`], or fails with the last
     /// status after `timeout`.
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), NodeError> {
-        let waited = tokio::time::timeout(timeout, self.status.wait_for(|s| *s == NodeStatus::Ready))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let waited =
+            tokio::time::timeout(timeout, self.status.wait_for(|s| *s == NodeStatus::Ready))
+                .await
+                .is_ok_and(|r| r.is_ok());
         match waited {
             true => Ok(()),
             false => Err(NodeError::NotReady {

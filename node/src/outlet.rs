@@ -62,7 +62,9 @@ async fn run(shared: Arc<Shared>, stop: CancellationToken, status: watch::Sender
     while !stop.is_cancelled() {
         status.send_replace(NodeStatus::Connecting);
         let ended = match hop::connect(&shared.local, &cfg.relay, &cfg.timeouts, &stop).await {
-            Ok((hop, events)) => serve_session(&shared, hop, events, &tunnels, &status, &mut backoff).await,
+            Ok((hop, events)) => {
+                serve_session(&shared, hop, events, &tunnels, &status, &mut backoff).await
+            }
             Err(e) => e.to_string(),
         };
         if stop.is_cancelled() {
@@ -79,7 +81,10 @@ async fn run(shared: Arc<Shared>, stop: CancellationToken, status: watch::Sender
         }
     }
     tunnels.close();
-    if tokio::time::timeout(std::time::Duration::from_secs(5), tunnels.wait()).await.is_err() {
+    if tokio::time::timeout(std::time::Duration::from_secs(5), tunnels.wait())
+        .await
+        .is_err()
+    {
         warn!("some tunnels did not close within 5 s of shutdown");
     }
     status.send_replace(NodeStatus::Stopped);
@@ -96,7 +101,12 @@ async fn serve_session(
     backoff: &mut Backoff,
 ) -> String {
     let cfg = &shared.config;
-    if let Err(e) = hop.send(Control::Register { service: cfg.service.clone() }).await {
+    if let Err(e) = hop
+        .send(Control::Register {
+            service: cfg.service.clone(),
+        })
+        .await
+    {
         return e.to_string();
     }
     loop {
@@ -128,19 +138,30 @@ async fn serve_session(
             }
         }
     }
-    hop.ended_because().unwrap_or_else(|| "relay session closed".into())
+    hop.ended_because()
+        .unwrap_or_else(|| "relay session closed".into())
 }
 
 async fn send_close(writer: &mut OwnedWriteHalf, sealer: &mut Sealer, reason: CloseReason) {
     let (mut scratch, mut out) = (Vec::new(), Vec::new());
-    let _ = tunnel::send_frame(writer, sealer, &DataFrame::Close(reason), &mut scratch, &mut out).await;
+    let _ = tunnel::send_frame(
+        writer,
+        sealer,
+        &DataFrame::Close(reason),
+        &mut scratch,
+        &mut out,
+    )
+    .await;
 }
 
 async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: CancellationToken) {
     let cfg = &shared.config;
     let started = Instant::now();
     let label = token.label();
-    let (mut reader, mut writer) = match hop.attach(&shared.local, &cfg.timeouts, Side::Outlet, token).await {
+    let (mut reader, mut writer) = match hop
+        .attach(&shared.local, &cfg.timeouts, Side::Outlet, token)
+        .await
+    {
         Ok(halves) => halves,
         Err(e) => {
             warn!(tunnel = %label, error = %e, "could not attach to tunnel");
@@ -150,14 +171,21 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
     let hello = Hello {
         service: Some(cfg.service.clone()),
     };
-    let handshake = link::respond(&mut reader, &mut writer, &shared.local, ChannelKind::EndToEnd, &hello);
-    let (peer, transport) = match link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await {
-        Ok(ok) => ok,
-        Err(e) => {
-            warn!(tunnel = %label, error = %e, "end-to-end handshake failed; closing tunnel");
-            return;
-        }
-    };
+    let handshake = link::respond(
+        &mut reader,
+        &mut writer,
+        &shared.local,
+        ChannelKind::EndToEnd,
+        &hello,
+    );
+    let (peer, transport) =
+        match link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                warn!(tunnel = %label, error = %e, "end-to-end handshake failed; closing tunnel");
+                return;
+            }
+        };
     let inlet = peer.identity.identifier();
     let (mut sealer, opener) = transport.split();
     if peer.hello.service.as_ref() != Some(&cfg.service) {
@@ -167,7 +195,12 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
             peer.hello.service.as_ref().map(|s| s.as_str())
         );
         warn!(tunnel = %label, %inlet, %reason, "refusing tunnel: service mismatch");
-        send_close(&mut writer, &mut sealer, CloseReason::ServiceMismatch { reason }).await;
+        send_close(
+            &mut writer,
+            &mut sealer,
+            CloseReason::ServiceMismatch { reason },
+        )
+        .await;
         return;
     }
     if let Decision::Deny { reason } = cfg.allow.decide_connect(&inlet, &cfg.service) {
@@ -179,14 +212,30 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
     let target = match connect_target(&cfg.target, cfg.timeouts.connect).await {
         Ok(target) => target,
         Err(e) => {
-            let reason = format!("the outlet cannot connect to its target {}: {e}", cfg.target);
+            let reason = format!(
+                "the outlet cannot connect to its target {}: {e}",
+                cfg.target
+            );
             error!(tunnel = %label, %reason, "target unavailable");
-            send_close(&mut writer, &mut sealer, CloseReason::TargetUnavailable { reason }).await;
+            send_close(
+                &mut writer,
+                &mut sealer,
+                CloseReason::TargetUnavailable { reason },
+            )
+            .await;
             return;
         }
     };
     let (mut scratch, mut out) = (Vec::new(), Vec::new());
-    if let Err(e) = tunnel::send_frame(&mut writer, &mut sealer, &DataFrame::Ready, &mut scratch, &mut out).await {
+    if let Err(e) = tunnel::send_frame(
+        &mut writer,
+        &mut sealer,
+        &DataFrame::Ready,
+        &mut scratch,
+        &mut out,
+    )
+    .await
+    {
         warn!(tunnel = %label, error = %e, "tunnel lost before it was ready");
         return;
     }
@@ -217,11 +266,21 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
 pub(crate) fn log_end(label: &str, peer: &str, service: &str, outcome: &tunnel::TunnelOutcome) {
     let (sent, received) = (outcome.sent, outcome.received);
     match &outcome.end {
-        TunnelEnd::Clean => info!(tunnel = %label, %peer, %service, sent, received, "tunnel closed"),
-        TunnelEnd::Cancelled => info!(tunnel = %label, %peer, %service, sent, received, "tunnel closed by shutdown"),
-        TunnelEnd::LocalFailed(e) => info!(tunnel = %label, %peer, %service, sent, received, error = %e, "tunnel aborted: local connection failed"),
-        TunnelEnd::PeerClosed(reason) => info!(tunnel = %label, %peer, %service, sent, received, %reason, "tunnel closed by peer"),
-        TunnelEnd::LinkFailed(e) => warn!(tunnel = %label, %peer, %service, sent, received, error = %e, "tunnel aborted: channel failed"),
+        TunnelEnd::Clean => {
+            info!(tunnel = %label, %peer, %service, sent, received, "tunnel closed")
+        }
+        TunnelEnd::Cancelled => {
+            info!(tunnel = %label, %peer, %service, sent, received, "tunnel closed by shutdown")
+        }
+        TunnelEnd::LocalFailed(e) => {
+            info!(tunnel = %label, %peer, %service, sent, received, error = %e, "tunnel aborted: local connection failed")
+        }
+        TunnelEnd::PeerClosed(reason) => {
+            info!(tunnel = %label, %peer, %service, sent, received, %reason, "tunnel closed by peer")
+        }
+        TunnelEnd::LinkFailed(e) => {
+            warn!(tunnel = %label, %peer, %service, sent, received, error = %e, "tunnel aborted: channel failed")
+        }
     }
 }
 
@@ -237,7 +296,10 @@ enum LocalStream {
     Unix(UnixStream),
 }
 
-async fn connect_target(target: &Target, timeout: std::time::Duration) -> std::io::Result<LocalStream> {
+async fn connect_target(
+    target: &Target,
+    timeout: std::time::Duration,
+) -> std::io::Result<LocalStream> {
     let connect = async {
         match target {
             Target::Tcp(addr) => {
@@ -250,5 +312,10 @@ async fn connect_target(target: &Target, timeout: std::time::Duration) -> std::i
     };
     tokio::time::timeout(timeout, connect)
         .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            ))
+        })
 }

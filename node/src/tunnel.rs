@@ -14,11 +14,11 @@
 
 use std::io;
 
+use postern_identity::frame::MAX_NOISE_MESSAGE;
 use postern_identity::frame::MAX_PLAINTEXT;
 use postern_identity::link::{FramedReader, LinkError};
 use postern_identity::transport::{Opener, Sealer};
 use postern_identity::wire::{CloseReason, DataFrame, FRAME_DATA};
-use postern_identity::frame::MAX_NOISE_MESSAGE;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -222,7 +222,9 @@ where
                 DataFrame::Data(_) if eof_received => {
                     abort.cancel();
                     return Some(TunnelEnd::LinkFailed(LinkError::Channel(
-                        postern_identity::ChannelError::BadMessage("data after end of stream".into()),
+                        postern_identity::ChannelError::BadMessage(
+                            "data after end of stream".into(),
+                        ),
                     )));
                 }
                 DataFrame::Data(data) => {

@@ -87,7 +87,10 @@ mod tests {
     #[test]
     fn default_deny_and_membership() {
         let svc: ServiceName = "db".parse().unwrap();
-        let (a, b) = (Identity::generate().identifier(), Identity::generate().identifier());
+        let (a, b) = (
+            Identity::generate().identifier(),
+            Identity::generate().identifier(),
+        );
         let empty = AllowList::default();
         let d = empty.decide_connect(&a, &svc);
         assert!(!d.is_allowed());
@@ -95,6 +98,8 @@ mod tests {
         let list = AllowList::new([a]);
         assert!(list.decide_connect(&a, &svc).is_allowed());
         let d = list.decide_connect(&b, &svc);
-        assert!(matches!(&d, Decision::Deny { reason } if reason.contains(&b.to_string()) && reason.contains("not on the allow list")));
+        assert!(
+            matches!(&d, Decision::Deny { reason } if reason.contains(&b.to_string()) && reason.contains("not on the allow list"))
+        );
     }
 }

@@ -127,7 +127,11 @@ impl<W> Registry<W> {
 
     /// Registers `service` for `reg.owner`. The same identity may take over
     /// its own name (a reconnecting outlet); the replaced session is returned.
-    pub fn register(&mut self, service: ServiceName, reg: Registration) -> Result<Option<SessionId>, RegisterError> {
+    pub fn register(
+        &mut self,
+        service: ServiceName,
+        reg: Registration,
+    ) -> Result<Option<SessionId>, RegisterError> {
         match self.services.get(&service) {
             Some(existing) if existing.owner != reg.owner => Err(RegisterError::HeldByOther {
                 service,
@@ -157,11 +161,19 @@ impl<W> Registry<W> {
     }
 
     /// Mints a single-use token for a tunnel from the inlet to `service`.
-    pub fn open(&mut self, service: &ServiceName, inlet: (Identifier, [u8; 32]), now: Instant) -> Result<Opened, OpenError> {
-        let reg = self.services.get(service).ok_or_else(|| OpenError::NotRegistered {
-            service: service.clone(),
-            relay: self.relay,
-        })?;
+    pub fn open(
+        &mut self,
+        service: &ServiceName,
+        inlet: (Identifier, [u8; 32]),
+        now: Instant,
+    ) -> Result<Opened, OpenError> {
+        let reg = self
+            .services
+            .get(service)
+            .ok_or_else(|| OpenError::NotRegistered {
+                service: service.clone(),
+                relay: self.relay,
+            })?;
         let token = TunnelToken::random();
         let opened = Opened {
             token: token.clone(),
@@ -186,9 +198,22 @@ impl<W> Registry<W> {
     /// A data connection presents `token` as `side`, authenticated with
     /// `node_static`. The token's secret is compared in constant time and
     /// each side may attach once.
-    pub fn claim(&mut self, token: &TunnelToken, side: Side, node_static: &[u8; 32], waiter: W, now: Instant) -> Result<Claim<W>, AttachError> {
-        let pending = self.pending.get_mut(&token.id).ok_or(AttachError::UnknownToken)?;
-        if !pending.token.secret_matches(token) || pending.expires <= now || pending.arrived == Some(side) {
+    pub fn claim(
+        &mut self,
+        token: &TunnelToken,
+        side: Side,
+        node_static: &[u8; 32],
+        waiter: W,
+        now: Instant,
+    ) -> Result<Claim<W>, AttachError> {
+        let pending = self
+            .pending
+            .get_mut(&token.id)
+            .ok_or(AttachError::UnknownToken)?;
+        if !pending.token.secret_matches(token)
+            || pending.expires <= now
+            || pending.arrived == Some(side)
+        {
             return Err(AttachError::UnknownToken);
         }
         let expected = match side {
@@ -241,17 +266,43 @@ mod tests {
         let mut r = Registry::new(id(), Duration::from_secs(10));
         let svc: ServiceName = "db".parse().unwrap();
         let outlet = id();
-        r.register(svc.clone(), Registration { owner: outlet, session: SessionId(1), owner_static: [1; 32] }).unwrap();
+        r.register(
+            svc.clone(),
+            Registration {
+                owner: outlet,
+                session: SessionId(1),
+                owner_static: [1; 32],
+            },
+        )
+        .unwrap();
         (r, svc, outlet, Instant::now())
     }
 
     #[test]
     fn name_held_by_another_identity_is_refused() {
         let (mut r, svc, outlet, _) = setup();
-        let err = r.register(svc.clone(), Registration { owner: id(), session: SessionId(2), owner_static: [2; 32] }).unwrap_err();
+        let err = r
+            .register(
+                svc.clone(),
+                Registration {
+                    owner: id(),
+                    session: SessionId(2),
+                    owner_static: [2; 32],
+                },
+            )
+            .unwrap_err();
         assert!(err.to_string().contains(&outlet.to_string()));
         // The owner may take it over from a new session.
-        let replaced = r.register(svc.clone(), Registration { owner: outlet, session: SessionId(3), owner_static: [3; 32] }).unwrap();
+        let replaced = r
+            .register(
+                svc.clone(),
+                Registration {
+                    owner: outlet,
+                    session: SessionId(3),
+                    owner_static: [3; 32],
+                },
+            )
+            .unwrap();
         assert_eq!(replaced, Some(SessionId(1)));
         assert!(r.remove_session(SessionId(1)).is_empty());
         assert_eq!(r.remove_session(SessionId(3)), vec![svc.clone()]);
@@ -261,8 +312,14 @@ mod tests {
     #[test]
     fn unknown_service_says_so() {
         let (mut r, _, _, now) = setup();
-        let err = r.open(&"nope".parse().unwrap(), (id(), [9; 32]), now).unwrap_err();
-        assert!(err.to_string().contains("\"nope\" is not registered at relay P"), "{err}");
+        let err = r
+            .open(&"nope".parse().unwrap(), (id(), [9; 32]), now)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"nope\" is not registered at relay P"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -272,17 +329,37 @@ mod tests {
             let inlet = id();
             let opened = r.open(&svc, (inlet, [9; 32]), now).unwrap();
             assert_eq!(opened.outlet, outlet);
-            let key = |s| if s == Side::Inlet { [9u8; 32] } else { [1u8; 32] };
-            let second = if first == Side::Inlet { Side::Outlet } else { Side::Inlet };
+            let key = |s| {
+                if s == Side::Inlet {
+                    [9u8; 32]
+                } else {
+                    [1u8; 32]
+                }
+            };
+            let second = if first == Side::Inlet {
+                Side::Outlet
+            } else {
+                Side::Inlet
+            };
             let c1 = r.claim(&opened.token, first, &key(first), 11, now).unwrap();
             assert!(c1.peer.is_none());
             // The same side cannot attach twice.
-            assert_eq!(r.claim(&opened.token, first, &key(first), 12, now).unwrap_err(), AttachError::UnknownToken);
-            let c2 = r.claim(&opened.token, second, &key(second), 13, now).unwrap();
+            assert_eq!(
+                r.claim(&opened.token, first, &key(first), 12, now)
+                    .unwrap_err(),
+                AttachError::UnknownToken
+            );
+            let c2 = r
+                .claim(&opened.token, second, &key(second), 13, now)
+                .unwrap();
             assert_eq!(c2.peer, Some(11));
             assert_eq!((c2.inlet, c2.outlet), (inlet, outlet));
             // Used up.
-            assert_eq!(r.claim(&opened.token, second, &key(second), 14, now).unwrap_err(), AttachError::UnknownToken);
+            assert_eq!(
+                r.claim(&opened.token, second, &key(second), 14, now)
+                    .unwrap_err(),
+                AttachError::UnknownToken
+            );
             assert_eq!(r.pending_len(), 0);
         }
     }
@@ -293,11 +370,26 @@ mod tests {
         let opened = r.open(&svc, (id(), [9; 32]), now).unwrap();
         let mut forged = opened.token.clone();
         forged.secret[0] ^= 1;
-        assert_eq!(r.claim(&forged, Side::Inlet, &[9; 32], 1, now).unwrap_err(), AttachError::UnknownToken);
-        assert_eq!(r.claim(&opened.token, Side::Inlet, &[8; 32], 1, now).unwrap_err(), AttachError::WrongNode);
-        assert_eq!(r.claim(&opened.token, Side::Outlet, &[9; 32], 1, now).unwrap_err(), AttachError::WrongNode);
+        assert_eq!(
+            r.claim(&forged, Side::Inlet, &[9; 32], 1, now).unwrap_err(),
+            AttachError::UnknownToken
+        );
+        assert_eq!(
+            r.claim(&opened.token, Side::Inlet, &[8; 32], 1, now)
+                .unwrap_err(),
+            AttachError::WrongNode
+        );
+        assert_eq!(
+            r.claim(&opened.token, Side::Outlet, &[9; 32], 1, now)
+                .unwrap_err(),
+            AttachError::WrongNode
+        );
         let later = now + Duration::from_secs(11);
-        assert_eq!(r.claim(&opened.token, Side::Inlet, &[9; 32], 1, later).unwrap_err(), AttachError::UnknownToken);
+        assert_eq!(
+            r.claim(&opened.token, Side::Inlet, &[9; 32], 1, later)
+                .unwrap_err(),
+            AttachError::UnknownToken
+        );
         assert_eq!(r.expire(later), 1);
         assert_eq!(r.pending_len(), 0);
     }

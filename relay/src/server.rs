@@ -96,7 +96,9 @@ impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the registry half
         // updated in a way that matters more than stopping would; keep going.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -118,12 +120,13 @@ impl std::fmt::Debug for Relay {
 impl Relay {
     /// Binds the listening socket.
     pub async fn bind(identity: Identity, config: RelayConfig) -> Result<Relay, RelayError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| RelayError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let relay_id = identity.identifier();
         let local = LocalParty::new(identity)?;
         let shared = Arc::new(Shared {
@@ -206,7 +209,10 @@ impl Relay {
         drop(listener);
         sweeper.abort();
         tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .is_err()
+        {
             warn!("some relay connections did not close within 5 s of shutdown");
         }
         info!("relay stopped");
@@ -227,7 +233,12 @@ fn reset_on_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-async fn handle_connection(shared: &Shared, mut stream: TcpStream, peer_addr: SocketAddr, shutdown: CancellationToken) {
+async fn handle_connection(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer_addr: SocketAddr,
+    shutdown: CancellationToken,
+) {
     tune_socket(&stream);
     let Ok(handshake_permit) = shared.pending_handshakes.try_acquire() else {
         warn!(%peer_addr, limit = shared.config.max_pending_handshakes, "too many connections still authenticating; refusing connection");
@@ -250,7 +261,10 @@ async fn handle_connection(shared: &Shared, mut stream: TcpStream, peer_addr: So
         PREAMBLE_HOP => hop_session(shared, stream, peer_addr, handshake_permit, shutdown).await,
         PREAMBLE_ATTACH => attach(shared, stream, peer_addr, handshake_permit, shutdown).await,
         other => {
-            let looks_like = if other.starts_with(b"GET ") || other.starts_with(b"POST") || other.starts_with(b"HEAD") {
+            let looks_like = if other.starts_with(b"GET ")
+                || other.starts_with(b"POST")
+                || other.starts_with(b"HEAD")
+            {
                 " (an HTTP request)"
             } else if other[0] == 0x16 && other[1] == 0x03 {
                 " (a TLS ClientHello)"
@@ -272,14 +286,21 @@ async fn hop_session(
     let (rd, mut wr) = stream.into_split();
     let mut reader = FramedReader::new(rd, CONTROL_READ_BUFFER);
     let hello = Hello::default();
-    let handshake = link::respond(&mut reader, &mut wr, &shared.local, ChannelKind::Hop, &hello);
-    let (peer, transport) = match link::within(shared.config.handshake_timeout, "hop handshake", handshake).await {
-        Ok(ok) => ok,
-        Err(e) => {
-            warn!(%peer_addr, error = %e, "hop handshake failed; closing");
-            return;
-        }
-    };
+    let handshake = link::respond(
+        &mut reader,
+        &mut wr,
+        &shared.local,
+        ChannelKind::Hop,
+        &hello,
+    );
+    let (peer, transport) =
+        match link::within(shared.config.handshake_timeout, "hop handshake", handshake).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                warn!(%peer_addr, error = %e, "hop handshake failed; closing");
+                return;
+            }
+        };
     drop(handshake_permit);
     let node = peer.identity.identifier();
     let (sealer, opener) = transport.split();
@@ -330,7 +351,13 @@ async fn hop_session(
     info!(%node, session = session.0, %reason, "node disconnected");
 }
 
-fn handle_control(shared: &Shared, session: SessionId, node: Identifier, node_static: &[u8; 32], msg: Control) -> Option<Control> {
+fn handle_control(
+    shared: &Shared,
+    session: SessionId,
+    node: Identifier,
+    node_static: &[u8; 32],
+    msg: Control,
+) -> Option<Control> {
     match msg {
         Control::Register { service } => {
             let reg = Registration {
@@ -355,7 +382,9 @@ fn handle_control(shared: &Shared, session: SessionId, node: Identifier, node_st
         }
         Control::Open { request, service } => {
             let mut state = shared.state();
-            let opened = state.registry.open(&service, (node, *node_static), Instant::now());
+            let opened = state
+                .registry
+                .open(&service, (node, *node_static), Instant::now());
             let opened = match opened {
                 Ok(opened) => opened,
                 Err(e) => {
@@ -406,7 +435,9 @@ async fn attach(
         let (rd, mut wr) = stream.split();
         let mut reader = FramedReader::new(rd, CONTROL_READ_BUFFER);
         let steps = async {
-            let msg1 = reader.next_frame(postern_identity::frame::MAX_NOISE_MESSAGE).await?;
+            let msg1 = reader
+                .next_frame(postern_identity::frame::MAX_NOISE_MESSAGE)
+                .await?;
             let (responder, request) = AttachResponder::handle_request(&shared.local, msg1)?;
             let claimed = shared.state().registry.claim(
                 &request.attach.token,
@@ -417,7 +448,9 @@ async fn attach(
             );
             let reply = match &claimed {
                 Ok(_) => AttachReply::Accepted,
-                Err(e) => AttachReply::Refused { reason: e.to_string() },
+                Err(e) => AttachReply::Refused {
+                    reason: e.to_string(),
+                },
             };
             link::send_raw(&mut wr, &responder.reply(&reply)?).await?;
             Ok::<_, LinkError>((claimed, request.attach.side))
@@ -473,7 +506,11 @@ async fn attach(
     };
     match result {
         Ok((a_to_b, b_to_a)) => {
-            let (up, down) = if side == postern_identity::wire::Side::Inlet { (a_to_b, b_to_a) } else { (b_to_a, a_to_b) };
+            let (up, down) = if side == postern_identity::wire::Side::Inlet {
+                (a_to_b, b_to_a)
+            } else {
+                (b_to_a, a_to_b)
+            };
             info!(service = %claim.service, inlet = %claim.inlet, outlet = %claim.outlet, bytes_up = up, bytes_down = down, "tunnel closed");
         }
         Err(e) => {
