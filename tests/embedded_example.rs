@@ -1,0 +1,110 @@
+//! Builds and runs `examples/embedded_outlet.rs` as a real process against an
+//! in-process relay, and reaches the embedded service through an inlet.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use postern_identity::{keyfile, Identity};
+use postern_node::{Inlet, InletConfig, RelayEndpoint};
+use postern_relay::{Relay, RelayConfig};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+fn example_binary() -> PathBuf {
+    // target/<profile>/postern -> target/<profile>/examples/embedded_outlet
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_postern"));
+    let path = bin
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("embedded_outlet");
+    if !path.exists() {
+        // `cargo test --test embedded_example` alone does not build examples.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--example", "embedded_outlet"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build --example");
+        assert!(status.success(), "building the example failed");
+    }
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_outlet_example_serves_through_the_tunnel() {
+    let example = example_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("svc.key");
+    let service_identity = keyfile::create(&key_path).unwrap();
+    let inlet_identity = Identity::generate();
+    let relay_identity = Identity::generate();
+    let relay_id = relay_identity.identifier();
+
+    let relay = Relay::bind(
+        relay_identity,
+        RelayConfig::new("127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(relay.run(stop.clone()));
+
+    let mut child = Command::new(&example)
+        .env("POSTERN_RELAY", relay_addr.to_string())
+        .env("POSTERN_RELAY_IDENTITY", relay_id.to_string())
+        .env("POSTERN_IDENTITY_FILE", &key_path)
+        .env("POSTERN_ALLOW", inlet_identity.identifier().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the example");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("example ready in time");
+    assert_eq!(first.unwrap().as_deref(), Some("ready"));
+
+    let config = InletConfig::new(
+        RelayEndpoint::new(relay_addr.to_string(), relay_id),
+        "echo".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        service_identity.identifier(),
+    );
+    let mut inlet = Inlet::start(inlet_identity, config).await.unwrap();
+    inlet.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let mut conn = TcpStream::connect(inlet.local_addr().unwrap())
+        .await
+        .unwrap();
+    conn.write_all(b"hello from afar\n").await.unwrap();
+    let mut lines = BufReader::new(conn).lines();
+    let reply = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.as_deref(), Some("echo: hello from afar"));
+
+    // Graceful stop on SIGTERM.
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(10), stdout.next_line())
+        .await
+        .expect("example stops in time");
+    assert_eq!(last.unwrap().as_deref(), Some("stopped"));
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    inlet.shutdown().await;
+    stop.cancel();
+}
