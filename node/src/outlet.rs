@@ -63,7 +63,7 @@ async fn run(shared: Arc<Shared>, stop: CancellationToken, status: watch::Sender
         status.send_replace(NodeStatus::Connecting);
         let ended = match hop::connect(&shared.local, &cfg.relay, &cfg.timeouts, &stop).await {
             Ok((hop, events)) => {
-                serve_session(&shared, hop, events, &tunnels, &status, &mut backoff).await
+                serve_session(&shared, hop, events, &tunnels, &status, &mut backoff, &stop).await
             }
             Err(e) => e.to_string(),
         };
@@ -99,6 +99,7 @@ async fn serve_session(
     tunnels: &TaskTracker,
     status: &watch::Sender<NodeStatus>,
     backoff: &mut Backoff,
+    stop: &CancellationToken,
 ) -> String {
     let cfg = &shared.config;
     if let Err(e) = hop
@@ -133,7 +134,9 @@ async fn serve_session(
                 }
                 let shared = Arc::clone(shared);
                 let hop = Arc::clone(&hop);
-                let stop = hop.closed.clone();
+                // Live tunnels outlast the hop channel that announced them
+                // (they have their own connections); only shutdown ends them.
+                let stop = stop.clone();
                 tunnels.spawn(async move { serve_tunnel(&shared, &hop, token, stop).await });
             }
         }
