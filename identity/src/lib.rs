@@ -23,6 +23,7 @@
 
 mod error;
 pub mod frame;
+pub mod fuzzing;
 pub mod handshake;
 mod identifier;
 mod identity;

@@ -1,0 +1,53 @@
+//! Entry points for fuzzing every decoder that untrusted bytes reach.
+//!
+//! Each function takes arbitrary bytes and must never panic, whatever they
+//! are. They are used by the `cargo fuzz` targets in `fuzz/` (nightly) and by
+//! the stable-toolchain test `tests/fuzz_entry_points.rs`, which runs them
+//! over the checked-in corpora and over random inputs.
+
+use crate::frame;
+use crate::handshake::{verify_proof, AttachResponder, ChannelKind, LocalParty, Responder};
+use crate::wire::{self, Attach, AttachReply, CloseReason, Control, DataFrame, Hello};
+
+/// Frame length parsing with several caller bounds.
+pub fn frame_decode(data: &[u8]) {
+    for max in [0, 16, 1024, usize::MAX] {
+        if let Ok(Some((body, used))) = frame::decode(data, max) {
+            assert!(used == body.len() + frame::LEN_PREFIX && used <= data.len());
+        }
+    }
+}
+
+/// Control messages (hop channel plaintext).
+pub fn control_message(data: &[u8]) {
+    if let Ok(msg) = wire::decode::<Control>(data) {
+        // Whatever decodes must encode again.
+        let _ = wire::encode(&msg);
+    }
+}
+
+/// Data-channel frame plaintext, close reasons, hellos and attach payloads.
+pub fn data_frame(data: &[u8]) {
+    if let Ok(frame) = DataFrame::decode(data) {
+        let mut out = Vec::new();
+        let _ = frame.encode_into(&mut out);
+    }
+    let _ = wire::decode::<CloseReason>(data);
+    let _ = wire::decode::<Hello>(data);
+    let _ = wire::decode::<Attach>(data);
+    let _ = wire::decode::<AttachReply>(data);
+}
+
+/// Identity proofs as carried in XX messages 2 and 3 (after decryption).
+pub fn handshake_payload(data: &[u8]) {
+    let _ = verify_proof(data, &[9u8; 32]);
+}
+
+/// Raw handshake messages as a relay or outlet receives them from the
+/// network: XX message 1 and IK message 1.
+pub fn handshake_message(local: &LocalParty, data: &[u8]) {
+    if let Ok(responder) = Responder::new(local, ChannelKind::Hop) {
+        let _ = responder.handle_hello(data, local, &Hello::default());
+    }
+    let _ = AttachResponder::handle_request(local, data);
+}
