@@ -91,8 +91,10 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             heartbeat: Duration::from_secs(5),
             dead_after: Duration::from_secs(15),
-            reconnect_min: Duration::from_millis(250),
-            reconnect_max: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(100),
+            // Short enough that a restarted relay sees its outlets again
+            // within a few seconds; jitter spreads the reconnections.
+            reconnect_max: Duration::from_secs(2),
         }
     }
 }

@@ -184,12 +184,13 @@ impl Driver {
         let mut last_heard = tokio::time::Instant::now();
         let mut seq = 0u64;
         loop {
+            let deadline = last_heard + self.timeouts.dead_after;
             tokio::select! {
                 () = self.hop.closed.cancelled() => return "stopped".into(),
+                () = tokio::time::sleep_until(deadline) => {
+                    return format!("relay silent for {:?} (no answer to heartbeats)", self.timeouts.dead_after);
+                }
                 _ = heartbeat.tick() => {
-                    if last_heard.elapsed() >= self.timeouts.dead_after {
-                        return format!("relay silent for {:?}", self.timeouts.dead_after);
-                    }
                     seq += 1;
                     if let Err(e) = self.outbox.send(&Control::Ping { seq }).await {
                         return format!("send failed: {e}");

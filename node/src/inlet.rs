@@ -254,8 +254,8 @@ async fn serve_client(
         Ok(ok) => ok,
         Err(e) => {
             error!(client = %client_addr, service = %cfg.service, "refusing client connection: {e}");
-            let (r, _w) = client.into_split();
-            reset_tcp(&r);
+            let (r, w) = client.into_split();
+            reset_tcp(r, w);
             return;
         }
     };
@@ -263,7 +263,7 @@ async fn serve_client(
     let (mut r, mut w) = client.into_split();
     let outcome = tunnel::pump(&mut r, &mut w, channel, stop).await;
     if outcome.end.is_abort() {
-        reset_tcp(&r);
+        reset_tcp(r, w);
     }
     match explain(cfg, outlet, &outcome.end) {
         Some(e) => error!(client = %client_addr, "{e}"),

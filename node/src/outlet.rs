@@ -254,7 +254,7 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
             let (mut r, mut w) = stream.into_split();
             let outcome = tunnel::pump(&mut r, &mut w, channel, stop).await;
             if outcome.end.is_abort() {
-                reset_tcp(&r);
+                reset_tcp(r, w);
             }
             outcome
         }
@@ -287,11 +287,15 @@ pub(crate) fn log_end(label: &str, peer: &str, service: &str, outcome: &tunnel::
     }
 }
 
-/// Makes dropping the connection send a reset, so an abort at one end of a
-/// tunnel is seen as an abort at the other.
-pub(crate) fn reset_tcp(half: &OwnedReadHalf) {
-    let stream: &TcpStream = half.as_ref();
+/// Closes the connection with a reset, so an abort at one end of a tunnel is
+/// seen as an abort at the other. The write half is released without the
+/// `shutdown(Write)` its drop would do: a FIN sent first would reach the peer
+/// as a clean end of stream before the reset.
+pub(crate) fn reset_tcp(read: OwnedReadHalf, write: OwnedWriteHalf) {
+    let stream: &TcpStream = read.as_ref();
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+    write.forget();
+    drop(read);
 }
 
 enum LocalStream {

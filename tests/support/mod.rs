@@ -4,4 +4,5 @@
 //! `support::pg::TempPg` to get a throwaway PostgreSQL cluster.
 #![allow(dead_code)]
 
+pub mod net;
 pub mod pg;
