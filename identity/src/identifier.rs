@@ -96,10 +96,7 @@ mod tests {
         assert!(text.starts_with('P'));
         assert_eq!(text.len(), 41);
         assert_eq!(text.parse::<Identifier>().ok(), Some(id));
-        assert_eq!(
-            text.to_uppercase().parse::<Identifier>().ok(),
-            Some(id)
-        );
+        assert_eq!(text.to_uppercase().parse::<Identifier>().ok(), Some(id));
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! relays, services or policies.
 #![forbid(unsafe_code)]
 
+pub mod attributes;
 mod error;
 pub mod frame;
 pub mod fuzzing;
@@ -32,6 +33,7 @@ pub mod link;
 pub mod transport;
 pub mod wire;
 
+pub use attributes::{AttrValue, Attributes};
 pub use error::{ChannelError, IdentityError};
 pub use identifier::Identifier;
 pub use identity::{Identity, PublicIdentity};
