@@ -51,3 +51,44 @@ pub fn handshake_message(local: &LocalParty, data: &[u8]) {
     }
     let _ = AttachResponder::handle_request(local, data);
 }
+
+/// Credentials as presented by a peer: the envelope decoder, the body
+/// decoder, and verification against a fixed trust set. Whatever decodes
+/// must encode again and verification must fail cleanly.
+pub fn credential_decode(data: &[u8]) {
+    use crate::credential::{self, CredentialBody, NoRevocations, SignedCredential};
+    let _ = CredentialBody::decode(data);
+    if let Ok(signed) = SignedCredential::decode(data) {
+        if let Ok(bytes) = signed.encode() {
+            assert!(SignedCredential::decode(&bytes).is_ok_and(|again| again == signed));
+        }
+        let _ = signed.inspect_unverified();
+        let _ = format!("{signed:?}");
+        // Trust whoever the envelope names, so that the signature, body and
+        // time checks are reached too.
+        let trusted = [signed.claimed_issuer()].into_iter().collect();
+        let subject = crate::Identifier::from_public_key(&[9u8; 32]);
+        let _ = credential::verify(&signed, &trusted, subject, 1_700_000_000, &NoRevocations);
+    }
+}
+
+/// Enrollment tickets: the text parser (as pasted by a person) and the CBOR
+/// inside. A ticket that parses must print and parse back to itself.
+pub fn ticket_parse(data: &[u8]) {
+    use crate::ticket::{Ticket, TICKET_PREFIX};
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = Ticket::parse(text);
+    }
+    if let Ok(ticket) = Ticket::from_cbor(data) {
+        if let Ok(token) = ticket.to_token() {
+            assert!(Ticket::parse(&token).is_ok_and(|again| again == ticket));
+        }
+    }
+    let mut text = String::from(TICKET_PREFIX);
+    base64::Engine::encode_string(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        data,
+        &mut text,
+    );
+    let _ = Ticket::parse(&text);
+}

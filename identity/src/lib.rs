@@ -15,13 +15,20 @@
 //! - [`transport`]: the established channel: encrypts and decrypts frames with
 //!   explicit, strictly sequential nonces.
 //! - [`wire`]: the typed messages carried inside those channels (CBOR).
+//! - The trust lifecycle: [`credential`] (an authority's signed, short-lived
+//!   statement of a member's attributes, and its verification), [`ticket`]
+//!   (one-line enrollment tickets), [`authority`] (members, tickets,
+//!   revocations and issuance over a pluggable store) and [`sealed`]
+//!   (encryption of secret keys at rest, used by [`keyfile`]).
 //!
-//! It does no I/O of its own beyond reading and writing key files: callers
-//! feed it bytes and a clock, and send what it returns. It knows nothing of
-//! relays, services or policies.
+//! It does no I/O of its own beyond reading and writing key files and the
+//! authority's embedded database: callers feed it bytes and a clock, and send
+//! what it returns. It knows nothing of relays, services or policies.
 #![forbid(unsafe_code)]
 
 pub mod attributes;
+pub mod authority;
+pub mod credential;
 mod error;
 pub mod frame;
 pub mod fuzzing;
@@ -30,10 +37,16 @@ mod identifier;
 mod identity;
 pub mod keyfile;
 pub mod link;
+pub mod sealed;
+pub mod ticket;
 pub mod transport;
 pub mod wire;
 
 pub use attributes::{AttrValue, Attributes};
+pub use credential::{
+    CredentialError, CredentialId, Kind, SignedCredential, TrustedAuthorities, VerifiedCredential,
+};
 pub use error::{ChannelError, IdentityError};
 pub use identifier::Identifier;
 pub use identity::{Identity, PublicIdentity};
+pub use ticket::{Ticket, TicketError};
