@@ -206,7 +206,7 @@ async fn hostile_input_to_the_relay_ends_only_that_connection() -> Result<()> {
         "(a TLS ClientHello)",
         "zero-length frame",
         "hop handshake failed",
-        "attach failed",
+        "data connection handshake failed",
         "exceeds the limit of 16384 bytes",
     ] {
         relay

@@ -22,8 +22,9 @@ fn example_binary() -> PathBuf {
         .unwrap()
         .join("examples")
         .join("embedded_outlet");
-    if !path.exists() {
-        // `cargo test --test embedded_example` alone does not build examples.
+    // Always (re)build: `cargo test` compiles examples only as test
+    // harnesses, so an existing binary may be stale. Up to date, this is quick.
+    {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
             .args(["build", "--example", "embedded_outlet"])

@@ -209,7 +209,7 @@ fn regenerate_corpus() {
         &wire::encode(&Attach {
             version: PROTOCOL_VERSION,
             side: Side::Inlet,
-            token: token.clone(),
+            token,
         })
         .unwrap(),
     );
@@ -253,15 +253,6 @@ fn regenerate_corpus() {
     let (_, msg1) = Initiator::start(&party, ChannelKind::Hop).unwrap();
     write("handshake_message", "seed-xx-msg1", &msg1);
     let relay = local();
-    let (_, ik1) = AttachInitiator::start(
-        &party,
-        relay.static_public(),
-        &Attach {
-            version: PROTOCOL_VERSION,
-            side: Side::Outlet,
-            token,
-        },
-    )
-    .unwrap();
+    let (_, ik1) = AttachInitiator::start(&party, relay.static_public(), true).unwrap();
     write("handshake_message", "seed-ik-msg1", &ik1);
 }

@@ -7,7 +7,7 @@
 
 use crate::frame;
 use crate::handshake::{verify_proof, AttachResponder, ChannelKind, LocalParty, Responder};
-use crate::wire::{self, Attach, AttachReply, CloseReason, Control, DataFrame, Hello};
+use crate::wire::{self, Attach, AttachHello, AttachReply, CloseReason, Control, DataFrame, Hello};
 
 /// Frame length parsing with several caller bounds.
 pub fn frame_decode(data: &[u8]) {
@@ -35,6 +35,7 @@ pub fn data_frame(data: &[u8]) {
     let _ = wire::decode::<CloseReason>(data);
     let _ = wire::decode::<Hello>(data);
     let _ = wire::decode::<Attach>(data);
+    let _ = wire::decode::<AttachHello>(data);
     let _ = wire::decode::<AttachReply>(data);
 }
 

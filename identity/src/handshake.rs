@@ -25,7 +25,9 @@ use snow::{Builder, HandshakeState};
 use zeroize::Zeroizing;
 
 use crate::transport::Transport;
-use crate::wire::{self, Attach, AttachReply, Hello, PROTOCOL_VERSION};
+#[cfg(doc)]
+use crate::wire::Attach;
+use crate::wire::{self, AttachHello, AttachReply, Hello, PROTOCOL_VERSION};
 use crate::{ChannelError, Identity, PublicIdentity};
 
 /// Noise protocol of every identity-bound channel.
@@ -316,7 +318,13 @@ impl ResponderSent {
     }
 }
 
-/// IK initiator attaching a data connection at the relay.
+/// IK initiator opening a data connection at the relay.
+///
+/// The handshake authenticates both ends (the node knows the relay's static
+/// key from its hop channel; the relay learns the node's). It carries no
+/// tunnel yet: a node dials these connections ahead of need and keeps them
+/// warm, then names the tunnel in one [`Attach`] frame sent over the
+/// resulting [`Transport`] when a token arrives.
 #[derive(Debug)]
 pub struct AttachInitiator {
     hs: HandshakeState,
@@ -325,36 +333,35 @@ pub struct AttachInitiator {
 const ATTACH_PROLOGUE: ChannelKind = ChannelKind::Attach;
 
 impl AttachInitiator {
-    /// Writes message 1: our static key and the encrypted attach request, to
-    /// the relay whose static key the hop channel authenticated.
+    /// Writes message 1: our static key and the protocol version, to the
+    /// relay whose static key the hop channel authenticated.
     pub fn start(
         local: &LocalParty,
         relay_static: &[u8; 32],
-        attach: &Attach,
+        spare: bool,
     ) -> Result<(Self, Vec<u8>), ChannelError> {
         let mut hs = local
             .builder(IK_PROTOCOL, ATTACH_PROLOGUE)?
             .remote_public_key(relay_static)
             .and_then(|b| b.build_initiator())
             .map_err(|e| ChannelError::Internal(format!("Noise IK initiator: {e}")))?;
-        let msg1 = write(&mut hs, &wire::encode(attach)?)?;
+        let hello = AttachHello {
+            version: PROTOCOL_VERSION,
+            spare,
+        };
+        let msg1 = write(&mut hs, &wire::encode(&hello)?)?;
         Ok((AttachInitiator { hs }, msg1))
     }
 
-    /// Reads the relay's answer.
-    pub fn handle_reply(mut self, msg2: &[u8]) -> Result<AttachReply, ChannelError> {
+    /// Reads the relay's answer: the established channel, or the relay's
+    /// reason for refusing it.
+    pub fn handle_reply(mut self, msg2: &[u8]) -> Result<Result<Transport, String>, ChannelError> {
         let payload = read(&mut self.hs, msg2)?;
-        wire::decode(&payload)
+        match wire::decode::<AttachReply>(&payload)? {
+            AttachReply::Accepted => Ok(Ok(Transport::from_handshake(self.hs)?)),
+            AttachReply::Refused { reason } => Ok(Err(reason)),
+        }
     }
-}
-
-/// What the relay learns from an attach request.
-#[derive(Debug)]
-pub struct AttachRequest {
-    /// The node's Noise static key, authenticated by the IK handshake.
-    pub node_static: [u8; 32],
-    /// The request itself.
-    pub attach: Attach,
 }
 
 /// IK responder (the relay) after reading message 1.
@@ -364,43 +371,49 @@ pub struct AttachResponder {
 }
 
 impl AttachResponder {
-    /// Reads an attach request.
+    /// Reads message 1; returns the node's Noise static key, authenticated
+    /// by the handshake, and its hello.
     pub fn handle_request(
         local: &LocalParty,
         msg1: &[u8],
-    ) -> Result<(Self, AttachRequest), ChannelError> {
+    ) -> Result<(Self, [u8; 32], AttachHello), ChannelError> {
         let mut hs = local
             .builder(IK_PROTOCOL, ATTACH_PROLOGUE)?
             .build_responder()
             .map_err(|e| ChannelError::Internal(format!("Noise IK responder: {e}")))?;
         let payload = read(&mut hs, msg1)?;
         let node_static = remote_static(&hs)?;
-        let attach: Attach = wire::decode(&payload)?;
-        if attach.version != PROTOCOL_VERSION {
+        let hello: AttachHello = wire::decode(&payload)?;
+        if hello.version != PROTOCOL_VERSION {
             return Err(ChannelError::BadMessage(format!(
-                "attach request version {} is not {PROTOCOL_VERSION}",
-                attach.version
+                "data connection version {} is not {PROTOCOL_VERSION}",
+                hello.version
             )));
         }
-        Ok((
-            AttachResponder { hs },
-            AttachRequest {
-                node_static,
-                attach,
-            },
-        ))
+        Ok((AttachResponder { hs }, node_static, hello))
     }
 
-    /// Writes message 2 with the verdict.
-    pub fn reply(mut self, reply: &AttachReply) -> Result<Vec<u8>, ChannelError> {
-        write(&mut self.hs, &wire::encode(reply)?)
+    /// Accepts: writes message 2 and returns the established channel.
+    pub fn accept(mut self) -> Result<(Vec<u8>, Transport), ChannelError> {
+        let msg2 = write(&mut self.hs, &wire::encode(&AttachReply::Accepted)?)?;
+        Ok((msg2, Transport::from_handshake(self.hs)?))
+    }
+
+    /// Refuses: writes message 2 carrying the reason.
+    pub fn refuse(mut self, reason: &str) -> Result<Vec<u8>, ChannelError> {
+        write(
+            &mut self.hs,
+            &wire::encode(&AttachReply::Refused {
+                reason: reason.to_owned(),
+            })?,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{DataFrame, Side, TunnelToken};
+    use crate::wire::{Attach, DataFrame, Side, TunnelToken};
 
     fn party() -> LocalParty {
         LocalParty::new(Identity::generate()).unwrap()
@@ -628,25 +641,48 @@ mod tests {
     }
 
     #[test]
-    fn attach_round_trip_and_wrong_relay_key() {
+    fn attach_round_trip_refusal_and_wrong_relay_key() {
         let (node, relay) = (party(), party());
+        let (init, m1) = AttachInitiator::start(&node, relay.static_public(), true).unwrap();
+        let (resp, node_static, hello) = AttachResponder::handle_request(&relay, &m1).unwrap();
+        assert!(hello.spare);
+        assert_eq!(&node_static, node.static_public());
+        let (m2, relay_side) = resp.accept().unwrap();
+        let node_side = init.handle_reply(&m2).unwrap().unwrap();
+        // The token travels in a transport frame, never in the clear.
         let attach = Attach {
             version: PROTOCOL_VERSION,
             side: Side::Inlet,
             token: TunnelToken::random(),
         };
-        let (init, m1) = AttachInitiator::start(&node, relay.static_public(), &attach).unwrap();
-        let (resp, req) = AttachResponder::handle_request(&relay, &m1).unwrap();
-        assert_eq!(&req.node_static, node.static_public());
-        assert_eq!(req.attach.token.id, attach.token.id);
-        let m2 = resp.reply(&AttachReply::Accepted).unwrap();
-        assert_eq!(init.handle_reply(&m2).unwrap(), AttachReply::Accepted);
+        let (mut tx, _) = node_side.split();
+        let (_, mut rx) = relay_side.split();
+        let mut framed = Vec::new();
+        tx.seal(&wire::encode(&attach).unwrap(), &mut framed)
+            .unwrap();
+        assert!(!framed.windows(32).any(|w| w == attach.token.secret));
+        let mut out = vec![0u8; 1024];
+        let n = rx.open(&framed[2..], &mut out).unwrap();
+        let got: Attach = wire::decode(&out[..n]).unwrap();
+        assert_eq!(got.token.id, attach.token.id);
+        // A refusal carries its reason.
+        let (init, m1) = AttachInitiator::start(&node, relay.static_public(), true).unwrap();
+        let (resp, _, _) = AttachResponder::handle_request(&relay, &m1).unwrap();
+        let m2 = resp.refuse("too many").unwrap();
+        assert_eq!(
+            init.handle_reply(&m2).unwrap().err().as_deref(),
+            Some("too many")
+        );
         // Encrypted to another relay key: the real relay cannot read it.
         let impostor = party();
-        let (_i, m1) = AttachInitiator::start(&node, impostor.static_public(), &attach).unwrap();
+        let (_i, m1) = AttachInitiator::start(&node, impostor.static_public(), false).unwrap();
         assert!(AttachResponder::handle_request(&relay, &m1).is_err());
-        // The token never appears in the clear.
-        let (_i, m1) = AttachInitiator::start(&node, relay.static_public(), &attach).unwrap();
-        assert!(!m1.windows(32).any(|w| w == attach.token.secret));
+        // A tampered reply fails.
+        let (init, m1) = AttachInitiator::start(&node, relay.static_public(), true).unwrap();
+        let (resp, _, _) = AttachResponder::handle_request(&relay, &m1).unwrap();
+        let (mut m2, _) = resp.accept().unwrap();
+        let last = m2.len() - 1;
+        m2[last] ^= 1;
+        assert!(init.handle_reply(&m2).is_err());
     }
 }

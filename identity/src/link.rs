@@ -188,23 +188,46 @@ where
     Ok(sent.handle_finish(msg3)?)
 }
 
-/// Attaches a data connection at the relay (IK handshake) and returns the
-/// relay's verdict.
-pub async fn attach<R, W>(
+/// Authenticates a fresh data connection with the relay (IK handshake).
+/// Returns the established channel, or the relay's reason for refusing it.
+pub async fn attach_handshake<R, W>(
     reader: &mut FramedReader<R>,
     writer: &mut W,
     local: &LocalParty,
     relay_static: &[u8; 32],
+    spare: bool,
+) -> Result<Result<Transport, String>, LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (init, msg1) = AttachInitiator::start(local, relay_static, spare)?;
+    write_frame(writer, &msg1).await?;
+    let msg2 = reader.next_frame(MAX_NOISE_MESSAGE).await?;
+    Ok(init.handle_reply(msg2)?)
+}
+
+/// Joins an authenticated data connection to the tunnel of `request.token`:
+/// one frame each way over the attach channel. After an accepted reply the
+/// connection carries the end-to-end channel, spliced by the relay.
+pub async fn attach_request<R, W>(
+    reader: &mut FramedReader<R>,
+    writer: &mut W,
+    transport: Transport,
     request: &Attach,
 ) -> Result<AttachReply, LinkError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (init, msg1) = AttachInitiator::start(local, relay_static, request)?;
-    write_frame(writer, &msg1).await?;
-    let msg2 = reader.next_frame(MAX_NOISE_MESSAGE).await?;
-    Ok(init.handle_reply(msg2)?)
+    let (mut sealer, mut opener) = transport.split();
+    let mut out = Vec::new();
+    sealer.seal(&wire::encode(request)?, &mut out)?;
+    writer.write_all(&out).await?;
+    let body = reader.next_frame(MAX_CONTROL_FRAME).await?;
+    let mut plain = vec![0u8; body.len()];
+    let n = opener.open(body, &mut plain)?;
+    Ok(wire::decode(&plain[..n])?)
 }
 
 /// Writes a raw handshake message as one frame (for responders driving the

@@ -3,8 +3,8 @@
 //! - [`Control`]: messages on a node's hop channel to the relay.
 //! - [`Hello`]: what each side of a handshake says about itself (inside the
 //!   encrypted handshake payload, next to its identity proof).
-//! - [`Attach`]/[`AttachReply`]: the payloads of the `IK` handshake with
-//!   which a node attaches a fresh data connection to a tunnel at the relay.
+//! - [`AttachHello`]/[`Attach`]/[`AttachReply`]: a data connection's `IK`
+//!   handshake with the relay, and the frame naming the tunnel it joins.
 //! - [`DataFrame`]: the plaintext of each end-to-end transport frame.
 //!
 //! All structured messages are CBOR (`cbor4ii` + serde). Decoders are plain
@@ -223,7 +223,19 @@ pub enum Side {
     Outlet,
 }
 
-/// Payload of the `IK` attach handshake's first message.
+/// Payload of the `IK` handshake's first message on a data connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachHello {
+    /// Protocol version.
+    pub version: u16,
+    /// Dialled ahead of need (may wait long for its tunnel; the relay limits
+    /// how many each node keeps) rather than for a tunnel at hand (must
+    /// join within the handshake timeout).
+    pub spare: bool,
+}
+
+/// First transport frame on a data connection: which tunnel it joins. Sent
+/// when the token arrives, possibly long after the connection was dialled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attach {
     /// Message version.
@@ -234,7 +246,8 @@ pub struct Attach {
     pub token: TunnelToken,
 }
 
-/// Payload of the `IK` attach handshake's second message.
+/// Payload of the `IK` handshake's second message (is the data connection
+/// accepted?) and the relay's answer to an [`Attach`] frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AttachReply {
     /// Attached: the stream is now spliced to the other end (or will be when

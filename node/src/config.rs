@@ -82,6 +82,13 @@ pub struct Timeouts {
     pub reconnect_min: Duration,
     /// Longest reconnection delay.
     pub reconnect_max: Duration,
+    /// Authenticated data connections kept dialled ahead of need, so that a
+    /// new tunnel skips the TCP and Noise handshakes with the relay (0: dial
+    /// each one when needed).
+    pub spare_connections: usize,
+    /// A spare data connection older than this is replaced (the relay closes
+    /// idle ones after 120 s by default).
+    pub spare_max_age: Duration,
 }
 
 impl Default for Timeouts {
@@ -95,6 +102,8 @@ impl Default for Timeouts {
             // Short enough that a restarted relay sees its outlets again
             // within a few seconds; jitter spreads the reconnections.
             reconnect_max: Duration::from_secs(2),
+            spare_connections: 2,
+            spare_max_age: Duration::from_secs(90),
         }
     }
 }

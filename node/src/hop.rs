@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postern_identity::handshake::{ChannelKind, LocalParty};
 use postern_identity::link::{
     self, ControlReceiver, ControlSender, FramedReader, LinkError, CONTROL_READ_BUFFER,
     DATA_READ_BUFFER,
 };
+use postern_identity::transport::Transport;
 use postern_identity::wire::{
     Attach, AttachReply, Control, Hello, ServiceName, Side, TunnelToken, PREAMBLE_ATTACH,
     PREAMBLE_HOP, PROTOCOL_VERSION,
@@ -21,7 +22,7 @@ use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -48,6 +49,26 @@ pub(crate) struct Hop {
     /// Cancelled when the channel ends, for whatever reason.
     pub closed: CancellationToken,
     end_reason: Mutex<Option<String>>,
+    /// Data connections dialled ahead of need.
+    spares: Mutex<Vec<Spare>>,
+    /// Wakes the task that keeps `spares` full.
+    refill: Notify,
+}
+
+type DataConnection = (FramedReader<OwnedReadHalf>, OwnedWriteHalf);
+
+/// An authenticated data connection not yet joined to a tunnel.
+struct Spare {
+    reader: FramedReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    transport: Transport,
+    born: Instant,
+}
+
+impl std::fmt::Debug for Spare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spare").field("born", &self.born).finish()
+    }
 }
 
 pub(crate) fn tune(stream: &TcpStream) {
@@ -85,7 +106,7 @@ async fn dial(
 /// shared channel, the stream of pushed events, and runs the channel's driver
 /// in a background task until `stop` or failure.
 pub(crate) async fn connect(
-    local: &LocalParty,
+    local: &Arc<LocalParty>,
     relay: &RelayEndpoint,
     timeouts: &Timeouts,
     stop: &CancellationToken,
@@ -141,6 +162,8 @@ pub(crate) async fn connect(
         next_request: AtomicU64::new(1),
         closed: stop.child_token(),
         end_reason: Mutex::new(None),
+        spares: Mutex::new(Vec::new()),
+        refill: Notify::new(),
     });
     let driver = Driver {
         hop: Arc::clone(&hop),
@@ -151,6 +174,13 @@ pub(crate) async fn connect(
         timeouts: timeouts.clone(),
     };
     tokio::spawn(driver.run());
+    if timeouts.spare_connections > 0 {
+        tokio::spawn(keep_spares(
+            Arc::clone(&hop),
+            Arc::clone(local),
+            timeouts.clone(),
+        ));
+    }
     Ok((hop, events))
 }
 
@@ -317,35 +347,143 @@ impl Hop {
         }
     }
 
-    /// Dials a data connection and attaches it to the tunnel of `token`.
+    /// Dials a data connection and authenticates it with the relay.
+    async fn dial_data(
+        &self,
+        local: &LocalParty,
+        timeouts: &Timeouts,
+        spare: bool,
+    ) -> Result<Spare, NodeError> {
+        let stream = dial(&self.relay, timeouts, &PREAMBLE_ATTACH).await?;
+        let (rd, mut writer) = stream.into_split();
+        let mut reader = FramedReader::new(rd, DATA_READ_BUFFER);
+        let handshake =
+            link::attach_handshake(&mut reader, &mut writer, local, &self.relay_static, spare);
+        let answer = link::within(timeouts.handshake, "data connection handshake", handshake)
+            .await
+            .map_err(|source| NodeError::RelayHandshake {
+                address: self.relay.address.clone(),
+                source,
+            })?;
+        match answer {
+            Ok(transport) => Ok(Spare {
+                reader,
+                writer,
+                transport,
+                born: Instant::now(),
+            }),
+            Err(reason) => Err(NodeError::AttachRefused(reason)),
+        }
+    }
+
+    /// A fresh spare, if one is ready; asks for a replacement.
+    fn take_spare(&self, max_age: Duration) -> Option<Spare> {
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        spares.retain(|s| s.born.elapsed() < max_age);
+        let spare = spares.pop();
+        drop(spares);
+        self.refill.notify_one();
+        spare
+    }
+
+    /// Joins a data connection to the tunnel of `token`: a spare one if
+    /// ready, else one dialled now.
     pub async fn attach(
         &self,
         local: &LocalParty,
         timeouts: &Timeouts,
         side: Side,
         token: TunnelToken,
-    ) -> Result<(FramedReader<OwnedReadHalf>, OwnedWriteHalf), NodeError> {
-        let stream = dial(&self.relay, timeouts, &PREAMBLE_ATTACH).await?;
-        let (rd, mut wr) = stream.into_split();
-        let mut reader = FramedReader::new(rd, DATA_READ_BUFFER);
+    ) -> Result<DataConnection, NodeError> {
         let request = Attach {
             version: PROTOCOL_VERSION,
             side,
             token,
         };
-        let reply = link::within(
-            timeouts.handshake,
-            "attach handshake",
-            link::attach(&mut reader, &mut wr, local, &self.relay_static, &request),
-        )
-        .await
-        .map_err(|source| NodeError::RelayHandshake {
-            address: self.relay.address.clone(),
-            source,
-        })?;
-        match reply {
-            AttachReply::Accepted => Ok((reader, wr)),
-            AttachReply::Refused { reason } => Err(NodeError::AttachRefused(reason)),
+        let mut spare = self.take_spare(timeouts.spare_max_age);
+        loop {
+            let from_pool = spare.is_some();
+            let Spare {
+                mut reader,
+                mut writer,
+                transport,
+                ..
+            } = match spare.take() {
+                Some(spare) => spare,
+                None => self.dial_data(local, timeouts, false).await?,
+            };
+            let joined = link::within(
+                timeouts.handshake,
+                "attach",
+                link::attach_request(&mut reader, &mut writer, transport, &request),
+            )
+            .await;
+            match joined {
+                Ok(AttachReply::Accepted) => return Ok((reader, writer)),
+                Ok(AttachReply::Refused { reason }) => {
+                    return Err(NodeError::AttachRefused(reason))
+                }
+                // A spare the relay dropped meanwhile: dial a fresh one.
+                Err(e) if from_pool => {
+                    debug!(error = %e, "spare data connection was stale; dialling a new one");
+                }
+                Err(source) => {
+                    return Err(NodeError::RelayHandshake {
+                        address: self.relay.address.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `timeouts.spare_connections` authenticated data connections ready
+/// while the hop channel lives, replacing those that grow old.
+async fn keep_spares(hop: Arc<Hop>, local: Arc<LocalParty>, timeouts: Timeouts) {
+    let mut backoff = Backoff::new(&timeouts);
+    loop {
+        let (missing, oldest) = {
+            let mut spares = hop.spares.lock().unwrap_or_else(|p| p.into_inner());
+            spares.retain(|s| s.born.elapsed() < timeouts.spare_max_age);
+            let oldest = spares.iter().map(|s| s.born).min();
+            (
+                timeouts.spare_connections.saturating_sub(spares.len()),
+                oldest,
+            )
+        };
+        if missing > 0 {
+            let dialled = tokio::select! {
+                () = hop.closed.cancelled() => return,
+                dialled = hop.dial_data(&local, &timeouts, true) => dialled,
+            };
+            match dialled {
+                Ok(spare) => {
+                    backoff.reset();
+                    hop.spares
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(spare);
+                }
+                Err(e) => {
+                    debug!(error = %e, "could not dial a spare data connection");
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        () = hop.closed.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+            continue;
+        }
+        let renew_at = oldest.map_or_else(
+            || Instant::now() + timeouts.spare_max_age,
+            |born| born + timeouts.spare_max_age,
+        );
+        tokio::select! {
+            () = hop.closed.cancelled() => return,
+            () = hop.refill.notified() => {}
+            () = tokio::time::sleep_until(renew_at.into()) => {}
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::{InletConfig, NodeError, NodeHandle, NodeStatus};
 pub struct Inlet;
 
 struct Shared {
-    local: LocalParty,
+    local: Arc<LocalParty>,
     config: InletConfig,
     /// The current hop channel, if connected.
     hop: watch::Sender<Option<Arc<Hop>>>,
@@ -60,7 +60,7 @@ impl Inlet {
         })?;
         let (status_tx, status) = watch::channel(NodeStatus::Connecting);
         let shared = Arc::new(Shared {
-            local: LocalParty::new(identity)?,
+            local: Arc::new(LocalParty::new(identity)?),
             config,
             hop: watch::channel(None).0,
             status: status_tx,
@@ -292,7 +292,7 @@ pub struct CheckReport {
 /// decision, target).
 pub async fn check(identity: Identity, config: &InletConfig) -> Result<CheckReport, NodeError> {
     let started = Instant::now();
-    let local = LocalParty::new(identity)?;
+    let local = Arc::new(LocalParty::new(identity)?);
     let stop = CancellationToken::new();
     let (hop, _events) = hop::connect(&local, &config.relay, &config.timeouts, &stop).await?;
     let shared = Shared {

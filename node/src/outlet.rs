@@ -26,7 +26,7 @@ use crate::{NodeError, NodeHandle, NodeStatus, OutletConfig, Target};
 pub struct Outlet;
 
 struct Shared {
-    local: LocalParty,
+    local: Arc<LocalParty>,
     config: OutletConfig,
 }
 
@@ -39,7 +39,7 @@ impl Outlet {
             warn!(service = %config.service, "the allow list is empty: this outlet admits nobody (default deny); add --allow <identifier>");
         }
         let shared = Arc::new(Shared {
-            local: LocalParty::new(identity)?,
+            local: Arc::new(LocalParty::new(identity)?),
             config,
         });
         let stop = CancellationToken::new();

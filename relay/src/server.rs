@@ -9,7 +9,7 @@ use postern_identity::link::{
     self, ControlReceiver, ControlSender, FramedReader, LinkError, CONTROL_READ_BUFFER,
 };
 use postern_identity::wire::{
-    AttachReply, Control, Hello, PREAMBLE_ATTACH, PREAMBLE_HOP, PREAMBLE_LEN,
+    Attach, AttachReply, Control, Hello, PREAMBLE_ATTACH, PREAMBLE_HOP, PREAMBLE_LEN,
 };
 use postern_identity::{Identifier, Identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,6 +39,11 @@ pub struct RelayConfig {
     pub max_pending_handshakes: usize,
     /// Buffer size of each direction of a splice.
     pub splice_buffer: usize,
+    /// Most authenticated data connections one node may keep waiting for a
+    /// tunnel (nodes dial a few ahead of need to cut tunnel set-up time).
+    pub max_spares_per_node: usize,
+    /// A data connection that joins no tunnel for this long is closed.
+    pub spare_idle_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -52,6 +57,8 @@ impl RelayConfig {
             max_connections: 20_000,
             max_pending_handshakes: 1_024,
             splice_buffer: 64 * 1024,
+            max_spares_per_node: 8,
+            spare_idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -83,6 +90,8 @@ struct State {
     registry: Registry<oneshot::Sender<Arrival>>,
     sessions: HashMap<SessionId, mpsc::Sender<Control>>,
     next_session: u64,
+    /// Authenticated data connections waiting for a tunnel, per node key.
+    spares: HashMap<[u8; 32], usize>,
 }
 
 struct Shared {
@@ -135,6 +144,7 @@ impl Relay {
                 registry: Registry::new(relay_id, config.token_ttl),
                 sessions: HashMap::new(),
                 next_session: 1,
+                spares: HashMap::new(),
             }),
             local,
             config,
@@ -423,6 +433,42 @@ fn handle_control(
     }
 }
 
+/// Counts one node's spare data connections; the count drops with the guard.
+struct SpareGuard<'a> {
+    shared: &'a Shared,
+    node_static: [u8; 32],
+}
+
+impl<'a> SpareGuard<'a> {
+    fn take(shared: &'a Shared, node_static: [u8; 32]) -> Option<Self> {
+        let mut state = shared.state();
+        let count = state.spares.entry(node_static).or_insert(0);
+        if *count >= shared.config.max_spares_per_node {
+            return None;
+        }
+        *count += 1;
+        Some(SpareGuard {
+            shared,
+            node_static,
+        })
+    }
+}
+
+impl Drop for SpareGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.shared.state();
+        if let Some(count) = state.spares.get_mut(&self.node_static) {
+            *count -= 1;
+            if *count == 0 {
+                state.spares.remove(&self.node_static);
+            }
+        }
+    }
+}
+
+/// A data connection: IK handshake (bounded by the handshake timeout), then
+/// a wait (bounded by the spare idle timeout) for the one frame that names
+/// its tunnel, then the splice.
 async fn attach(
     shared: &Shared,
     mut stream: TcpStream,
@@ -434,15 +480,65 @@ async fn attach(
     let outcome = {
         let (rd, mut wr) = stream.split();
         let mut reader = FramedReader::new(rd, CONTROL_READ_BUFFER);
-        let steps = async {
+        let handshake = async {
             let msg1 = reader
                 .next_frame(postern_identity::frame::MAX_NOISE_MESSAGE)
                 .await?;
-            let (responder, request) = AttachResponder::handle_request(&shared.local, msg1)?;
+            let (responder, node_static, hello) =
+                AttachResponder::handle_request(&shared.local, msg1)?;
+            let guard = if hello.spare {
+                SpareGuard::take(shared, node_static).map(Some)
+            } else {
+                Some(None)
+            };
+            let Some(guard) = guard else {
+                let reason = format!(
+                    "this node already has {} idle data connections at the relay",
+                    shared.config.max_spares_per_node
+                );
+                link::send_raw(&mut wr, &responder.refuse(&reason)?).await?;
+                return Err(LinkError::Channel(
+                    postern_identity::ChannelError::BadMessage(reason),
+                ));
+            };
+            let (msg2, transport) = responder.accept()?;
+            link::send_raw(&mut wr, &msg2).await?;
+            Ok::<_, LinkError>((node_static, guard, transport))
+        };
+        let (node_static, guard, transport) = match link::within(
+            shared.config.handshake_timeout,
+            "attach handshake",
+            handshake,
+        )
+        .await
+        {
+            Ok(ok) => ok,
+            Err(e) => {
+                warn!(%peer_addr, error = %e, "data connection handshake failed; closing");
+                return;
+            }
+        };
+        drop(handshake_permit);
+        let (mut sealer, mut opener) = transport.split();
+        let join = async {
+            let body = reader
+                .next_frame(postern_identity::link::MAX_CONTROL_FRAME)
+                .await?;
+            let mut plain = vec![0u8; body.len()];
+            let n = opener.open(body, &mut plain)?;
+            let request: Attach = postern_identity::wire::decode(&plain[..n])?;
+            if request.version != postern_identity::wire::PROTOCOL_VERSION {
+                return Err(LinkError::Channel(
+                    postern_identity::ChannelError::BadMessage(format!(
+                        "attach version {} is not supported",
+                        request.version
+                    )),
+                ));
+            }
             let claimed = shared.state().registry.claim(
-                &request.attach.token,
-                request.attach.side,
-                &request.node_static,
+                &request.token,
+                request.side,
+                &node_static,
                 tx,
                 Instant::now(),
             );
@@ -452,18 +548,37 @@ async fn attach(
                     reason: e.to_string(),
                 },
             };
-            link::send_raw(&mut wr, &responder.reply(&reply)?).await?;
-            Ok::<_, LinkError>((claimed, request.attach.side))
+            let mut out = Vec::new();
+            sealer.seal(&postern_identity::wire::encode(&reply)?, &mut out)?;
+            wr.write_all(&out).await?;
+            Ok::<_, LinkError>((claimed, request.side))
         };
-        match link::within(shared.config.handshake_timeout, "attach handshake", steps).await {
-            Ok((claimed, side)) => claimed.map(|c| (c, side, reader.into_parts().1)),
-            Err(e) => {
-                warn!(%peer_addr, error = %e, "attach failed; closing");
+        let idle = if guard.is_some() {
+            shared.config.spare_idle_timeout
+        } else {
+            shared.config.handshake_timeout
+        };
+        let joined = tokio::select! {
+            () = shutdown.cancelled() => return,
+            joined = tokio::time::timeout(idle, join) => joined,
+        };
+        drop(guard);
+        match joined {
+            Ok(Ok((claimed, side))) => claimed.map(|c| (c, side, reader.into_parts().1)),
+            Ok(Err(LinkError::Closed)) => {
+                debug!(%peer_addr, "spare data connection closed by the node");
+                return;
+            }
+            Ok(Err(e)) => {
+                warn!(%peer_addr, error = %e, "data connection failed before joining a tunnel; closing");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer_addr, "spare data connection idle for {idle:?}; closing");
                 return;
             }
         }
     };
-    drop(handshake_permit);
     let (claim, side, leftover) = match outcome {
         Ok(ok) => ok,
         Err(e) => {
