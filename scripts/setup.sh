@@ -8,6 +8,11 @@
 #   - runuser (util-linux): tests run as root start PostgreSQL as `postgres`
 #   - ip (iproute2) and nft (nftables) or iptables, for the network-namespace
 #     tests; ps/pkill (procps)
+#   - Node.js and npm (packages nodejs, npm; the machine image usually has a
+#     newer Node.js already), then the npm packages of tests/oidc-provider
+#     (`npm ci` there: the `oidc-provider` package that tests/oidc.rs runs as
+#     a real OpenID Connect provider). Redone only when node_modules is
+#     missing or older than package.json / package-lock.json.
 #
 # Idempotent and quiet: prints nothing when everything is already there,
 # otherwise one line per step. Needs root only when something is missing;
@@ -23,6 +28,40 @@ die() {
 }
 
 have() { command -v "$1" >/dev/null 2>&1; }
+
+# The npm project of the test OpenID Connect provider (tests/support/oidc.rs).
+oidc_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/oidc-provider"
+
+# Installs (or refreshes) tests/oidc-provider/node_modules with npm. Needs no
+# root. Quiet when it is already up to date.
+npm_deps() {
+    [ -f "$oidc_dir/package.json" ] || return 0
+    { have node && have npm; } || die "node and npm are needed for tests/oidc-provider; install Node.js >= 20 with npm"
+    local stamp="$oidc_dir/node_modules/.postern-setup-stamp" f fresh=1
+    { [ -f "$stamp" ] && [ -d "$oidc_dir/node_modules/oidc-provider" ]; } || fresh=0
+    for f in "$oidc_dir/package.json" "$oidc_dir/package-lock.json"; do
+        if [ "$fresh" -eq 1 ] && [ -f "$f" ] && [ "$f" -nt "$stamp" ]; then
+            fresh=0
+        fi
+    done
+    [ "$fresh" -eq 0 ] || return 0
+    local major
+    major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+    if [ "$major" -lt 20 ]; then
+        die "Node.js $(node --version 2>/dev/null) is too old for tests/oidc-provider (oidc-provider needs >= 20): install a newer nodejs"
+    fi
+    local cmd=install npm_log
+    [ -f "$oidc_dir/package-lock.json" ] && cmd=ci
+    say "installing the test OIDC provider: npm $cmd in tests/oidc-provider"
+    npm_log=$(mktemp /tmp/postern-npm.XXXXXX.log)
+    if ! (cd "$oidc_dir" && npm "$cmd" --no-audit --no-fund --loglevel=error) >"$npm_log" 2>&1; then
+        cat "$npm_log" >&2
+        rm -f "$npm_log"
+        die "npm $cmd in $oidc_dir failed"
+    fi
+    rm -f "$npm_log"
+    touch "$stamp"
+}
 
 # Prints the newest /usr/lib/postgresql/<ver>/bin/<tool>, if any.
 pg_tool() {
@@ -80,8 +119,11 @@ have runuser || [ -x /usr/sbin/runuser ] || [ -x /sbin/runuser ] || need util-li
 have ip || need iproute2 "ip"
 have nft || have iptables || need nftables "nft (or iptables)"
 { have ps && have pkill; } || need procps "ps/pkill"
+have node || need nodejs "node, for the test OIDC provider"
+have npm || need npm "npm, for the test OIDC provider"
 
 if [ "${#missing[@]}" -eq 0 ]; then
+    npm_deps
     exit 0
 fi
 
@@ -165,10 +207,13 @@ have runuser || [ -x /usr/sbin/runuser ] || [ -x /sbin/runuser ] || problems+=("
 have ip || problems+=("ip (iproute2) not found")
 have nft || have iptables || problems+=("neither nft nor iptables found")
 have ps || problems+=("ps (procps) not found")
+have node || problems+=("node (nodejs) not found")
+have npm || problems+=("npm not found")
 
 if [ "${#problems[@]}" -gt 0 ]; then
     printf 'setup.sh: error: still missing after installation:\n' >&2
     printf '  - %s\n' "${problems[@]}" >&2
     exit 1
 fi
+npm_deps
 say "done: PostgreSQL $(pg_version) in $(dirname "$(pg_tool initdb)")"

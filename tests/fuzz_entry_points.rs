@@ -223,6 +223,7 @@ fn regenerate_corpus() {
         "seed-hello",
         &wire::encode(&Hello {
             service: Some("db".parse().unwrap()),
+            credential: None,
         })
         .unwrap(),
     );

@@ -422,6 +422,7 @@ mod tests {
     fn hello(service: &str) -> Hello {
         Hello {
             service: Some(service.parse().unwrap()),
+            credential: None,
         }
     }
 

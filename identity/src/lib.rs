@@ -37,6 +37,7 @@ mod identifier;
 mod identity;
 pub mod keyfile;
 pub mod link;
+pub mod oidc;
 pub mod sealed;
 pub mod ticket;
 pub mod transport;

@@ -212,6 +212,11 @@ pub struct Hello {
     /// request; the outlet's claim). `None` on hop channels.
     #[serde(default)]
     pub service: Option<ServiceName>,
+    /// The party's credential from an authority, if it has one. The receiver
+    /// verifies it against the authorities it trusts and the identity this
+    /// handshake authenticated; an invalid one ends the handshake.
+    #[serde(default)]
+    pub credential: Option<crate::credential::SignedCredential>,
 }
 
 /// Which end of a tunnel is attaching a data connection.

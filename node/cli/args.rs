@@ -3,11 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
-use postern_node::Target;
+use postern_node::{AttributeRule, RelayEndpoint, Target};
 
 /// Postern: a zero-trust tunnel for databases.
 ///
@@ -52,6 +53,15 @@ pub enum Command {
     Outlet(OutletArgs),
     /// Run an inlet on your machine: a loopback port leading to a service.
     Inlet(InletArgs),
+    /// Run or administer an authority: it vouches for identities with signed
+    /// credentials, issues enrollment tickets and publishes revocations.
+    Authority {
+        #[command(subcommand)]
+        command: crate::authority::AuthorityCommand,
+    },
+    /// Enroll this machine with a ticket from an authority's admin: creates
+    /// the identity if needed and stores the credential the authority issues.
+    Enroll(crate::authority::EnrollArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +102,93 @@ pub struct RelayArgs {
     /// Address to listen on. [default: 0.0.0.0:4000]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub limits: RelayLimitFlags,
+}
+
+/// The relay's limits (defaults are safe for the open internet).
+#[derive(Debug, Args)]
+pub struct RelayLimitFlags {
+    /// A connection not authenticated this long after connecting is cut
+    /// (e.g. 10s, 500ms). [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// Most connections (hop and data) at once. [default: 20000]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Most connections still authenticating at once. [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_pending_handshakes: Option<usize>,
+    /// Most connections still authenticating at once from one IPv4 address
+    /// or IPv6 /64. [default: 256]
+    #[arg(long, value_name = "N")]
+    pub max_pending_per_source: Option<usize>,
+    /// Most tunnels carried at once; further opens are refused. [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub max_tunnels: Option<usize>,
+}
+
+/// Failover, tunnel limits and lifecycle of an outlet or inlet.
+#[derive(Debug, Args)]
+pub struct NodeLifecycleFlags {
+    /// Another relay to use when the first is unreachable or its session
+    /// ends, as IDENTIFIER@HOST:PORT (repeatable; tried in order). Give
+    /// outlets and inlets of a service the same relays in the same order.
+    #[arg(long, value_name = "P…@HOST:PORT", value_parser = parse_relay_endpoint)]
+    pub fallback_relay: Vec<RelayEndpoint>,
+    /// Most tunnels at once; further ones are refused with a logged reason.
+    /// [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_tunnels: Option<usize>,
+    /// Close a tunnel that carried no data either way for this long
+    /// (e.g. 30m, 1h). [default: off; database sessions may idle for hours]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// On SIGTERM or Ctrl-C, stop taking new tunnels and let open ones run
+    /// this long before closing them (a second signal closes them at once).
+    /// [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_grace: Option<Duration>,
+}
+
+/// Parses `500ms`, `30s`, `5m`, `2h` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: use e.g. 500ms, 30s, 5m or 2h"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?}; use ms, s, m or h"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// Parses `IDENTIFIER@HOST:PORT` (a relay and the identity it must prove).
+pub fn parse_relay_endpoint(text: &str) -> Result<RelayEndpoint, String> {
+    let (identity, address) = text.split_once('@').ok_or_else(|| {
+        format!("{text:?} is not IDENTIFIER@HOST:PORT (e.g. P1a2b…@relay2.example:4000)")
+    })?;
+    let identity: Identifier = identity
+        .parse()
+        .map_err(|e| format!("{text:?}: bad relay identifier: {e}"))?;
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+            Ok(RelayEndpoint::new(address, identity))
+        }
+        _ => Err(format!("{text:?}: {address:?} is not HOST:PORT")),
+    }
 }
 
 /// How to reach the relay.
@@ -106,22 +203,44 @@ pub struct RelayFlags {
     pub relay_identity: Option<Identifier>,
 }
 
+/// Credentials: which authorities to trust, which credential to present.
+#[derive(Debug, Args)]
+pub struct TrustFlags {
+    /// An authority whose credentials this node accepts (repeatable). With
+    /// none, credentials are not consulted and only identifiers count.
+    #[arg(long, value_name = "P…")]
+    pub trust_authority: Vec<Identifier>,
+    /// Credential to present in every handshake (written by `postern enroll`).
+    /// [default: <home>/credentials/<identity>.cred, if it exists]
+    #[arg(long, value_name = "FILE")]
+    pub credential: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct OutletArgs {
     #[command(flatten)]
     pub common: Common,
     #[command(flatten)]
     pub relay: RelayFlags,
+    #[command(flatten)]
+    pub trust: TrustFlags,
+    #[command(flatten)]
+    pub lifecycle: NodeLifecycleFlags,
     /// Name to register the target under.
     #[arg(long, value_name = "NAME")]
     pub service: Option<ServiceName>,
     /// Where tunnels lead: host:port, or unix:/path/to/socket.
     #[arg(long, value_name = "HOST:PORT|unix:PATH")]
     pub target: Option<Target>,
-    /// An identifier allowed to connect (repeatable). Nobody else is admitted;
-    /// with no --allow at all, nobody is.
+    /// An identifier allowed to connect (repeatable), whatever its credentials.
+    /// With no --allow and no --allow-attr at all, nobody is admitted.
     #[arg(long, value_name = "P…")]
     pub allow: Vec<Identifier>,
+    /// Admit inlets whose credential (from a --trust-authority) carries this
+    /// attribute (repeatable: all must match), e.g. --allow-attr role=analyst.
+    /// For list attributes such as groups, the value must be one of the elements.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub allow_attr: Vec<AttributeRule>,
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +249,10 @@ pub struct InletArgs {
     pub common: Common,
     #[command(flatten)]
     pub relay: RelayFlags,
+    #[command(flatten)]
+    pub trust: TrustFlags,
+    #[command(flatten)]
+    pub lifecycle: NodeLifecycleFlags,
     /// Service to reach.
     #[arg(long, value_name = "NAME")]
     pub service: Option<ServiceName>,

@@ -1,18 +1,24 @@
 //! Merges flags with an optional TOML file into validated library configs.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use postern_identity::credential::SignedCredential;
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
-use postern_node::{InletConfig, OutletConfig, RelayEndpoint};
+use postern_node::{AttributeRule, InletConfig, OutletConfig, RelayEndpoint, Trust};
 use postern_policies::AllowList;
 use postern_relay::RelayConfig;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::args::{Common, InletArgs, OutletArgs, RelayArgs, RelayFlags};
+use crate::args::{
+    parse_duration, parse_relay_endpoint, Common, InletArgs, NodeLifecycleFlags, OutletArgs,
+    RelayArgs, RelayFlags, TrustFlags,
+};
 
 const DEFAULT_RELAY_LISTEN: &str = "0.0.0.0:4000";
 const DEFAULT_INLET_LISTEN: &str = "127.0.0.1:15432";
@@ -23,6 +29,11 @@ const DEFAULT_INLET_LISTEN: &str = "127.0.0.1:15432";
 pub struct RelayFile {
     identity: Option<String>,
     listen: Option<SocketAddr>,
+    handshake_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_pending_handshakes: Option<usize>,
+    max_pending_per_source: Option<usize>,
+    max_tunnels: Option<usize>,
 }
 
 /// `outlet` file keys.
@@ -36,6 +47,16 @@ pub struct OutletFile {
     target: Option<String>,
     #[serde(default)]
     allow: Vec<Identifier>,
+    #[serde(default)]
+    allow_attributes: Vec<String>,
+    #[serde(default)]
+    trust_authorities: Vec<Identifier>,
+    credential: Option<PathBuf>,
+    #[serde(default)]
+    fallback_relays: Vec<String>,
+    max_tunnels: Option<usize>,
+    idle_timeout: Option<String>,
+    drain_grace: Option<String>,
 }
 
 /// `inlet` file keys.
@@ -50,6 +71,74 @@ pub struct InletFile {
     outlet_identity: Option<Identifier>,
     #[serde(default)]
     dangerous_allow_non_loopback: bool,
+    #[serde(default)]
+    trust_authorities: Vec<Identifier>,
+    credential: Option<PathBuf>,
+    #[serde(default)]
+    fallback_relays: Vec<String>,
+    max_tunnels: Option<usize>,
+    idle_timeout: Option<String>,
+    drain_grace: Option<String>,
+}
+
+/// Failover, limit and lifecycle keys shared by the outlet and inlet files.
+struct LifecycleFile {
+    fallback_relays: Vec<String>,
+    max_tunnels: Option<usize>,
+    idle_timeout: Option<String>,
+    drain_grace: Option<String>,
+}
+
+/// What [`lifecycle`] resolved from flags and file.
+struct Lifecycle {
+    fallback_relays: Vec<RelayEndpoint>,
+    max_tunnels: usize,
+    idle_timeout: Option<Duration>,
+    drain_grace: Option<Duration>,
+}
+
+fn file_duration(key: &str, value: Option<String>) -> Result<Option<Duration>> {
+    value
+        .map(|v| parse_duration(&v).map_err(|e| anyhow!("config key `{key}`: {e}")))
+        .transpose()
+}
+
+/// Flags win over the file, key by key (a repeated flag replaces the list).
+fn lifecycle(flags: NodeLifecycleFlags, file: LifecycleFile) -> Result<Lifecycle> {
+    let fallback_relays = if flags.fallback_relay.is_empty() {
+        file.fallback_relays
+            .iter()
+            .map(|r| {
+                parse_relay_endpoint(r).map_err(|e| anyhow!("config key `fallback_relays`: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        flags.fallback_relay
+    };
+    let max_tunnels = flags
+        .max_tunnels
+        .or(file.max_tunnels)
+        .unwrap_or(postern_node::DEFAULT_MAX_TUNNELS);
+    if max_tunnels == 0 {
+        return Err(anyhow!(
+            "--max-tunnels (or `max_tunnels`) must be at least 1"
+        ));
+    }
+    let idle_timeout = match flags.idle_timeout {
+        Some(d) => Some(d),
+        None => file_duration("idle_timeout", file.idle_timeout)?,
+    }
+    .filter(|d| !d.is_zero());
+    let drain_grace = match flags.drain_grace {
+        Some(d) => Some(d),
+        None => file_duration("drain_grace", file.drain_grace)?,
+    };
+    Ok(Lifecycle {
+        fallback_relays,
+        max_tunnels,
+        idle_timeout,
+        drain_grace,
+    })
 }
 
 /// Reads a TOML config file of type `T`.
@@ -108,10 +197,94 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
             .parse()
             .context("default relay address")?,
     };
+    let mut relay = RelayConfig::new(listen);
+    let limits = args.limits;
+    if let Some(timeout) = limits.handshake_timeout {
+        relay.handshake_timeout = timeout;
+    } else if let Some(timeout) = file_duration("handshake_timeout", file.handshake_timeout)? {
+        relay.handshake_timeout = timeout;
+    }
+    let counts = [
+        (
+            &mut relay.max_connections,
+            limits.max_connections.or(file.max_connections),
+            "max_connections",
+        ),
+        (
+            &mut relay.max_pending_handshakes,
+            limits.max_pending_handshakes.or(file.max_pending_handshakes),
+            "max_pending_handshakes",
+        ),
+        (
+            &mut relay.max_pending_per_source,
+            limits.max_pending_per_source.or(file.max_pending_per_source),
+            "max_pending_per_source",
+        ),
+        (
+            &mut relay.max_tunnels,
+            limits.max_tunnels.or(file.max_tunnels),
+            "max_tunnels",
+        ),
+    ];
+    for (field, value, key) in counts {
+        match value {
+            Some(0) => return Err(anyhow!("`{key}` must be at least 1")),
+            Some(n) => *field = n,
+            None => {}
+        }
+    }
+    if relay.handshake_timeout.is_zero() {
+        return Err(anyhow!("`handshake_timeout` must be longer than zero"));
+    }
     Ok(Relay {
         identity: identity_name(&args.common, file.identity),
-        relay: RelayConfig::new(listen),
+        relay,
     })
+}
+
+/// Where `postern enroll` stores the credential of identity `name`.
+pub fn credential_path(home: &Path, name: &str) -> PathBuf {
+    let file = Path::new(name)
+        .file_stem()
+        .map_or_else(|| name.to_owned(), |s| s.to_string_lossy().into_owned());
+    home.join("credentials").join(format!("{file}.cred"))
+}
+
+/// Trusted authorities and the credential to present: flags win over the
+/// file; the credential defaults to the one `postern enroll` stored.
+fn trust(
+    home: &Path,
+    flags: &TrustFlags,
+    file_authorities: Vec<Identifier>,
+    file_credential: Option<PathBuf>,
+    identity: &str,
+) -> Result<Trust> {
+    let authorities = if flags.trust_authority.is_empty() {
+        file_authorities
+    } else {
+        flags.trust_authority.clone()
+    };
+    let mut trust = Trust::new(authorities.into_iter().collect());
+    let (path, explicit) = match flags.credential.clone().or(file_credential) {
+        Some(path) => (path, true),
+        None => (credential_path(home, identity), false),
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let credential = SignedCredential::decode(&bytes).with_context(|| {
+                format!("credential file {} is not a Postern credential; enroll again with `postern enroll`", path.display())
+            })?;
+            trust = trust.with_credential(credential);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
+        Err(e) => {
+            return Err(anyhow!(
+                "cannot read credential file {}: {e}",
+                path.display()
+            ))
+        }
+    }
+    Ok(trust)
 }
 
 pub struct Outlet {
@@ -119,7 +292,7 @@ pub struct Outlet {
     pub outlet: OutletConfig,
 }
 
-pub fn outlet(args: OutletArgs) -> Result<Outlet> {
+pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
     let file: OutletFile = read_file(args.common.config.as_deref())?;
     let relay = relay_endpoint(args.relay, file.relay, file.relay_identity)?;
     let service = required(args.service.or(file.service), "--service", "service")?;
@@ -135,10 +308,44 @@ pub fn outlet(args: OutletArgs) -> Result<Outlet> {
     } else {
         args.allow
     };
-    Ok(Outlet {
-        identity: identity_name(&args.common, file.identity),
-        outlet: OutletConfig::new(relay, service, target, AllowList::new(allow)),
-    })
+    let allow_attributes = if args.allow_attr.is_empty() {
+        file.allow_attributes
+            .iter()
+            .map(|r| {
+                r.parse()
+                    .map_err(|e: String| anyhow!("config key `allow_attributes`: {e}"))
+            })
+            .collect::<Result<Vec<AttributeRule>>>()?
+    } else {
+        args.allow_attr
+    };
+    let identity = identity_name(&args.common, file.identity);
+    let trust = trust(
+        home,
+        &args.trust,
+        file.trust_authorities,
+        file.credential,
+        &identity,
+    )?;
+    let life = lifecycle(
+        args.lifecycle,
+        LifecycleFile {
+            fallback_relays: file.fallback_relays,
+            max_tunnels: file.max_tunnels,
+            idle_timeout: file.idle_timeout,
+            drain_grace: file.drain_grace,
+        },
+    )?;
+    let mut outlet = OutletConfig::new(relay, service, target, AllowList::new(allow))
+        .with_fallback_relays(life.fallback_relays);
+    outlet.max_tunnels = life.max_tunnels;
+    outlet.timeouts.tunnel_idle = life.idle_timeout;
+    if let Some(grace) = life.drain_grace {
+        outlet.timeouts.drain_grace = grace;
+    }
+    outlet.allow_attributes = allow_attributes;
+    outlet.trust = Arc::new(trust);
+    Ok(Outlet { identity, outlet })
 }
 
 pub struct Inlet {
@@ -146,7 +353,7 @@ pub struct Inlet {
     pub inlet: InletConfig,
 }
 
-pub fn inlet(args: InletArgs) -> Result<Inlet> {
+pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
     let file: InletFile = read_file(args.common.config.as_deref())?;
     let relay = relay_endpoint(args.relay, file.relay, file.relay_identity)?;
     let service = required(args.service.or(file.service), "--service", "service")?;
@@ -161,13 +368,33 @@ pub fn inlet(args: InletArgs) -> Result<Inlet> {
         "--outlet-identity",
         "outlet_identity",
     )?;
-    let mut inlet = InletConfig::new(relay, service, listen, outlet);
+    let life = lifecycle(
+        args.lifecycle,
+        LifecycleFile {
+            fallback_relays: file.fallback_relays,
+            max_tunnels: file.max_tunnels,
+            idle_timeout: file.idle_timeout,
+            drain_grace: file.drain_grace,
+        },
+    )?;
+    let mut inlet = InletConfig::new(relay, service, listen, outlet)
+        .with_fallback_relays(life.fallback_relays);
+    inlet.max_tunnels = life.max_tunnels;
+    inlet.timeouts.tunnel_idle = life.idle_timeout;
+    if let Some(grace) = life.drain_grace {
+        inlet.timeouts.drain_grace = grace;
+    }
     inlet.dangerous_allow_non_loopback =
         args.dangerous_allow_non_loopback || file.dangerous_allow_non_loopback;
-    Ok(Inlet {
-        identity: identity_name(&args.common, file.identity),
-        inlet,
-    })
+    let identity = identity_name(&args.common, file.identity);
+    inlet.trust = Arc::new(trust(
+        home,
+        &args.trust,
+        file.trust_authorities,
+        file.credential,
+        &identity,
+    )?);
+    Ok(Inlet { identity, inlet })
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod authority;
 mod config;
 
 use std::path::PathBuf;
@@ -94,6 +95,29 @@ fn on_signal() -> Result<CancellationToken> {
     Ok(token)
 }
 
+/// The first Ctrl-C or SIGTERM drains the node (no new tunnels; open ones
+/// get `--drain-grace` to finish); a second one closes them at once.
+fn drain_on_signals(node: &postern_node::NodeHandle) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let (drain, stop) = (node.drain_token(), node.stop_token());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("draining (signal received; send another to close every tunnel now)");
+        drain.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping now (second signal)");
+        stop.cancel();
+    });
+    Ok(())
+}
+
 async fn dispatch(cli: Cli) -> Result<()> {
     let home = home(&cli.home);
     match cli.command {
@@ -111,21 +135,41 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Outlet(args) => {
-            let cfg = config::outlet(args)?;
+            let cfg = config::outlet(&home, args)?;
             let identity = load_identity(&home, &cfg.identity)?;
+            // Revocations from each trusted authority, reached through the
+            // outlet's relay, close the tunnels they no longer allow.
+            let feeds = tokio_util::sync::CancellationToken::new();
+            for &authority_id in cfg.outlet.trust.authorities().iter() {
+                let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
+                    load_identity(&home, &cfg.identity)?,
+                )?);
+                let route = postern_node::authority::AuthorityRoute {
+                    relay: cfg.outlet.relay.clone(),
+                    authority: authority_id,
+                    service: postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse()?,
+                };
+                tokio::spawn(postern_node::authority::follow_revocations(
+                    local,
+                    route,
+                    std::sync::Arc::clone(&cfg.outlet.trust),
+                    cfg.outlet.timeouts.clone(),
+                    feeds.child_token(),
+                ));
+            }
+            let _feeds = feeds.drop_guard();
             let node = Outlet::start(identity, cfg.outlet)?;
-            let stop = on_signal()?;
-            let node_stop = node.stop_token();
-            tokio::spawn(async move {
-                stop.cancelled().await;
-                node_stop.cancel();
-            });
+            drain_on_signals(&node)?;
             node.join().await;
             Ok(())
         }
+        Command::Authority { command } => {
+            authority::run(&home, command, |name| load_identity(&home, name), on_signal).await
+        }
+        Command::Enroll(args) => authority::enroll(&home, args).await,
         Command::Inlet(args) => {
             let check = args.check;
-            let cfg = config::inlet(args)?;
+            let cfg = config::inlet(&home, args)?;
             let identity = load_identity(&home, &cfg.identity)?;
             if check {
                 let report = postern_node::check(identity, &cfg.inlet).await?;
@@ -142,12 +186,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     cfg.inlet.service
                 );
             }
-            let stop = on_signal()?;
-            let node_stop = node.stop_token();
-            tokio::spawn(async move {
-                stop.cancelled().await;
-                node_stop.cancel();
-            });
+            drain_on_signals(&node)?;
             node.join().await;
             Ok(())
         }

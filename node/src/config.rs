@@ -2,11 +2,14 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
 use postern_policies::AllowList;
+
+use crate::trust::{AttributeRule, Trust};
 
 /// A relay to dial and the identity it must prove.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,13 @@ pub struct Timeouts {
     /// A spare data connection older than this is replaced (the relay closes
     /// idle ones after 120 s by default).
     pub spare_max_age: Duration,
+    /// A tunnel that carries no byte in either direction for this long is
+    /// closed, and both ends log why. `None` (the default) keeps idle tunnels
+    /// open: database sessions and pools often sit idle for hours.
+    pub tunnel_idle: Option<Duration>,
+    /// On a graceful stop ([`crate::NodeHandle::drain`]), how long open
+    /// tunnels may keep running before they are closed.
+    pub drain_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -104,9 +114,14 @@ impl Default for Timeouts {
             reconnect_max: Duration::from_secs(2),
             spare_connections: 2,
             spare_max_age: Duration::from_secs(90),
+            tunnel_idle: None,
+            drain_grace: Duration::from_secs(30),
         }
     }
 }
+
+/// Default for [`OutletConfig::max_tunnels`] and [`InletConfig::max_tunnels`].
+pub const DEFAULT_MAX_TUNNELS: usize = 1_024;
 
 /// Everything an outlet needs.
 #[derive(Debug, Clone)]
@@ -118,8 +133,21 @@ pub struct OutletConfig {
     pub service: ServiceName,
     /// Where each tunnel is connected.
     pub target: Target,
-    /// Who may connect. Empty admits nobody.
+    /// Identities that may connect, whatever their credentials.
     pub allow: AllowList,
+    /// Attributes that admit an inlet presenting a valid credential with all
+    /// of them (from an authority in `trust`). With `allow` empty too, the
+    /// outlet admits nobody.
+    pub allow_attributes: Vec<AttributeRule>,
+    /// Authorities trusted, the outlet's own credential, revocations.
+    pub trust: Arc<Trust>,
+    /// Relays to fail over to, in order, when `relay` cannot be reached or
+    /// its session ends. Inlets of this service should list the same relays.
+    pub fallback_relays: Vec<RelayEndpoint>,
+    /// Most tunnels served at once; further inlets are told the outlet is
+    /// at its limit (their tunnel is closed with a reason, nothing else is
+    /// disturbed).
+    pub max_tunnels: usize,
     /// Time limits.
     pub timeouts: Timeouts,
 }
@@ -137,8 +165,25 @@ impl OutletConfig {
             service,
             target,
             allow,
+            allow_attributes: Vec::new(),
+            trust: Arc::new(Trust::default()),
+            fallback_relays: Vec::new(),
+            max_tunnels: DEFAULT_MAX_TUNNELS,
             timeouts: Timeouts::default(),
         }
+    }
+
+    /// The same configuration with `relays` to fail over to, in order.
+    pub fn with_fallback_relays(mut self, relays: impl IntoIterator<Item = RelayEndpoint>) -> Self {
+        self.fallback_relays = relays.into_iter().collect();
+        self
+    }
+
+    /// Every relay, in the order they are tried: `relay` first.
+    pub fn relays(&self) -> Vec<RelayEndpoint> {
+        std::iter::once(self.relay.clone())
+            .chain(self.fallback_relays.iter().cloned())
+            .collect()
     }
 }
 
@@ -157,6 +202,15 @@ pub struct InletConfig {
     /// Listening on a non-loopback address exposes the tunnel to the local
     /// network; refused unless this is set.
     pub dangerous_allow_non_loopback: bool,
+    /// Authorities trusted (an outlet's credential, if it presents one, must
+    /// be valid), the inlet's own credential, revocations.
+    pub trust: Arc<Trust>,
+    /// Relays to fail over to, in order, when `relay` cannot be reached or
+    /// its session ends. The outlet should list the same relays.
+    pub fallback_relays: Vec<RelayEndpoint>,
+    /// Most client connections tunnelled at once; further clients are
+    /// refused (reset at once, with a logged reason).
+    pub max_tunnels: usize,
     /// Time limits.
     pub timeouts: Timeouts,
 }
@@ -175,8 +229,24 @@ impl InletConfig {
             listen,
             outlet,
             dangerous_allow_non_loopback: false,
+            trust: Arc::new(Trust::default()),
+            fallback_relays: Vec::new(),
+            max_tunnels: DEFAULT_MAX_TUNNELS,
             timeouts: Timeouts::default(),
         }
+    }
+
+    /// The same configuration with `relays` to fail over to, in order.
+    pub fn with_fallback_relays(mut self, relays: impl IntoIterator<Item = RelayEndpoint>) -> Self {
+        self.fallback_relays = relays.into_iter().collect();
+        self
+    }
+
+    /// Every relay, in the order they are tried: `relay` first.
+    pub fn relays(&self) -> Vec<RelayEndpoint> {
+        std::iter::once(self.relay.clone())
+            .chain(self.fallback_relays.iter().cloned())
+            .collect()
     }
 }
 

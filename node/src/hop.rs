@@ -71,11 +71,15 @@ impl std::fmt::Debug for Spare {
     }
 }
 
+/// TCP keepalive on every relay connection: a peer that vanished without a
+/// FIN or reset (power loss, a dropped route) is detected after 15 s of
+/// silence plus 3 unanswered probes 5 s apart, about 30 s in all.
 pub(crate) fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(15))
-        .with_interval(Duration::from_secs(5));
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
@@ -516,5 +520,108 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.next = self.min;
+    }
+}
+
+/// Which relay to dial next. Relays are tried in the configured order; after
+/// a failure (a dial, a handshake, or a session that ended) the node moves
+/// on to the next one at once, and waits a jittered, growing back-off only
+/// once every relay has failed in turn. A node stays on the relay that works
+/// (it does not hop back to the first one), so nodes that fail over together
+/// meet on the same relay.
+#[derive(Debug)]
+pub(crate) struct RelayCycle {
+    relays: Vec<RelayEndpoint>,
+    current: usize,
+    failures_in_a_row: usize,
+    pub backoff: Backoff,
+}
+
+impl RelayCycle {
+    /// Cycles through `relays` (the first is tried first). An empty list is
+    /// not possible from the configs (the primary relay is mandatory).
+    pub fn new(relays: Vec<RelayEndpoint>, timeouts: &Timeouts) -> Self {
+        RelayCycle {
+            relays,
+            current: 0,
+            failures_in_a_row: 0,
+            backoff: Backoff::new(timeouts),
+        }
+    }
+
+    /// The relay to dial now.
+    pub fn current(&self) -> Option<&RelayEndpoint> {
+        self.relays.get(self.current)
+    }
+
+    /// Every relay, for logs.
+    pub fn describe(&self) -> String {
+        self.relays
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// A session is up on the current relay.
+    pub fn connected(&mut self) {
+        self.failures_in_a_row = 0;
+    }
+
+    /// The current relay failed: moves to the next and returns how long to
+    /// wait before dialling it (zero while some relay is still untried in
+    /// this round).
+    pub fn failed(&mut self) -> Duration {
+        let n = self.relays.len().max(1);
+        self.current = (self.current + 1) % n;
+        self.failures_in_a_row += 1;
+        if self.failures_in_a_row % n == 0 {
+            self.backoff.next_delay()
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(port: u16) -> RelayEndpoint {
+        let id = "P0000000000000000000000000000000000000001"
+            .parse()
+            .unwrap_or_else(|e| panic!("test identifier: {e}"));
+        RelayEndpoint::new(format!("127.0.0.1:{port}"), id)
+    }
+
+    #[test]
+    fn one_relay_backs_off_on_every_failure() {
+        let timeouts = Timeouts::default();
+        let mut cycle = RelayCycle::new(vec![endpoint(1)], &timeouts);
+        for _ in 0..5 {
+            assert_eq!(cycle.current(), Some(&endpoint(1)));
+            let delay = cycle.failed();
+            assert!(delay > Duration::ZERO && delay <= timeouts.reconnect_max);
+        }
+    }
+
+    #[test]
+    fn fails_over_at_once_and_backs_off_after_a_full_round() {
+        let timeouts = Timeouts::default();
+        let mut cycle = RelayCycle::new(vec![endpoint(1), endpoint(2), endpoint(3)], &timeouts);
+        assert_eq!(cycle.current(), Some(&endpoint(1)));
+        assert_eq!(cycle.failed(), Duration::ZERO);
+        assert_eq!(cycle.current(), Some(&endpoint(2)));
+        assert_eq!(cycle.failed(), Duration::ZERO);
+        assert_eq!(cycle.current(), Some(&endpoint(3)));
+        assert!(cycle.failed() > Duration::ZERO, "a full round failed");
+        assert_eq!(cycle.current(), Some(&endpoint(1)));
+        // A session on relay 1, then it is lost: straight to relay 2, and
+        // the node stays there while it works.
+        cycle.connected();
+        assert_eq!(cycle.failed(), Duration::ZERO);
+        assert_eq!(cycle.current(), Some(&endpoint(2)));
+        cycle.connected();
+        assert_eq!(cycle.current(), Some(&endpoint(2)));
     }
 }

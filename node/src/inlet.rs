@@ -11,15 +11,16 @@ use postern_identity::wire::{CloseReason, DataFrame, Hello, Side};
 use postern_identity::{ChannelError, Identifier, Identity};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::hop::{self, Backoff, Hop};
+use crate::hop::{self, Hop, RelayCycle};
 use crate::outlet::{log_end, reset_tcp};
+use crate::trust::unix_now;
 use crate::tunnel::{self, ChannelHalves, TunnelEnd};
-use crate::{InletConfig, NodeError, NodeHandle, NodeStatus};
+use crate::{InletConfig, Lifecycle, NodeError, NodeHandle, NodeStatus};
 
 /// An inlet node. See [`Inlet::start`].
 #[derive(Debug)]
@@ -65,10 +66,10 @@ impl Inlet {
             hop: watch::channel(None).0,
             status: status_tx,
         });
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(run(shared, listener, local_addr, stop.clone()));
+        let life = Lifecycle::new(shared.config.timeouts.drain_grace);
+        let task = tokio::spawn(run(shared, listener, local_addr, life.clone()));
         Ok(NodeHandle {
-            stop,
+            life,
             task,
             status,
             local_addr: Some(local_addr),
@@ -76,19 +77,18 @@ impl Inlet {
     }
 }
 
-async fn run(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    local_addr: SocketAddr,
-    stop: CancellationToken,
-) {
+async fn run(shared: Arc<Shared>, listener: TcpListener, local_addr: SocketAddr, life: Lifecycle) {
     let cfg = &shared.config;
+    let stop = &life.stop;
     info!(identity = %shared.local.identity().identifier(), service = %cfg.service, listen = %local_addr, relay = %cfg.relay.address, "inlet listening");
     let tunnels = TaskTracker::new();
+    // The hop channel stays up while draining: clients accepted just before
+    // still need it to open their tunnels.
     let keeper = tokio::spawn(keep_connected(Arc::clone(&shared), stop.clone()));
+    let slots = Arc::new(Semaphore::new(cfg.max_tunnels));
     loop {
         let accepted = tokio::select! {
-            () = stop.cancelled() => break,
+            () = life.drain.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let (client, client_addr) = match accepted {
@@ -100,33 +100,41 @@ async fn run(
             }
         };
         let _ = client.set_nodelay(true);
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            error!(client = %client_addr, service = %cfg.service, limit = cfg.max_tunnels, "refusing client connection: this inlet already carries its maximum of {} tunnels (max_tunnels)", cfg.max_tunnels);
+            let (r, w) = client.into_split();
+            reset_tcp(r, w);
+            continue;
+        };
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
-        tunnels.spawn(async move { serve_client(&shared, client, client_addr, stop).await });
+        tunnels.spawn(async move {
+            serve_client(&shared, client, client_addr, stop).await;
+            drop(slot);
+        });
     }
     drop(listener);
-    tunnels.close();
-    if tokio::time::timeout(Duration::from_secs(5), tunnels.wait())
-        .await
-        .is_err()
-    {
-        warn!("some tunnels did not close within 5 s of shutdown");
-    }
+    life.finish(&tunnels, "inlet").await;
     let _ = keeper.await;
     shared.status.send_replace(NodeStatus::Stopped);
     info!("inlet stopped");
 }
 
-/// Keeps a hop channel to the relay up, reconnecting with back-off.
+/// Keeps a hop channel to a relay up, reconnecting with back-off and
+/// failing over to the next configured relay.
 async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
     let cfg = &shared.config;
-    let mut backoff = Backoff::new(&cfg.timeouts);
-    while !stop.is_cancelled() {
+    let mut cycle = RelayCycle::new(cfg.relays(), &cfg.timeouts);
+    while let Some(relay) = cycle.current().cloned() {
+        if stop.is_cancelled() {
+            break;
+        }
         shared.status.send_replace(NodeStatus::Connecting);
-        let ended = match hop::connect(&shared.local, &cfg.relay, &cfg.timeouts, &stop).await {
+        let ended = match hop::connect(&shared.local, &relay, &cfg.timeouts, &stop).await {
             Ok((hop, _events)) => {
-                info!(relay = %cfg.relay.address, "connected to relay");
-                backoff.reset();
+                info!(relay = %relay.address, "connected to relay");
+                cycle.connected();
+                cycle.backoff.reset();
                 shared.hop.send_replace(Some(Arc::clone(&hop)));
                 shared.status.send_replace(NodeStatus::Ready);
                 hop.closed.cancelled().await;
@@ -139,8 +147,9 @@ async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
         if stop.is_cancelled() {
             break;
         }
-        let delay = backoff.next_delay();
-        warn!(relay = %cfg.relay.address, reason = %ended, "no relay connection; new client connections are refused until it is back; retrying in {delay:.1?}");
+        let delay = cycle.failed();
+        let next = cycle.current().map_or("", |r| r.address.as_str());
+        warn!(relay = %relay.address, reason = %ended, "no relay connection; new client connections are refused until one is back; trying {next} in {delay:.1?}");
         shared.status.send_replace(NodeStatus::Disconnected(ended));
         tokio::select! {
             () = stop.cancelled() => break,
@@ -170,8 +179,10 @@ async fn open_tunnel(shared: &Shared) -> Result<(Identifier, Channel), NodeError
         .await?;
     let hello = Hello {
         service: Some(cfg.service.clone()),
+        credential: cfg.trust.credential(),
     };
     let (expected, service) = (cfg.outlet, cfg.service.clone());
+    let trust = &cfg.trust;
     let handshake = link::initiate(
         &mut reader,
         &mut writer,
@@ -192,6 +203,12 @@ async fn open_tunnel(shared: &Shared) -> Result<(Identifier, Channel), NodeError
                     peer.hello.service.as_ref().map(|s| s.as_str())
                 )));
             }
+            // An outlet credential, when one is presented, must be valid.
+            trust
+                .verify(actual, peer.hello.credential.as_ref(), unix_now())
+                .map_err(|e| {
+                    ChannelError::BadIdentityProof(format!("outlet's credential refused: {e}"))
+                })?;
             Ok(())
         },
     );
@@ -261,7 +278,8 @@ async fn serve_client(
     };
     debug!(client = %client_addr, %outlet, setup = ?started.elapsed(), "tunnel open");
     let (mut r, mut w) = client.into_split();
-    let outcome = tunnel::pump(&mut r, &mut w, channel, stop).await;
+    let options = tunnel::PumpOptions::with_idle_timeout(cfg.timeouts.tunnel_idle);
+    let outcome = tunnel::pump_with(&mut r, &mut w, channel, stop, &options).await;
     if outcome.end.is_abort() {
         reset_tcp(r, w);
     }

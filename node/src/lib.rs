@@ -32,24 +32,99 @@
 //! `postern` binary does) and does not implement the relay.
 #![forbid(unsafe_code)]
 
+pub mod authority;
 mod config;
 mod error;
 mod hop;
 mod inlet;
 mod outlet;
+pub mod trust;
 pub mod tunnel;
 
-pub use config::{InletConfig, OutletConfig, RelayEndpoint, Target, Timeouts};
+pub use config::{InletConfig, OutletConfig, RelayEndpoint, Target, Timeouts, DEFAULT_MAX_TUNNELS};
 pub use error::NodeError;
 pub use inlet::{check, CheckReport, Inlet};
 pub use outlet::Outlet;
+pub use trust::{AttributeRule, Trust};
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// How long a node waits for its tunnels to close once they were told to.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The two ways a node stops. `drain` stops taking new tunnels (the inlet
+/// closes its listener, the outlet leaves the relay) and lets open tunnels
+/// run for a grace period; `stop` closes every tunnel now, telling each
+/// peer why. `drain` is a child of `stop`, so stopping also drains.
+#[derive(Debug, Clone)]
+pub(crate) struct Lifecycle {
+    pub stop: CancellationToken,
+    pub drain: CancellationToken,
+    grace: Arc<Mutex<Duration>>,
+}
+
+impl Lifecycle {
+    pub fn new(grace: Duration) -> Self {
+        let stop = CancellationToken::new();
+        Lifecycle {
+            drain: stop.child_token(),
+            stop,
+            grace: Arc::new(Mutex::new(grace)),
+        }
+    }
+
+    fn set_grace(&self, grace: Duration) {
+        *self.grace.lock().unwrap_or_else(|p| p.into_inner()) = grace;
+    }
+
+    fn grace(&self) -> Duration {
+        *self.grace.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends a node's tunnels once it stopped accepting new ones: on a drain,
+    /// waits up to the grace period for them to finish by themselves, then
+    /// closes the rest; on a stop, closes them all at once. Says what it did.
+    pub async fn finish(&self, tunnels: &TaskTracker, role: &str) {
+        tunnels.close();
+        if !self.stop.is_cancelled() {
+            let grace = self.grace();
+            let open = tunnels.len();
+            if open > 0 {
+                info!(%role, tunnels = open, "draining: no new tunnels; waiting up to {grace:?} for {open} open tunnel(s) to finish");
+                tokio::select! {
+                    () = tunnels.wait() => {
+                        info!(%role, "drained: every tunnel finished within the grace period");
+                    }
+                    () = tokio::time::sleep(grace) => {
+                        let left = tunnels.len();
+                        warn!(%role, tunnels = left, "grace period of {grace:?} over: closing {left} tunnel(s) still open");
+                    }
+                    () = self.stop.cancelled() => {
+                        let left = tunnels.len();
+                        warn!(%role, tunnels = left, "stop requested while draining: closing {left} tunnel(s) now");
+                    }
+                }
+            }
+        } else if !tunnels.is_empty() {
+            info!(%role, tunnels = tunnels.len(), "closing every open tunnel");
+        }
+        self.stop.cancel();
+        if tokio::time::timeout(CLOSE_WAIT, tunnels.wait())
+            .await
+            .is_err()
+        {
+            warn!(%role, tunnels = tunnels.len(), "some tunnels did not close within {CLOSE_WAIT:?} of shutdown");
+        }
+    }
+}
 
 /// Where a node stands with its relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +146,7 @@ pub enum NodeStatus {
 /// [`NodeHandle::shutdown`].
 #[derive(Debug)]
 pub struct NodeHandle {
-    stop: CancellationToken,
+    life: Lifecycle,
     task: JoinHandle<()>,
     status: watch::Receiver<NodeStatus>,
     local_addr: Option<SocketAddr>,
@@ -109,15 +184,35 @@ impl NodeHandle {
         self.status.clone()
     }
 
-    /// A token that stops the node when cancelled (for signal handlers).
+    /// A token that stops the node when cancelled (for signal handlers):
+    /// every tunnel is closed at once.
     pub fn stop_token(&self) -> CancellationToken {
-        self.stop.clone()
+        self.life.stop.clone()
+    }
+
+    /// A token that drains the node when cancelled (for signal handlers): it
+    /// stops taking new tunnels and closes the open ones after
+    /// [`Timeouts::drain_grace`] (or the grace given to
+    /// [`NodeHandle::shutdown_gracefully`]). Cancelling
+    /// [`NodeHandle::stop_token`] meanwhile cuts the grace period short.
+    pub fn drain_token(&self) -> CancellationToken {
+        self.life.drain.clone()
     }
 
     /// Stops the node: closes its tunnels (telling each peer why) and its relay
     /// connection, and waits for its tasks to finish.
     pub async fn shutdown(self) {
-        self.stop.cancel();
+        self.life.stop.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Stops the node gracefully: it stops accepting new tunnels at once (an
+    /// inlet closes its listening port, an outlet leaves the relay), lets
+    /// the open tunnels run for up to `grace`, then closes those still open,
+    /// telling each peer why. Logs what it did. Returns when the node stopped.
+    pub async fn shutdown_gracefully(self, grace: Duration) {
+        self.life.set_grace(grace);
+        self.life.drain.cancel();
         let _ = self.task.await;
     }
 

@@ -4,22 +4,24 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use postern_identity::credential::{SignedCredential, VerifiedCredential};
 use postern_identity::handshake::{ChannelKind, LocalParty};
 use postern_identity::link;
 use postern_identity::transport::Sealer;
 use postern_identity::wire::{CloseReason, Control, DataFrame, Hello, Side, TunnelToken};
-use postern_identity::Identity;
+use postern_identity::{Identifier, Identity};
 use postern_policies::Decision;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::hop::{self, Backoff, Hop, HopEvent};
+use crate::hop::{self, Backoff, Hop, HopEvent, RelayCycle};
+use crate::trust::{match_attributes, unix_now, Trust};
 use crate::tunnel::{self, ChannelHalves, TunnelEnd};
-use crate::{NodeError, NodeHandle, NodeStatus, OutletConfig, Target};
+use crate::{Lifecycle, NodeError, NodeHandle, NodeStatus, OutletConfig, Target};
 
 /// An outlet node. See [`Outlet::start`].
 #[derive(Debug)]
@@ -28,6 +30,8 @@ pub struct Outlet;
 struct Shared {
     local: Arc<LocalParty>,
     config: OutletConfig,
+    /// One permit per tunnel served at once (`max_tunnels`).
+    slots: Arc<Semaphore>,
 }
 
 impl Outlet {
@@ -35,18 +39,19 @@ impl Outlet {
     /// dials the relay (retrying with back-off), registers the service and
     /// serves tunnels until [`NodeHandle::shutdown`].
     pub fn start(identity: Identity, config: OutletConfig) -> Result<NodeHandle, NodeError> {
-        if config.allow.is_empty() {
+        if config.allow.is_empty() && config.allow_attributes.is_empty() {
             warn!(service = %config.service, "the allow list is empty: this outlet admits nobody (default deny); add --allow <identifier>");
         }
+        let life = Lifecycle::new(config.timeouts.drain_grace);
         let shared = Arc::new(Shared {
             local: Arc::new(LocalParty::new(identity)?),
+            slots: Arc::new(Semaphore::new(config.max_tunnels)),
             config,
         });
-        let stop = CancellationToken::new();
         let (status_tx, status) = watch::channel(NodeStatus::Connecting);
-        let task = tokio::spawn(run(shared, stop.clone(), status_tx));
+        let task = tokio::spawn(run(shared, life.clone(), status_tx));
         Ok(NodeHandle {
-            stop,
+            life,
             task,
             status,
             local_addr: None,
@@ -54,39 +59,50 @@ impl Outlet {
     }
 }
 
-async fn run(shared: Arc<Shared>, stop: CancellationToken, status: watch::Sender<NodeStatus>) {
+async fn run(shared: Arc<Shared>, life: Lifecycle, status: watch::Sender<NodeStatus>) {
     let cfg = &shared.config;
     let tunnels = TaskTracker::new();
-    let mut backoff = Backoff::new(&cfg.timeouts);
-    info!(identity = %shared.local.identity().identifier(), service = %cfg.service, target = %cfg.target, relay = %cfg.relay.address, "outlet starting");
-    while !stop.is_cancelled() {
+    let mut cycle = RelayCycle::new(cfg.relays(), &cfg.timeouts);
+    info!(identity = %shared.local.identity().identifier(), service = %cfg.service, target = %cfg.target, relays = %cycle.describe(), "outlet starting");
+    // Draining closes the hop channel (the relay forgets the service, so no
+    // new tunnel arrives); open tunnels keep running until `life.stop`.
+    let drain = &life.drain;
+    while let Some(relay) = cycle.current().cloned() {
+        if drain.is_cancelled() {
+            break;
+        }
         status.send_replace(NodeStatus::Connecting);
-        let ended = match hop::connect(&shared.local, &cfg.relay, &cfg.timeouts, &stop).await {
+        let ended = match hop::connect(&shared.local, &relay, &cfg.timeouts, drain).await {
             Ok((hop, events)) => {
-                serve_session(&shared, hop, events, &tunnels, &status, &mut backoff, &stop).await
+                cycle.connected();
+                serve_session(
+                    &shared,
+                    hop,
+                    events,
+                    &tunnels,
+                    &status,
+                    &mut cycle.backoff,
+                    &life.stop,
+                )
+                .await
             }
             Err(e) => e.to_string(),
         };
-        if stop.is_cancelled() {
+        if drain.is_cancelled() {
             break;
         }
-        let delay = backoff.next_delay();
-        warn!(relay = %cfg.relay.address, reason = %ended, "relay session ended; reconnecting in {delay:.1?}");
+        let delay = cycle.failed();
+        let next = cycle.current().map_or("", |r| r.address.as_str());
+        warn!(relay = %relay.address, reason = %ended, "relay session ended; connecting to {next} in {delay:.1?}");
         if !matches!(*status.borrow(), NodeStatus::Refused(_)) {
             status.send_replace(NodeStatus::Disconnected(ended));
         }
         tokio::select! {
-            () = stop.cancelled() => break,
+            () = drain.cancelled() => break,
             () = tokio::time::sleep(delay) => {}
         }
     }
-    tunnels.close();
-    if tokio::time::timeout(std::time::Duration::from_secs(5), tunnels.wait())
-        .await
-        .is_err()
-    {
-        warn!("some tunnels did not close within 5 s of shutdown");
-    }
+    life.finish(&tunnels, "outlet").await;
     status.send_replace(NodeStatus::Stopped);
     info!("outlet stopped");
 }
@@ -119,7 +135,7 @@ async fn serve_session(
             None => break,
             Some(HopEvent::Registered(service)) => {
                 backoff.reset();
-                info!(%service, relay = %cfg.relay.address, "service registered at relay");
+                info!(%service, relay = %hop.relay.address, "service registered at relay");
                 status.send_replace(NodeStatus::Ready);
             }
             Some(HopEvent::RegisterRefused(service, reason)) => {
@@ -134,15 +150,62 @@ async fn serve_session(
                 }
                 let shared = Arc::clone(shared);
                 let hop = Arc::clone(&hop);
+                let Ok(slot) = Arc::clone(&shared.slots).try_acquire_owned() else {
+                    tunnels.spawn(async move { refuse_tunnel(&shared, &hop, token).await });
+                    continue;
+                };
                 // Live tunnels outlast the hop channel that announced them
                 // (they have their own connections); only shutdown ends them.
                 let stop = stop.clone();
-                tunnels.spawn(async move { serve_tunnel(&shared, &hop, token, stop).await });
+                tunnels.spawn(async move {
+                    serve_tunnel(&shared, &hop, token, stop).await;
+                    drop(slot);
+                });
             }
         }
     }
     hop.ended_because()
         .unwrap_or_else(|| "relay session closed".into())
+}
+
+/// Answers a tunnel beyond `max_tunnels`: completes the end-to-end handshake
+/// only to tell the inlet why, so it does not wait for a timeout.
+async fn refuse_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken) {
+    let cfg = &shared.config;
+    let label = token.label();
+    let reason = format!(
+        "outlet for \"{}\" is serving its maximum of {} tunnels at once (max_tunnels); try again later",
+        cfg.service, cfg.max_tunnels
+    );
+    warn!(tunnel = %label, limit = cfg.max_tunnels, "refusing tunnel: at the tunnel limit");
+    let Ok((mut reader, mut writer)) = hop
+        .attach(&shared.local, &cfg.timeouts, Side::Outlet, token)
+        .await
+    else {
+        return;
+    };
+    let hello = Hello {
+        service: Some(cfg.service.clone()),
+        credential: cfg.trust.credential(),
+    };
+    let handshake = link::respond(
+        &mut reader,
+        &mut writer,
+        &shared.local,
+        ChannelKind::EndToEnd,
+        &hello,
+    );
+    if let Ok((_, transport)) =
+        link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await
+    {
+        let (mut sealer, _) = transport.split();
+        send_close(
+            &mut writer,
+            &mut sealer,
+            CloseReason::TargetUnavailable { reason },
+        )
+        .await;
+    }
 }
 
 async fn send_close(writer: &mut OwnedWriteHalf, sealer: &mut Sealer, reason: CloseReason) {
@@ -173,6 +236,7 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
     };
     let hello = Hello {
         service: Some(cfg.service.clone()),
+        credential: cfg.trust.credential(),
     };
     let handshake = link::respond(
         &mut reader,
@@ -206,12 +270,25 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
         .await;
         return;
     }
-    if let Decision::Deny { reason } = cfg.allow.decide_connect(&inlet, &cfg.service) {
-        warn!(tunnel = %label, %inlet, service = %cfg.service, decision = "deny", %reason, "access denied");
-        send_close(&mut writer, &mut sealer, CloseReason::Denied { reason }).await;
-        return;
-    }
-    info!(tunnel = %label, %inlet, service = %cfg.service, decision = "allow", "access granted");
+    let credential = match decide(cfg, inlet, peer.hello.credential.as_ref()) {
+        Ok(credential) => credential,
+        Err(reason) => {
+            warn!(tunnel = %label, %inlet, service = %cfg.service, decision = "deny", %reason, "access denied");
+            send_close(&mut writer, &mut sealer, CloseReason::Denied { reason }).await;
+            return;
+        }
+    };
+    info!(tunnel = %label, %inlet, service = %cfg.service, decision = "allow", credential = ?credential.as_ref().map(|c| c.id().to_string()), "access granted");
+    // Revocations and expiry end the tunnel while it runs.
+    let stop = stop.child_token();
+    let watchdog = tokio::spawn(watch_access(
+        Arc::clone(&cfg.trust),
+        inlet,
+        credential,
+        stop.clone(),
+        label.clone(),
+    ));
+    let _watchdog = AbortOnDrop(watchdog);
     let target = match connect_target(&cfg.target, cfg.timeouts.connect).await {
         Ok(target) => target,
         Err(e) => {
@@ -249,10 +326,11 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
         sealer,
         opener,
     };
+    let options = tunnel::PumpOptions::with_idle_timeout(cfg.timeouts.tunnel_idle);
     let outcome = match target {
         LocalStream::Tcp(stream) => {
             let (mut r, mut w) = stream.into_split();
-            let outcome = tunnel::pump(&mut r, &mut w, channel, stop).await;
+            let outcome = tunnel::pump_with(&mut r, &mut w, channel, stop, &options).await;
             if outcome.end.is_abort() {
                 reset_tcp(r, w);
             }
@@ -260,10 +338,94 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
         }
         LocalStream::Unix(stream) => {
             let (r, w) = stream.into_split();
-            tunnel::pump(r, w, channel, stop).await
+            tunnel::pump_with(r, w, channel, stop, &options).await
         }
     };
     log_end(&label, &inlet.to_string(), cfg.service.as_str(), &outcome);
+}
+
+/// The access decision for a new tunnel: the credential (if any) must be
+/// valid; then the inlet is admitted by identifier (`allow`) or by
+/// attributes (`allow_attributes`). `Err` is the reason told to the inlet.
+fn decide(
+    cfg: &OutletConfig,
+    inlet: Identifier,
+    presented: Option<&SignedCredential>,
+) -> Result<Option<VerifiedCredential>, String> {
+    if cfg.trust.identity_revoked(&inlet) {
+        return Err(format!(
+            "identity {inlet} has been revoked by its authority"
+        ));
+    }
+    let credential = cfg
+        .trust
+        .verify(inlet, presented, unix_now())
+        .map_err(|e| format!("credential refused: {e}"))?;
+    let by_identifier = cfg.allow.decide_connect(&inlet, &cfg.service);
+    if by_identifier == Decision::Allow {
+        return Ok(credential);
+    }
+    if !cfg.allow_attributes.is_empty() {
+        return match &credential {
+            Some(verified) => match_attributes(verified, &cfg.allow_attributes)
+                .map(|()| credential.clone()),
+            None if cfg.trust.authorities().is_empty() => Err(format!(
+                "this outlet admits by attributes but trusts no authority; its operator must add --trust-authority (identity {inlet} is not on the allow list either)"
+            )),
+            None => Err(format!(
+                "identity {inlet} presented no credential and is not on the allow list; enroll with `postern enroll` to get a credential"
+            )),
+        };
+    }
+    match by_identifier {
+        Decision::Allow => Ok(credential),
+        Decision::Deny { reason } => Err(reason),
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often live tunnels are re-checked against revocations and expiry.
+const ACCESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ends a live tunnel (through `stop`) when its inlet's identity or
+/// credential is revoked, or the credential expires.
+async fn watch_access(
+    trust: Arc<Trust>,
+    inlet: Identifier,
+    credential: Option<VerifiedCredential>,
+    stop: CancellationToken,
+    label: String,
+) {
+    let mut tick = tokio::time::interval(ACCESS_RECHECK);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ended = if trust.identity_revoked(&inlet) {
+            Some(format!("identity {inlet} has been revoked"))
+        } else if let Some(verified) = &credential {
+            trust
+                .still_valid(verified, unix_now())
+                .err()
+                .map(|e| format!("credential no longer valid: {e}"))
+        } else {
+            None
+        };
+        if let Some(reason) = ended {
+            warn!(tunnel = %label, %inlet, %reason, "closing live tunnel: access ended");
+            stop.cancel();
+            return;
+        }
+    }
 }
 
 pub(crate) fn log_end(label: &str, peer: &str, service: &str, outcome: &tunnel::TunnelOutcome) {
@@ -282,7 +444,10 @@ pub(crate) fn log_end(label: &str, peer: &str, service: &str, outcome: &tunnel::
             info!(tunnel = %label, %peer, %service, sent, received, %reason, "tunnel closed by peer")
         }
         TunnelEnd::LinkFailed(e) => {
-            warn!(tunnel = %label, %peer, %service, sent, received, error = %e, "tunnel aborted: channel failed")
+            warn!(tunnel = %label, %peer, %service, sent, received, error = %e, "tunnel aborted: its connection through the relay failed (relay or peer gone?)")
+        }
+        TunnelEnd::IdleTimeout(after) => {
+            info!(tunnel = %label, %peer, %service, sent, received, idle = ?after, "tunnel closed: idle timeout")
         }
     }
 }

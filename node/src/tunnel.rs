@@ -11,8 +11,19 @@
 //! The relay connection is half-closed (FIN) only once both `Eof`s have been
 //! exchanged, so a `Close` can still be delivered until then. A tunnel that
 //! ends any other way is an abort: the caller resets the local stream.
+//!
+//! Memory per tunnel is fixed: one read buffer per direction (64 KiB each)
+//! and the framed reader's buffer (128 KiB). Nothing is queued beyond them: a
+//! slow reader at one end stops this pump from reading the other end, so TCP
+//! flow control pushes back all the way to the sender.
+//!
+//! An optional idle timeout ([`PumpOptions::idle_timeout`]) closes a tunnel
+//! that carried no bytes either way for that long; it is off by default,
+//! since database sessions often sit idle for hours.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use postern_identity::frame::MAX_NOISE_MESSAGE;
 use postern_identity::frame::MAX_PLAINTEXT;
@@ -28,6 +39,7 @@ const MAX_CHUNK: usize = MAX_PLAINTEXT - 1;
 
 /// How a tunnel ended.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum TunnelEnd {
     /// Both directions finished with `Eof`.
     Clean,
@@ -39,6 +51,8 @@ pub enum TunnelEnd {
     LinkFailed(LinkError),
     /// Stopped by our own shutdown.
     Cancelled,
+    /// No bytes moved either way for this long; the peer was told why.
+    IdleTimeout(Duration),
 }
 
 impl TunnelEnd {
@@ -102,13 +116,95 @@ enum UpEnd {
     Failed(TunnelEnd),
 }
 
+/// When a tunnel last moved a byte, shared by its two directions (a plain
+/// `Cell` would make the pump's future `!Send`).
+struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// `write_all` that records the time of every partial write, so a slow but
+/// steady reader does not look idle.
+async fn write_all_noting_progress<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut data: &[u8],
+    activity: &Activity,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = w.write(data).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        activity.touch();
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// Settings of one tunnel's data pump.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PumpOptions {
+    /// Close the tunnel after this long without a byte in either direction.
+    /// `None` (the default) never closes an idle tunnel.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl PumpOptions {
+    /// Options with the given idle timeout (`None`: off).
+    pub fn with_idle_timeout(idle_timeout: Option<Duration>) -> Self {
+        PumpOptions { idle_timeout }
+    }
+}
+
+/// A far-future deadline for a disabled timer (a year is as good as never
+/// and cannot overflow an `Instant`).
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Moves bytes both ways until the tunnel ends. `stop` ends it early (node
 /// shutdown): the peer is told with a `Close(Shutdown)` frame.
 pub async fn pump<LR, LW, TR, TW>(
+    local_r: LR,
+    local_w: LW,
+    channel: ChannelHalves<TR, TW>,
+    stop: CancellationToken,
+) -> TunnelOutcome
+where
+    LR: AsyncRead + Unpin,
+    LW: AsyncWrite + Unpin,
+    TR: AsyncRead + Unpin,
+    TW: AsyncWrite + Unpin,
+{
+    pump_with(local_r, local_w, channel, stop, &PumpOptions::default()).await
+}
+
+/// [`pump`] with options (an idle timeout). An idle tunnel is closed with
+/// `Close(Aborted)` naming the timeout, so the peer logs why.
+pub async fn pump_with<LR, LW, TR, TW>(
     mut local_r: LR,
     mut local_w: LW,
     channel: ChannelHalves<TR, TW>,
     stop: CancellationToken,
+    options: &PumpOptions,
 ) -> TunnelOutcome
 where
     LR: AsyncRead + Unpin,
@@ -129,6 +225,8 @@ where
     let abort = stop.child_token();
     let mut sent = 0u64;
     let mut received = 0u64;
+    let idle_timeout = options.idle_timeout;
+    let activity = Activity::new();
 
     let up = async {
         let mut plain = vec![0u8; 1 + MAX_CHUNK];
@@ -137,6 +235,8 @@ where
         let mut scratch = Vec::new();
         let mut eof_sent = false;
         let mut close_open = true;
+        let idle_timer = tokio::time::sleep(idle_timeout.unwrap_or(NEVER));
+        tokio::pin!(idle_timer);
         loop {
             tokio::select! {
                 biased;
@@ -170,6 +270,7 @@ where
                         eof_sent = true;
                     }
                     Ok(n) => {
+                        activity.touch();
                         out.clear();
                         let sealed = sealer.seal(&plain[..=n], &mut out);
                         let written = match sealed {
@@ -189,6 +290,21 @@ where
                         return UpEnd::Failed(TunnelEnd::LocalFailed(e));
                     }
                 },
+                () = &mut idle_timer, if idle_timeout.is_some() => {
+                    let limit = idle_timeout.unwrap_or(NEVER);
+                    let quiet_until = activity.last() + limit;
+                    if quiet_until > tokio::time::Instant::now() {
+                        // Bytes moved since the timer was set: wait again.
+                        idle_timer.as_mut().reset(quiet_until);
+                        continue;
+                    }
+                    let reason = CloseReason::Aborted {
+                        reason: format!("tunnel idle for {limit:?} (no data either way): closed by the idle timeout"),
+                    };
+                    let _ = send_frame(&mut writer, &mut sealer, &DataFrame::Close(reason), &mut scratch, &mut out).await;
+                    abort.cancel();
+                    return UpEnd::Failed(TunnelEnd::IdleTimeout(limit));
+                }
             }
         }
     };
@@ -204,7 +320,10 @@ where
                 next = recv_frame(&mut reader, &mut opener, &mut plain) => next,
             };
             let n = match next {
-                Ok(n) => n,
+                Ok(n) => {
+                    activity.touch();
+                    n
+                }
                 Err(LinkError::Closed) if eof_received => return None,
                 Err(e) => {
                     abort.cancel();
@@ -231,7 +350,7 @@ where
                     let written = tokio::select! {
                         biased;
                         () = abort.cancelled() => return None,
-                        w = local_w.write_all(data) => w,
+                        w = write_all_noting_progress(&mut local_w, data, &activity) => w,
                     };
                     if let Err(e) = written {
                         if let Some(tx) = close_tx.take() {

@@ -1,12 +1,60 @@
-//! Postern access decisions.
+//! Postern access decisions: Cedar policies, the allow list, admin tooling
+//! and the tamper-evident audit log.
 //!
-//! Today this crate holds the outlet's allow list: the explicit set of
-//! identifiers that may open tunnels to a service. Decisions are plain
-//! functions with no I/O, and the default is deny: an empty list admits
-//! nobody. Attribute-based policies (Cedar) will replace the list as the
-//! everyday mechanism; the [`Decision`] type is what every enforcement point
-//! consumes either way.
+//! - [`PolicyEngine`] loads `*.cedar` files, validates them against the
+//!   Postern schema ([`SCHEMA`]) and decides requests ([`PolicyEngine::decide`]).
+//!   Default deny: no policies means nothing is permitted, and an evaluation
+//!   error in any policy turns the decision into a deny.
+//! - [`AllowList`] is the outlet's simple list of admitted identifiers.
+//! - [`validate`], [`run_cases`] and [`explain`] back the
+//!   `postern policy validate|test|explain` commands and return printable
+//!   reports.
+//! - [`audit`] writes and verifies the hash-chained audit log.
+//!
+//! What this crate does not do: networking, watching files for changes, or
+//! deciding when to re-evaluate live tunnels. Its only I/O is reading policy
+//! and cases files, and appending to and reading the audit log, when asked;
+//! decision time is passed in by the caller ([`RequestContext::time`]).
+//!
+//! # The schema
+//!
+//! Namespace-free, so policies write `Action::"connect"`,
+//! `Service::"db-prod"` and `Identity::"P…"`. See [`SCHEMA`] for the text.
+//!
+//! - Principal `Identity`: `identifier` (always), optional `team`, `role`,
+//!   `name`, `email` (strings) and `groups` (set of strings) from credentials,
+//!   and **every** credential attribute as a tag holding a set of strings:
+//!   `principal.hasTag("dept") && principal.getTag("dept").contains("x")`.
+//! - Resource `Service`: `name` (always), optional `env`, `team`, `owner`,
+//!   `tier`, `region`, and every outlet-declared attribute as a tag.
+//! - Actions `connect` and `register`.
+//! - Context: `time` (Unix seconds), `now` (datetime), `hour_utc`,
+//!   `weekday` (1 = Monday … 7 = Sunday), and, when known, `source_ip`
+//!   (ipaddr, relay-asserted), `relay` and `credential_expires`.
 #![forbid(unsafe_code)]
+
+pub mod audit;
+mod cases;
+mod diagnostics;
+mod engine;
+mod prefilter;
+mod request;
+mod scan;
+mod time;
+
+pub use cases::{
+    attrs_from_flags, explain, run_cases, BadAttrFlag, Case, CaseContext, CaseOutcome,
+    CasePrincipal, CaseTime, CasesError, CasesFile, CasesReport, Expect, Explanation,
+    DEFAULT_CASE_IDENTIFIER, DEFAULT_CASE_TIME, MAX_CASES_FILE_BYTES,
+};
+pub use diagnostics::{Diagnostic, DiagnosticKind, Diagnostics};
+pub use engine::{
+    read_policy_dir, validate, PolicyDecision, PolicyEffect, PolicyEngine, PolicyError, PolicyInfo,
+    PolicySource, ValidateReport, MAX_POLICY_FILES, MAX_POLICY_FILE_BYTES, MAX_POLICY_TOTAL_BYTES,
+    SCHEMA,
+};
+pub use request::{AccessRequest, Action, BadAction, Principal, RequestContext, Service};
+pub use scan::{MAX_NESTING_DEPTH, MAX_POLICY_OPERATORS, MAX_POLICY_TOKENS};
 
 use std::collections::BTreeSet;
 use std::fmt;

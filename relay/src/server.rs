@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,8 +36,17 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// Most connections (hop and data) at once.
     pub max_connections: usize,
-    /// Most connections still authenticating at once.
+    /// Most connections still authenticating at once. A connection counts
+    /// from `accept` until its handshake succeeds, and is cut after
+    /// `handshake_timeout` in all (preamble included).
     pub max_pending_handshakes: usize,
+    /// Most connections still authenticating at once from one source: an
+    /// IPv4 address, or an IPv6 /64 (one host usually holds a whole /64).
+    pub max_pending_per_source: usize,
+    /// Most tunnels (spliced, or waiting for their second end) at once. An
+    /// `open` beyond it is refused with a reason; established tunnels are
+    /// not disturbed.
+    pub max_tunnels: usize,
     /// Buffer size of each direction of a splice.
     pub splice_buffer: usize,
     /// Most authenticated data connections one node may keep waiting for a
@@ -56,6 +66,8 @@ impl RelayConfig {
             idle_timeout: Duration::from_secs(30),
             max_connections: 20_000,
             max_pending_handshakes: 1_024,
+            max_pending_per_source: 256,
+            max_tunnels: 10_000,
             splice_buffer: 64 * 1024,
             max_spares_per_node: 8,
             spare_idle_timeout: Duration::from_secs(120),
@@ -98,10 +110,176 @@ struct Shared {
     local: LocalParty,
     config: RelayConfig,
     state: Mutex<State>,
-    pending_handshakes: Semaphore,
+    pending: Mutex<Pending>,
+    /// Data connections past their handshake (spares, tunnel ends waiting
+    /// for their peer, and spliced tunnels: the second end of a tunnel hands
+    /// its socket to the first and stops counting).
+    authenticated_data: AtomicUsize,
+    /// Connections refused at a limit (logged at most once a second).
+    refusals: RateLimited,
+    /// Connections cut at the handshake deadline.
+    cuts: RateLimited,
+    /// Opens refused at the tunnel limit.
+    open_refusals: RateLimited,
+}
+
+/// Where a connection comes from, for per-source limits: an IPv4 address,
+/// or the /64 of an IPv6 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4([u8; 4]),
+    V6Prefix([u8; 8]),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Source {
+        match ip {
+            IpAddr::V4(v4) => Source::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4.octets()),
+                None => {
+                    let mut prefix = [0u8; 8];
+                    prefix.copy_from_slice(&v6.octets()[..8]);
+                    Source::V6Prefix(prefix)
+                }
+            },
+        }
+    }
+}
+
+/// Connections still authenticating, in total and per source.
+#[derive(Debug, Default)]
+struct Pending {
+    total: usize,
+    per_source: HashMap<Source, usize>,
+}
+
+/// Why a new connection was refused before reading a byte.
+enum PendingRefusal {
+    Total(usize),
+    PerSource(usize),
+}
+
+/// One connection counted in [`Pending`] until dropped.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    source: Source,
+}
+
+impl<'a> PendingGuard<'a> {
+    fn take(shared: &'a Shared, source: Source) -> Result<Self, PendingRefusal> {
+        let (max_total, max_per_source) = (
+            shared.config.max_pending_handshakes,
+            shared.config.max_pending_per_source,
+        );
+        let mut pending = shared.pending();
+        if pending.total >= max_total {
+            return Err(PendingRefusal::Total(max_total));
+        }
+        let count = pending.per_source.entry(source).or_insert(0);
+        if *count >= max_per_source {
+            return Err(PendingRefusal::PerSource(max_per_source));
+        }
+        *count += 1;
+        pending.total += 1;
+        Ok(PendingGuard { shared, source })
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.shared.pending();
+        pending.total = pending.total.saturating_sub(1);
+        if let Some(count) = pending.per_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                pending.per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Counts one authenticated data connection while it lives.
+struct DataGuard<'a>(&'a AtomicUsize);
+
+impl<'a> DataGuard<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        DataGuard(counter)
+    }
+}
+
+impl Drop for DataGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Lets through at most one warning per second about refused connections,
+/// and says how many were not logged meanwhile: a flood must not become a
+/// flood of log lines.
+#[derive(Debug)]
+struct RateLimited {
+    start: Instant,
+    last_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimited {
+    const EVERY_MS: u64 = 1_000;
+
+    fn new() -> Self {
+        RateLimited {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(suppressed since the last one)` when this event may be logged.
+    fn permit(&self) -> Option<u64> {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = now.saturating_add(Self::EVERY_MS);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= Self::EVERY_MS
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tunnels the relay carries or is setting up: authenticated data
+    /// connections that are not idle spares.
+    fn tunnels(&self) -> usize {
+        let spares: usize = self.state().spares.values().sum();
+        self.authenticated_data
+            .load(Ordering::Relaxed)
+            .saturating_sub(spares)
+    }
+
+    /// Why a new tunnel must be refused now, if it must.
+    fn tunnel_refusal(&self) -> Option<String> {
+        let tunnels = self.tunnels();
+        let max = self.config.max_tunnels;
+        (tunnels >= max).then(|| {
+            format!(
+                "the relay is carrying its maximum of {max} tunnels (max_tunnels); try again later"
+            )
+        })
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the registry half
         // updated in a way that matters more than stopping would; keep going.
@@ -139,7 +317,11 @@ impl Relay {
         let relay_id = identity.identifier();
         let local = LocalParty::new(identity)?;
         let shared = Arc::new(Shared {
-            pending_handshakes: Semaphore::new(config.max_pending_handshakes),
+            pending: Mutex::new(Pending::default()),
+            authenticated_data: AtomicUsize::new(0),
+            refusals: RateLimited::new(),
+            cuts: RateLimited::new(),
+            open_refusals: RateLimited::new(),
             state: Mutex::new(State {
                 registry: Registry::new(relay_id, config.token_ttl),
                 sessions: HashMap::new(),
@@ -206,7 +388,9 @@ impl Relay {
                 }
             };
             let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-                warn!(%peer_addr, limit = shared.config.max_connections, "connection limit reached; refusing connection");
+                if let Some(suppressed) = shared.refusals.permit() {
+                    warn!(%peer_addr, limit = shared.config.max_connections, suppressed, "connection limit reached; refusing connection");
+                }
                 continue;
             };
             let shared = Arc::clone(&shared);
@@ -229,11 +413,14 @@ impl Relay {
     }
 }
 
+/// `TCP_NODELAY`, and keepalive probes that find a vanished peer (no FIN,
+/// no reset) after about 30 s: 15 s of silence, then 3 probes 5 s apart.
 fn tune_socket(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(15))
-        .with_interval(Duration::from_secs(5));
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
@@ -243,17 +430,79 @@ fn reset_on_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Admits a connection while it authenticates, within the pending limits,
+/// and cuts it if it has not authenticated `handshake_timeout` after
+/// `accept`, however slowly it trickles bytes.
 async fn handle_connection(
     shared: &Shared,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer_addr: SocketAddr,
     shutdown: CancellationToken,
 ) {
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let pending = match PendingGuard::take(shared, Source::of(peer_addr.ip())) {
+        Ok(guard) => guard,
+        Err(refusal) => {
+            // Closing at once costs the peer a connection and us nothing.
+            reset_on_close(&stream);
+            if let Some(suppressed) = shared.refusals.permit() {
+                match refusal {
+                    PendingRefusal::Total(limit) => {
+                        warn!(%peer_addr, limit, suppressed, "too many connections still authenticating; refusing connection (max_pending_handshakes)")
+                    }
+                    PendingRefusal::PerSource(limit) => {
+                        warn!(%peer_addr, limit, suppressed, "too many connections still authenticating from this source; refusing connection (max_pending_per_source)")
+                    }
+                }
+            }
+            return;
+        }
+    };
     tune_socket(&stream);
-    let Ok(handshake_permit) = shared.pending_handshakes.try_acquire() else {
-        warn!(%peer_addr, limit = shared.config.max_pending_handshakes, "too many connections still authenticating; refusing connection");
+    // The session functions release the one permit of `authenticating` when
+    // their handshake succeeds; watching it tells us when to stop counting
+    // this connection as pending, and whether it beat the deadline.
+    let authenticating = Semaphore::new(1);
+    let Ok(handshake_permit) = authenticating.try_acquire() else {
         return;
     };
+    let is_data = AtomicBool::new(false);
+    let session = dispatch(
+        shared,
+        stream,
+        peer_addr,
+        handshake_permit,
+        shutdown,
+        &is_data,
+    );
+    tokio::pin!(session);
+    let authenticated = tokio::select! {
+        () = &mut session => return,
+        released = authenticating.acquire() => released.is_ok(),
+        () = tokio::time::sleep_until(deadline) => false,
+    };
+    drop(pending);
+    if !authenticated {
+        if let Some(suppressed) = shared.cuts.permit() {
+            warn!(%peer_addr, suppressed, "not authenticated within {:?} of connecting; closing", shared.config.handshake_timeout);
+        }
+        return;
+    }
+    let _counted = is_data
+        .load(Ordering::Relaxed)
+        .then(|| DataGuard::new(&shared.authenticated_data));
+    session.await;
+}
+
+/// Reads the preamble and runs the hop or data connection it announces.
+async fn dispatch(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer_addr: SocketAddr,
+    handshake_permit: tokio::sync::SemaphorePermit<'_>,
+    shutdown: CancellationToken,
+    is_data: &AtomicBool,
+) {
     let mut preamble = [0u8; PREAMBLE_LEN];
     let timeout = shared.config.handshake_timeout;
     match tokio::time::timeout(timeout, stream.read_exact(&mut preamble)).await {
@@ -269,7 +518,10 @@ async fn handle_connection(
     }
     match preamble {
         PREAMBLE_HOP => hop_session(shared, stream, peer_addr, handshake_permit, shutdown).await,
-        PREAMBLE_ATTACH => attach(shared, stream, peer_addr, handshake_permit, shutdown).await,
+        PREAMBLE_ATTACH => {
+            is_data.store(true, Ordering::Relaxed);
+            attach(shared, stream, peer_addr, handshake_permit, shutdown).await;
+        }
         other => {
             let looks_like = if other.starts_with(b"GET ")
                 || other.starts_with(b"POST")
@@ -342,7 +594,11 @@ async fn hop_session(
                     Ok(Err(e)) => break format!("protocol error: {e}"),
                     Ok(Ok(msg)) => msg,
                 };
-                if let Some(reply) = handle_control(shared, session, node, &peer.static_key, msg) {
+                let reply = match over_tunnel_limit(shared, node, &msg) {
+                    Some(refused) => Some(refused),
+                    None => handle_control(shared, session, node, &peer.static_key, msg),
+                };
+                if let Some(reply) = reply {
                     if let Err(e) = outbox.send(&reply).await {
                         break format!("send failed: {e}");
                     }
@@ -359,6 +615,22 @@ async fn hop_session(
         info!(%node, %service, "service unregistered (its outlet disconnected)");
     }
     info!(%node, session = session.0, %reason, "node disconnected");
+}
+
+/// An `open` the relay cannot carry (it is at `max_tunnels`) gets its
+/// refusal here, before any token is minted.
+fn over_tunnel_limit(shared: &Shared, node: Identifier, msg: &Control) -> Option<Control> {
+    let Control::Open { request, service } = msg else {
+        return None;
+    };
+    let reason = shared.tunnel_refusal()?;
+    if let Some(suppressed) = shared.open_refusals.permit() {
+        warn!(inlet = %node, %service, limit = shared.config.max_tunnels, suppressed, "open refused: tunnel limit reached");
+    }
+    Some(Control::OpenRefused {
+        request: *request,
+        reason,
+    })
 }
 
 fn handle_control(

@@ -5,4 +5,6 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod oidc;
 pub mod pg;
+pub mod procs;

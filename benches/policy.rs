@@ -1,0 +1,213 @@
+//! Policy decision latency: one [`PolicyEngine::decide`] call — building the
+//! Cedar entities from credential attributes, the context, and evaluating —
+//! against 100 policies of the kinds admins write (per-service grants,
+//! team-scoped rules, registrations, time windows, address restrictions,
+//! tag rules, break-glass), most of which do not match the request.
+//!
+//! ```text
+//! cargo bench --bench policy                 # 20 000 timed decisions per case
+//! ```
+//!
+//! Run without `--bench` (as `cargo test --all-targets` does) it is a smoke
+//! test: a handful of decisions, checked for the expected outcome, no timing
+//! claims. Target: p50 ≤ 10 µs per decision.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use postern_identity::{AttrValue, Identifier};
+use postern_policies::{AccessRequest, Action, PolicyEngine, Principal, RequestContext, Service};
+
+/// Timed decisions per case in a real run.
+const SAMPLES: usize = 20_000;
+/// Untimed decisions before timing.
+const WARMUP: usize = 2_000;
+/// Decisions per case in smoke mode.
+const SMOKE_SAMPLES: usize = 5;
+/// The goal for the median.
+const TARGET_P50: Duration = Duration::from_micros(10);
+
+/// 100 policies: the mix a mid-sized deployment might have.
+fn policies() -> String {
+    let mut p = String::new();
+    // 40 per-service grants to a team (mostly other services).
+    for i in 0..40 {
+        writeln!(
+            p,
+            "@id(\"svc-{i}-team\")\npermit(principal, action == Action::\"connect\", resource == Service::\"svc-{i}\")\n\
+             when {{ principal has team && principal.team == \"team-{}\" }};",
+            i % 10
+        )
+        .unwrap();
+    }
+    // 20 team-scoped rules by group and environment.
+    for i in 0..20 {
+        writeln!(
+            p,
+            "@id(\"group-{i}\")\npermit(principal, action == Action::\"connect\", resource)\n\
+             when {{ principal has groups && principal.groups.contains(\"group-{i}\") &&\n\
+                     resource has env && resource.env == \"{}\" }};",
+            ["dev", "staging", "prod"][i % 3]
+        )
+        .unwrap();
+    }
+    // 15 registrations.
+    for i in 0..15 {
+        writeln!(
+            p,
+            "@id(\"register-{i}\")\npermit(principal, action == Action::\"register\", resource == Service::\"svc-{i}\")\n\
+             when {{ principal has role && principal.role == \"outlet-{i}\" }};"
+        )
+        .unwrap();
+    }
+    // 10 time windows.
+    for i in 0..10 {
+        writeln!(
+            p,
+            "@id(\"hours-{i}\")\npermit(principal, action == Action::\"connect\", resource)\n\
+             when {{ principal has role && principal.role == \"shift-{i}\" &&\n\
+                     context.weekday <= 5 && context.hour_utc >= {} && context.hour_utc < {} }};",
+            i,
+            i + 8
+        )
+        .unwrap();
+    }
+    // 5 address restrictions (forbids that every connect request evaluates).
+    for i in 0..5 {
+        writeln!(
+            p,
+            "@id(\"network-{i}\")\nforbid(principal, action == Action::\"connect\", resource)\n\
+             when {{ resource has tier && resource.tier == \"tier-{i}\" &&\n\
+                     !(context has source_ip && (context.source_ip.isInRange(ip(\"10.{i}.0.0/16\")) ||\n\
+                       context.source_ip.isInRange(ip(\"192.168.{i}.0/24\")))) }};"
+        )
+        .unwrap();
+    }
+    // 9 rules on arbitrary credential attributes (tags).
+    for i in 0..9 {
+        writeln!(
+            p,
+            "@id(\"dept-{i}\")\npermit(principal, action == Action::\"connect\", resource)\n\
+             when {{ principal.hasTag(\"department\") && principal.getTag(\"department\").contains(\"dept-{i}\") &&\n\
+                     resource.hasTag(\"data-class\") && resource.getTag(\"data-class\").contains(\"internal\") }};"
+        )
+        .unwrap();
+    }
+    // 1 break-glass.
+    writeln!(
+        p,
+        "@id(\"break-glass\")\npermit(principal, action == Action::\"connect\", resource)\n\
+         when {{ principal.hasTag(\"incident\") && context has credential_expires &&\n\
+                 context.credential_expires - context.time <= 3600 }};"
+    )
+    .unwrap();
+    p
+}
+
+fn request(service: &str, team: &str) -> AccessRequest {
+    let many = |vs: &[&str]| AttrValue::Many(vs.iter().map(|v| v.to_string()).collect());
+    AccessRequest {
+        principal: Principal::new(Identifier::from_public_key(&[7; 32]))
+            .with_attr("team", AttrValue::One(team.into()))
+            .with_attr("role", AttrValue::One("analyst".into()))
+            .with_attr("groups", many(&["group-2", "oncall", "everyone"]))
+            .with_attr("email", AttrValue::One("ana@example.com".into()))
+            .with_attr("department", AttrValue::One("finance".into())),
+        service: Service::new(service.parse().unwrap())
+            .with_attr("env", AttrValue::One("staging".into()))
+            .with_attr("team", AttrValue::One("team-2".into()))
+            .with_attr("tier", AttrValue::One("tier-2".into())),
+        context: RequestContext {
+            time: 1_735_732_800,
+            source_ip: Some("10.2.3.4".parse().unwrap()),
+            relay: Some(Identifier::from_public_key(&[9; 32])),
+            credential_expires: Some(1_735_736_400),
+        },
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` does not.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+
+    let text = policies();
+    let started = Instant::now();
+    let engine = PolicyEngine::from_text("bench.cedar", &text).expect("bench policies are valid");
+    let load = started.elapsed();
+    assert_eq!(engine.len(), 100);
+
+    let cases = [
+        // svc-12 is granted to team-2: one permit among 100 matches.
+        ("allow", Action::Connect, request("svc-12", "team-2"), true),
+        // Nothing grants team-x anything: default deny.
+        ("deny", Action::Connect, request("svc-12", "team-x"), false),
+        (
+            "register deny",
+            Action::Register,
+            request("svc-3", "team-2"),
+            false,
+        ),
+    ];
+    let (samples, warmup) = if smoke {
+        (SMOKE_SAMPLES, 0)
+    } else {
+        (SAMPLES, WARMUP)
+    };
+
+    println!(
+        "policy decisions, 100 policies (loaded and validated in {:.1} ms){}",
+        load.as_secs_f64() * 1e3,
+        if smoke {
+            " — smoke test, timings meaningless"
+        } else {
+            ""
+        }
+    );
+    let mut worst_p50 = Duration::ZERO;
+    for (name, action, req, expect) in &cases {
+        let d = engine.decide(*action, req);
+        assert_eq!(d.allow, *expect, "{name}: {}", d.audit_reason);
+        assert!(d.errors.is_empty(), "{name}: {:?}", d.errors);
+        for _ in 0..warmup {
+            black_box(engine.decide(*action, black_box(req)));
+        }
+        let mut times = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let t = Instant::now();
+            let d = engine.decide(*action, black_box(req));
+            times.push(t.elapsed());
+            black_box(d);
+        }
+        times.sort_unstable();
+        let (p50, p99) = (percentile(&times, 0.50), percentile(&times, 0.99));
+        worst_p50 = worst_p50.max(p50);
+        println!(
+            "  {name:<14} p50 {:>7.2} µs   p99 {:>7.2} µs   ({} samples)",
+            micros(p50),
+            micros(p99),
+            samples
+        );
+    }
+    if !smoke {
+        println!(
+            "target p50 ≤ {} µs: {}",
+            TARGET_P50.as_micros(),
+            if worst_p50 <= TARGET_P50 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+}

@@ -1,0 +1,943 @@
+//! The policy engine: Cedar policies loaded from files, validated against the
+//! Postern schema, and evaluated for one request at a time.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cedar_policy::{
+    Authorizer, Effect, Entities, Policy, PolicyId, PolicySet, Request, RestrictedExpression,
+    Schema, ValidationMode, ValidationWarning, Validator,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::diagnostics::{Diagnostic, DiagnosticKind, Diagnostics};
+use crate::prefilter::{self, Filter, Target};
+use crate::request::{self, AccessRequest, Action, ContextUse, Names, View};
+use crate::{scan, Decision};
+
+/// The Postern Cedar schema (Cedar schema syntax, no namespace).
+pub const SCHEMA: &str = include_str!("postern.cedarschema");
+
+const IMPOSSIBLE_HELP: &str = "check the attribute names it tests with `has`: an attribute \
+the schema does not declare is never present. Identity declares identifier, team, role, groups, \
+name and email; Service declares name, env, team, owner, tier and region; reach any other \
+attribute with hasTag(\"…\") and getTag(\"…\"). Delete a policy rather than disable it with \
+`when { false }`";
+
+/// Largest policy file accepted, in bytes.
+pub const MAX_POLICY_FILE_BYTES: u64 = 1024 * 1024;
+/// Most `*.cedar` files accepted in one policy directory.
+pub const MAX_POLICY_FILES: usize = 1000;
+/// Largest total size of the policy files of one engine, in bytes.
+pub const MAX_POLICY_TOTAL_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Why policies could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A policy file or directory could not be read (local configuration).
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A policy file exceeds [`MAX_POLICY_FILE_BYTES`].
+    #[error("{file} is larger than {limit} bytes, the limit for one policy file; split it into several files")]
+    FileTooLarge {
+        /// The file.
+        file: String,
+        /// The limit, bytes.
+        limit: u64,
+    },
+    /// A directory holds more than [`MAX_POLICY_FILES`] policy files.
+    #[error("{} holds more than {limit} *.cedar files, the limit; merge some of them", dir.display())]
+    TooManyFiles {
+        /// The directory.
+        dir: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
+    /// The files together exceed [`MAX_POLICY_TOTAL_BYTES`].
+    #[error("the policy files total more than {limit} bytes, the limit")]
+    TooMuchPolicy {
+        /// The limit, bytes.
+        limit: u64,
+    },
+    /// A policy file is not UTF-8 text.
+    #[error("{file} is not UTF-8 text")]
+    NotUtf8 {
+        /// The file.
+        file: String,
+    },
+    /// The policies have syntax or schema errors (local configuration); the
+    /// diagnostics say where and what was expected.
+    #[error("invalid policies:\n{0}")]
+    Invalid(Diagnostics),
+    /// The built-in schema did not load: a bug in Postern, not in the policies.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Candidate policy sets kept per engine.
+const CANDIDATE_SET_CACHE: usize = 1024;
+/// Source addresses whose Cedar value is kept per engine.
+const ADDRESS_CACHE: usize = 4096;
+
+/// A small thread-safe map that forgets everything when full: bounded memory
+/// without bookkeeping. A poisoned lock just disables it.
+struct BoundedCache<K, V> {
+    map: Mutex<HashMap<K, V>>,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> BoundedCache<K, V> {
+    fn new(capacity: usize) -> Self {
+        BoundedCache {
+            map: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.map.lock().ok()?.get(key).cloned()
+    }
+
+    fn insert(&self, key: K, value: V) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= self.capacity {
+                map.clear();
+            }
+            map.insert(key, value);
+        }
+    }
+}
+
+/// The parsed schema, once per process.
+fn schema() -> Result<&'static Schema, PolicyError> {
+    static SCHEMA_CELL: OnceLock<Result<Schema, String>> = OnceLock::new();
+    SCHEMA_CELL
+        .get_or_init(|| {
+            Schema::from_cedarschema_str(SCHEMA)
+                .map(|(schema, _warnings)| schema)
+                .map_err(|e| format!("the built-in Cedar schema does not parse: {e}"))
+        })
+        .as_ref()
+        .map_err(|e| PolicyError::Internal(e.clone()))
+}
+
+/// Whether a policy grants or refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyEffect {
+    /// `permit(…)`.
+    Permit,
+    /// `forbid(…)`.
+    Forbid,
+}
+
+impl fmt::Display for PolicyEffect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyEffect::Permit => "permit",
+            PolicyEffect::Forbid => "forbid",
+        })
+    }
+}
+
+/// Where a loaded policy came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyInfo {
+    /// Its id: the `@id("…")` annotation, or `FILE:LINE` (file name without
+    /// directory) when it has none.
+    pub id: String,
+    /// The file, as named to the loader.
+    pub file: String,
+    /// The line it starts on (its first annotation, or `permit`/`forbid`).
+    pub line: usize,
+    /// Permit or forbid.
+    pub effect: PolicyEffect,
+}
+
+/// The outcome of one decision, with the reasons for the user and for the
+/// audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyDecision {
+    /// Whether access is granted. False whenever anything went wrong.
+    pub allow: bool,
+    /// The action decided.
+    pub action: Action,
+    /// The service it was about.
+    pub service: String,
+    /// Ids of the policies that decided: the permits that allowed, or the
+    /// forbids that denied (empty for a default deny).
+    pub determining_policies: Vec<String>,
+    /// Evaluation errors (each one makes the decision a deny). May quote
+    /// attribute values: for the operator, not the requesting user.
+    pub errors: Vec<String>,
+    /// Remarks about the request, such as credential attributes that could not
+    /// be given their schema type. May quote attribute names.
+    pub notes: Vec<String>,
+    /// Why, in words the requesting user may see: policy ids and the service
+    /// name, never attribute values.
+    pub user_reason: String,
+    /// Why, in full, for the operator's log and the audit record: principal,
+    /// attributes, context, policies, errors and notes.
+    pub audit_reason: String,
+}
+
+impl PolicyDecision {
+    /// As the enforcement points' [`Decision`].
+    pub fn to_decision(&self) -> Decision {
+        if self.allow {
+            Decision::Allow
+        } else {
+            Decision::Deny {
+                reason: self.user_reason.clone(),
+            }
+        }
+    }
+}
+
+/// A validated set of Cedar policies and the means to evaluate them.
+///
+/// Cheap to share (`Send + Sync`); reload by building a new engine and
+/// swapping it in, so a broken file never replaces working policies.
+pub struct PolicyEngine {
+    /// The policies by index, as in `infos`, for building candidate sets.
+    cedar: Vec<Policy>,
+    /// Pre-filters, by index.
+    filters: Vec<Filter>,
+    /// Context fields some policy reads.
+    context_use: ContextUse,
+    /// Candidate policy indices → the policy set of just those.
+    sets: BoundedCache<Vec<u32>, Arc<PolicySet>>,
+    /// Source address → its Cedar value.
+    addresses: BoundedCache<IpAddr, RestrictedExpression>,
+    infos: Vec<PolicyInfo>,
+    by_id: HashMap<String, usize>,
+    warnings: Vec<Diagnostic>,
+    files: usize,
+    digest: String,
+    names: Names,
+    authorizer: Authorizer,
+}
+
+impl fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyEngine")
+            .field("files", &self.files)
+            .field("policies", &self.infos.len())
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One policy file's name (as shown in diagnostics) and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySource {
+    /// The name diagnostics use, normally the path.
+    pub file: String,
+    /// The Cedar text.
+    pub text: String,
+}
+
+impl PolicySource {
+    /// A source named `file` with `text`.
+    pub fn new(file: impl Into<String>, text: impl Into<String>) -> Self {
+        PolicySource {
+            file: file.into(),
+            text: text.into(),
+        }
+    }
+}
+
+/// Reads the `*.cedar` files of `dir` (not recursively; names starting with
+/// `.`, such as editors' temporary files, are skipped), sorted by name.
+pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, PolicyError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PolicyError::Io { path, source }
+    };
+    let mut paths = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') || !name.ends_with(".cedar") {
+            continue;
+        }
+        let path = entry.path();
+        // Follows symbolic links, as configuration managers often use them.
+        if !fs::metadata(&path).map_err(io(&path))?.is_file() {
+            continue;
+        }
+        paths.push(path);
+        if paths.len() > MAX_POLICY_FILES {
+            return Err(PolicyError::TooManyFiles {
+                dir: dir.to_path_buf(),
+                limit: MAX_POLICY_FILES,
+            });
+        }
+    }
+    paths.sort();
+    let mut total = 0u64;
+    let mut sources = Vec::with_capacity(paths.len());
+    for path in paths {
+        let file = path.display().to_string();
+        let mut bytes = Vec::new();
+        fs::File::open(&path)
+            .and_then(|f| f.take(MAX_POLICY_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(io(&path))?;
+        let len = bytes.len() as u64;
+        if len > MAX_POLICY_FILE_BYTES {
+            return Err(PolicyError::FileTooLarge {
+                file,
+                limit: MAX_POLICY_FILE_BYTES,
+            });
+        }
+        total += len;
+        if total > MAX_POLICY_TOTAL_BYTES {
+            return Err(PolicyError::TooMuchPolicy {
+                limit: MAX_POLICY_TOTAL_BYTES,
+            });
+        }
+        let text =
+            String::from_utf8(bytes).map_err(|_| PolicyError::NotUtf8 { file: file.clone() })?;
+        sources.push(PolicySource { file, text });
+    }
+    Ok(sources)
+}
+
+/// The generated id Cedar gives the `n`th policy of a text (`policy<n>`).
+fn generated_index(id: &PolicyId) -> usize {
+    id.to_string()
+        .strip_prefix("policy")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// The file name without its directory, for generated policy ids.
+fn short_name(file: &str) -> &str {
+    file.rsplit(['/', '\\']).next().unwrap_or(file)
+}
+
+impl PolicyEngine {
+    /// An engine with no policies: it denies everything.
+    pub fn empty() -> Result<Self, PolicyError> {
+        Self::from_sources(Vec::new())
+    }
+
+    /// Loads and validates the `*.cedar` files of `dir` (see
+    /// [`read_policy_dir`]). An empty directory gives an empty engine.
+    pub fn from_dir(dir: &Path) -> Result<Self, PolicyError> {
+        Self::from_sources(read_policy_dir(dir)?)
+    }
+
+    /// Loads and validates one text, named `file` in diagnostics.
+    pub fn from_text(file: &str, text: &str) -> Result<Self, PolicyError> {
+        Self::from_sources(vec![PolicySource::new(file, text)])
+    }
+
+    /// Loads and validates policy sources. All problems in all files are
+    /// reported together in [`PolicyError::Invalid`].
+    pub fn from_sources(sources: Vec<PolicySource>) -> Result<Self, PolicyError> {
+        let schema = schema()?;
+        let names = Names::new().map_err(PolicyError::Internal)?;
+        let mut total = 0u64;
+        for s in &sources {
+            let len = s.text.len() as u64;
+            if len > MAX_POLICY_FILE_BYTES {
+                return Err(PolicyError::FileTooLarge {
+                    file: s.file.clone(),
+                    limit: MAX_POLICY_FILE_BYTES,
+                });
+            }
+            total += len;
+        }
+        if total > MAX_POLICY_TOTAL_BYTES {
+            return Err(PolicyError::TooMuchPolicy {
+                limit: MAX_POLICY_TOTAL_BYTES,
+            });
+        }
+
+        let mut problems = Vec::new();
+        let mut policies = PolicySet::new();
+        let mut cedar: Vec<Policy> = Vec::new();
+        let mut infos: Vec<PolicyInfo> = Vec::new();
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        // Policy id → index into `sources`, to position validation errors.
+        let mut source_of: HashMap<String, usize> = HashMap::new();
+
+        for (index, source) in sources.iter().enumerate() {
+            let (file, text) = (source.file.as_str(), source.text.as_str());
+            if let Err(d) = scan::check(file, text) {
+                problems.push(d);
+                continue;
+            }
+            let parsed =
+                match PolicySet::from_str(text) {
+                    Ok(set) => set,
+                    Err(errors) => {
+                        problems.extend(errors.iter().map(|e| {
+                            Diagnostic::from_miette(DiagnosticKind::Syntax, file, text, e)
+                        }));
+                        continue;
+                    }
+                };
+            // Cedar numbers the policies of a text in order (`policy0`, …);
+            // each one's text is an exact excerpt of the file, so a forward
+            // search from the end of the previous one finds where it starts.
+            let mut ordered: Vec<(usize, Option<&cedar_policy::Policy>, String)> = parsed
+                .policies()
+                .map(|p| (generated_index(p.id()), Some(p), p.to_string()))
+                .chain(
+                    parsed
+                        .templates()
+                        .map(|t| (generated_index(t.id()), None, t.to_string())),
+                )
+                .collect();
+            ordered.sort_by_key(|(n, _, _)| *n);
+            let mut cursor = 0;
+            for (_, policy, policy_text) in ordered {
+                let offset = text[cursor..]
+                    .find(&policy_text)
+                    .map_or(cursor, |i| cursor + i);
+                cursor = offset + policy_text.len().min(text.len() - offset);
+                let line = text[..offset].matches('\n').count() + 1;
+                let Some(policy) = policy else {
+                    let mut d = Diagnostic::at(
+                        DiagnosticKind::Unsupported,
+                        file,
+                        text,
+                        offset,
+                        policy_text.len(),
+                        "templates (policies with `?principal` or `?resource`) are not supported"
+                            .into(),
+                    );
+                    d.help = Some(
+                        "name the principal or resource, or drop the `== ?…` constraint".into(),
+                    );
+                    problems.push(d);
+                    continue;
+                };
+                let id = match policy.annotation("id") {
+                    Some(id) => id.to_owned(),
+                    None => {
+                        let base = format!("{}:{line}", short_name(file));
+                        if by_id.contains_key(&base) {
+                            let line_start = text[..offset].rfind('\n').map_or(0, |nl| nl + 1);
+                            let column = text[line_start..offset].chars().count() + 1;
+                            format!("{base}:{column}")
+                        } else {
+                            base
+                        }
+                    }
+                };
+                if id.trim().is_empty() || id.chars().any(char::is_control) {
+                    let mut d = Diagnostic::at(
+                        DiagnosticKind::Unsupported,
+                        file,
+                        text,
+                        offset,
+                        policy_text.len(),
+                        "a policy id must be non-empty and have no control characters".into(),
+                    );
+                    d.help = Some("write an @id like @id(\"analysts-read-staging\")".into());
+                    problems.push(d);
+                    continue;
+                }
+                if let Some(&other) = by_id.get(&id) {
+                    let first = &infos[other];
+                    let mut d = Diagnostic::at(
+                        DiagnosticKind::Unsupported,
+                        file,
+                        text,
+                        offset,
+                        policy_text.len(),
+                        format!(
+                            "policy id {id:?} is already used by the policy at {}:{}",
+                            first.file, first.line
+                        ),
+                    );
+                    d.policy = Some(id);
+                    d.help = Some("give every policy a distinct @id".into());
+                    problems.push(d);
+                    continue;
+                }
+                let effect = match policy.effect() {
+                    Effect::Permit => PolicyEffect::Permit,
+                    Effect::Forbid => PolicyEffect::Forbid,
+                };
+                let renamed = policy.new_id(PolicyId::new(id.clone()));
+                if let Err(e) = policies.add(renamed.clone()) {
+                    return Err(PolicyError::Internal(format!("adding policy {id:?}: {e}")));
+                }
+                cedar.push(renamed);
+                by_id.insert(id.clone(), infos.len());
+                source_of.insert(id.clone(), index);
+                infos.push(PolicyInfo {
+                    id,
+                    file: file.to_owned(),
+                    line,
+                    effect,
+                });
+            }
+        }
+
+        // Validate whatever parsed, so that one run reports the problems of
+        // every file.
+        let mut warnings = Vec::new();
+        {
+            let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+            let place = |id: &PolicyId| -> (&str, &str) {
+                source_of
+                    .get(id.to_string().as_str())
+                    .and_then(|&i| sources.get(i))
+                    .map_or(("", ""), |s| (s.file.as_str(), s.text.as_str()))
+            };
+            for e in result.validation_errors() {
+                let (file, text) = place(e.policy_id());
+                let mut d = Diagnostic::from_miette(DiagnosticKind::Schema, file, text, e);
+                d.policy = Some(e.policy_id().to_string());
+                problems.push(d);
+            }
+            let failed: std::collections::HashSet<String> = result
+                .validation_errors()
+                .map(|e| e.policy_id().to_string())
+                .collect();
+            for w in result.validation_warnings() {
+                // A policy with errors gets no further remarks.
+                if failed.contains(w.policy_id().to_string().as_str()) {
+                    continue;
+                }
+                let (file, text) = place(w.policy_id());
+                // Cedar calls these warnings; for access control they are
+                // errors. A policy that can never apply is nearly always a
+                // misspelt attribute behind `has` (which is then false), and
+                // a forbid that silently never applies is dangerous.
+                // Bidirectional-text controls can hide what a policy says.
+                let kind = match w {
+                    ValidationWarning::ImpossiblePolicy(_) => DiagnosticKind::Schema,
+                    ValidationWarning::BidiCharsInString(_)
+                    | ValidationWarning::BidiCharsInIdentifier(_) => DiagnosticKind::Unsupported,
+                    _ => DiagnosticKind::Warning,
+                };
+                let mut d = Diagnostic::from_miette(kind, file, text, w);
+                d.policy = Some(w.policy_id().to_string());
+                if matches!(w, ValidationWarning::ImpossiblePolicy(_)) {
+                    d.help = Some(IMPOSSIBLE_HELP.into());
+                }
+                if kind == DiagnosticKind::Warning {
+                    warnings.push(d);
+                } else {
+                    problems.push(d);
+                }
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+            problems.extend(warnings);
+            return Err(PolicyError::Invalid(Diagnostics(problems)));
+        }
+
+        let filters = cedar.iter().map(Filter::new).collect();
+        let context_use = cedar
+            .iter()
+            .map(prefilter::context_use)
+            .fold(ContextUse { now: false, source_ip: false }, |a, b| ContextUse {
+                now: a.now || b.now,
+                source_ip: a.source_ip || b.source_ip,
+            });
+        let mut hash = Sha256::new();
+        for s in &sources {
+            for part in [s.file.as_bytes(), s.text.as_bytes()] {
+                hash.update((part.len() as u64).to_be_bytes());
+                hash.update(part);
+            }
+        }
+        Ok(PolicyEngine {
+            infos,
+            by_id,
+            warnings,
+            files: sources.len(),
+            digest: hex::encode(hash.finalize()),
+            names,
+            authorizer: Authorizer::new(),
+            cedar,
+            filters,
+            context_use,
+            sets: BoundedCache::new(CANDIDATE_SET_CACHE),
+            addresses: BoundedCache::new(ADDRESS_CACHE),
+        })
+    }
+
+    /// Whether there are no policies, so that everything is denied. A node
+    /// should say so at start-up ("no policies: admitting nobody").
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
+    }
+
+    /// Number of policies.
+    pub fn len(&self) -> usize {
+        self.infos.len()
+    }
+
+    /// Number of files the policies came from.
+    pub fn file_count(&self) -> usize {
+        self.files
+    }
+
+    /// The policies, in file order.
+    pub fn policies(&self) -> &[PolicyInfo] {
+        &self.infos
+    }
+
+    /// The policy with id `id`.
+    pub fn policy(&self, id: &str) -> Option<&PolicyInfo> {
+        self.by_id.get(id).map(|&i| &self.infos[i])
+    }
+
+    /// Validator warnings (accepted, but probably mistakes).
+    pub fn warnings(&self) -> &[Diagnostic] {
+        &self.warnings
+    }
+
+    /// SHA-256 (hex) of the file names and texts: identifies a policy version
+    /// in logs and audit records.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Decides whether `request.principal` may perform `action` on
+    /// `request.service`. Default deny: allowed only if some permit applies,
+    /// no forbid applies, and nothing failed — an evaluation error in any
+    /// policy, even one that would not have mattered, makes it a deny.
+    pub fn decide(&self, action: Action, request: &AccessRequest) -> PolicyDecision {
+        let mut notes = Vec::new();
+        let service = request.service.name.as_str();
+        let outcome = self.evaluate(action, request, &mut notes);
+        let (allow, determining_policies, errors) = match outcome {
+            Ok((allowed, policies, errors)) => (allowed && errors.is_empty(), policies, errors),
+            Err(error) => (false, Vec::new(), vec![error]),
+        };
+        let quoted = |ids: &[String]| {
+            ids.iter()
+                .map(|id| format!("{id:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let plural = |n: usize| if n == 1 { "policy" } else { "policies" };
+        let user_reason = if allow {
+            format!(
+                "{action} to {service} permitted by {} {}",
+                plural(determining_policies.len()),
+                quoted(&determining_policies)
+            )
+        } else if !errors.is_empty() {
+            format!("{action} to {service} denied: a policy could not be evaluated (the operator's log has the details)")
+        } else if !determining_policies.is_empty() {
+            format!(
+                "{action} to {service} forbidden by {} {}",
+                plural(determining_policies.len()),
+                quoted(&determining_policies)
+            )
+        } else if self.is_empty() {
+            format!("{action} to {service} denied: no policies are loaded, so nothing is permitted (default deny)")
+        } else {
+            format!("no policy permits {action} to {service}")
+        };
+        let audit_reason = self.audit_reason(
+            &user_reason,
+            action,
+            request,
+            &determining_policies,
+            &errors,
+            &notes,
+        );
+        PolicyDecision {
+            allow,
+            action,
+            service: service.to_owned(),
+            determining_policies,
+            errors,
+            notes,
+            user_reason,
+            audit_reason,
+        }
+    }
+
+    /// Runs Cedar on the policies that may apply:
+    /// `(allowed, determining policy ids, errors)`.
+    fn evaluate(
+        &self,
+        action: Action,
+        request: &AccessRequest,
+        notes: &mut Vec<String>,
+    ) -> Result<(bool, Vec<String>, Vec<String>), String> {
+        let principal = View::principal(&request.principal, notes);
+        let service = View::service(&request.service, notes);
+        let principal_uid = self.names.principal_uid(&request.principal.identifier);
+        let service_uid = self.names.service_uid(&request.service.name);
+        let target = Target {
+            principal_uid: &principal_uid,
+            principal_type: self.names.identity_type(),
+            action_uid: self.names.action(action),
+            resource_uid: &service_uid,
+            resource_type: self.names.service_type(),
+            principal: &principal,
+            resource: &service,
+        };
+        let candidates: Vec<u32> = self
+            .filters
+            .iter()
+            .zip(0u32..)
+            .filter(|(f, _)| f.may_apply(&target))
+            .map(|(_, i)| i)
+            .collect();
+        if candidates.is_empty() {
+            // Nothing could be satisfied or fail: the default deny.
+            return Ok((false, Vec::new(), Vec::new()));
+        }
+        let set = match self.sets.get(&candidates) {
+            Some(set) => set,
+            None => {
+                let mut set = PolicySet::new();
+                for &i in &candidates {
+                    let policy = self.cedar.get(i as usize).ok_or("policy index out of range")?;
+                    set.add(policy.clone()).map_err(|e| e.to_string())?;
+                }
+                let set = Arc::new(set);
+                self.sets.insert(candidates, Arc::clone(&set));
+                set
+            }
+        };
+        // The entities and context are built from the request's typed values
+        // to match the schema by construction (a test checks them against the
+        // schema), so Cedar's per-request schema checks are skipped.
+        let entities = Entities::from_entities(
+            [principal.entity(principal_uid.clone())?, service.entity(service_uid.clone())?],
+            None,
+        )
+        .map_err(|e| format!("entities: {e}"))?;
+        let context = request::context(&request.context, self.context_use, |ip| {
+            self.addresses.get(&ip).unwrap_or_else(|| {
+                let value = RestrictedExpression::new_ip(ip.to_string());
+                self.addresses.insert(ip, value.clone());
+                value
+            })
+        })?;
+        let cedar_request = Request::new(
+            principal_uid,
+            self.names.action(action).clone(),
+            service_uid,
+            context,
+            None,
+        )
+        .map_err(|e| format!("request: {e}"))?;
+        Ok(self.run(&cedar_request, &set, &entities))
+    }
+
+    fn run(
+        &self,
+        request: &Request,
+        set: &PolicySet,
+        entities: &Entities,
+    ) -> (bool, Vec<String>, Vec<String>) {
+        let response = self.authorizer.is_authorized(request, set, entities);
+        let mut policies: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(ToString::to_string)
+            .collect();
+        policies.sort_by_key(|id| self.by_id.get(id).copied());
+        let errors = response
+            .diagnostics()
+            .errors()
+            .map(ToString::to_string)
+            .collect();
+        (
+            response.decision() == cedar_policy::Decision::Allow,
+            policies,
+            errors,
+        )
+    }
+
+    /// Cedar over every policy with schema-checked entities, context and
+    /// request: what [`PolicyEngine::decide`]'s shortcuts must agree with.
+    #[cfg(test)]
+    pub(crate) fn evaluate_reference(
+        &self,
+        action: Action,
+        request: &AccessRequest,
+    ) -> Result<(bool, Vec<String>, Vec<String>), String> {
+        let schema = schema().map_err(|e| e.to_string())?;
+        let mut all = PolicySet::new();
+        for policy in &self.cedar {
+            all.add(policy.clone()).map_err(|e| e.to_string())?;
+        }
+        let mut notes = Vec::new();
+        let principal = View::principal(&request.principal, &mut notes);
+        let service = View::service(&request.service, &mut notes);
+        let principal_uid = self.names.principal_uid(&request.principal.identifier);
+        let service_uid = self.names.service_uid(&request.service.name);
+        let entities = Entities::from_entities(
+            [principal.entity(principal_uid.clone())?, service.entity(service_uid.clone())?],
+            Some(schema),
+        )
+        .map_err(|e| format!("entities do not fit the schema: {e}"))?;
+        let context = request::context(&request.context, ContextUse::ALL, |ip| {
+            RestrictedExpression::new_ip(ip.to_string())
+        })?;
+        let cedar_request = Request::new(
+            principal_uid,
+            self.names.action(action).clone(),
+            service_uid,
+            context,
+            Some(schema),
+        )
+        .map_err(|e| format!("request does not fit the schema: {e}"))?;
+        Ok(self.run(&cedar_request, &all, &entities))
+    }
+
+    fn audit_reason(
+        &self,
+        user_reason: &str,
+        action: Action,
+        request: &AccessRequest,
+        policies: &[String],
+        errors: &[String],
+        notes: &[String],
+    ) -> String {
+        use std::fmt::Write as _;
+        let ctx = &request.context;
+        let mut out = format!(
+            "{user_reason}; principal {} attrs {}; service {} attrs {}; context time={}",
+            request.principal.identifier,
+            json(&request.principal.attrs),
+            request.service.name,
+            json(&request.service.attrs),
+            ctx.time,
+        );
+        if let Some(ip) = ctx.source_ip {
+            let _ = write!(out, " source_ip={ip} (relay-asserted)");
+        }
+        if let Some(relay) = &ctx.relay {
+            let _ = write!(out, " relay={relay}");
+        }
+        if let Some(exp) = ctx.credential_expires {
+            let _ = write!(out, " credential_expires={exp}");
+        }
+        let _ = write!(out, "; action {action}");
+        if !policies.is_empty() {
+            let placed: Vec<String> = policies
+                .iter()
+                .map(|id| match self.policy(id) {
+                    Some(p) => format!("{} {id:?} ({}:{})", p.effect, p.file, p.line),
+                    None => format!("{id:?}"),
+                })
+                .collect();
+            let _ = write!(out, "; determined by {}", placed.join(", "));
+        }
+        if !errors.is_empty() {
+            let _ = write!(out, "; errors: {}", json(errors));
+        }
+        if !notes.is_empty() {
+            let _ = write!(out, "; notes: {}", json(notes));
+        }
+        let _ = write!(out, "; policy set {}", &self.digest[..16]);
+        out
+    }
+}
+
+/// JSON rendering of values in reasons: quotes and escapes every string, so
+/// odd characters in attribute values cannot forge log structure.
+fn json<T: Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "\"<unprintable>\"".into())
+}
+
+/// What [`validate`] found: the policies and any warnings.
+#[derive(Debug, Clone)]
+pub struct ValidateReport {
+    /// Files read.
+    pub files: usize,
+    /// The policies, in file order.
+    pub policies: Vec<PolicyInfo>,
+    /// Validator warnings (the policies are accepted regardless).
+    pub warnings: Vec<Diagnostic>,
+    /// SHA-256 of the policy files, as [`PolicyEngine::digest`].
+    pub digest: String,
+}
+
+impl fmt::Display for ValidateReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let permits = self
+            .policies
+            .iter()
+            .filter(|p| p.effect == PolicyEffect::Permit)
+            .count();
+        for p in &self.policies {
+            writeln!(
+                f,
+                "  {:<6} {:?} ({}:{})",
+                p.effect.to_string(),
+                p.id,
+                p.file,
+                p.line
+            )?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "{w}\n")?;
+        }
+        write!(
+            f,
+            "ok: {} file{}, {} polic{} ({permits} permit, {} forbid), {} warning{}",
+            self.files,
+            if self.files == 1 { "" } else { "s" },
+            self.policies.len(),
+            if self.policies.len() == 1 { "y" } else { "ies" },
+            self.policies.len() - permits,
+            self.warnings.len(),
+            if self.warnings.len() == 1 { "" } else { "s" },
+        )?;
+        if self.policies.is_empty() {
+            write!(
+                f,
+                "\nno policies: a node using them admits nobody (default deny)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl ValidateReport {
+    /// The report for a loaded engine.
+    pub fn of(engine: &PolicyEngine) -> Self {
+        ValidateReport {
+            files: engine.files,
+            policies: engine.infos.clone(),
+            warnings: engine.warnings.clone(),
+            digest: engine.digest.clone(),
+        }
+    }
+}
+
+/// Checks the policy files of `dir`: syntax, schema and limits
+/// (`postern policy validate DIR`). Problems come back as
+/// [`PolicyError::Invalid`], whose `Display` lists every diagnostic with its
+/// file, line and column.
+pub fn validate(dir: &Path) -> Result<ValidateReport, PolicyError> {
+    PolicyEngine::from_dir(dir).map(|engine| ValidateReport::of(&engine))
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -1,0 +1,415 @@
+//! What a decision is about: who ([`Principal`]), what ([`Action`] on a
+//! [`Service`]) and in which circumstances ([`RequestContext`]), and their
+//! translation into Cedar entities and context.
+//!
+//! Values are handed to Cedar as typed values through its entity API, never
+//! spliced into Cedar source text, so attribute values with quotes, newlines
+//! or any other characters cannot change the meaning of a policy.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use cedar_policy::{Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
+use postern_identity::wire::ServiceName;
+use postern_identity::{AttrValue, Attributes, Identifier};
+use serde::{Deserialize, Serialize};
+
+use crate::time;
+
+/// What the principal wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Open a tunnel to a service (`Action::"connect"`).
+    Connect,
+    /// Register (serve) a service name at a relay (`Action::"register"`).
+    Register,
+}
+
+impl Action {
+    /// The Cedar action id: `connect` or `register`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Connect => "connect",
+            Action::Register => "register",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a text is not an [`Action`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an action: use \"connect\" or \"register\"")]
+pub struct BadAction(pub String);
+
+impl FromStr for Action {
+    type Err = BadAction;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "connect" => Ok(Action::Connect),
+            "register" => Ok(Action::Register),
+            other => Err(BadAction(other.chars().take(40).collect())),
+        }
+    }
+}
+
+/// The identity asking: its identifier, proven by the handshake, and the
+/// attributes its verified credentials vouch for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The identifier proven during the handshake.
+    pub identifier: Identifier,
+    /// Attributes from verified credentials (empty without a credential).
+    pub attrs: Attributes,
+}
+
+impl Principal {
+    /// A principal with no attributes.
+    pub fn new(identifier: Identifier) -> Self {
+        Principal {
+            identifier,
+            attrs: Attributes::new(),
+        }
+    }
+
+    /// Adds (or replaces) one attribute.
+    pub fn with_attr(mut self, name: impl Into<String>, value: AttrValue) -> Self {
+        self.attrs.insert(name.into(), value);
+        self
+    }
+}
+
+/// The service asked for: its name and the attributes its outlet declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// The service name (the Cedar entity id: `Service::"db-prod"`).
+    pub name: ServiceName,
+    /// Attributes declared in the outlet's configuration.
+    pub attrs: Attributes,
+}
+
+impl Service {
+    /// A service with no attributes.
+    pub fn new(name: ServiceName) -> Self {
+        Service {
+            name,
+            attrs: Attributes::new(),
+        }
+    }
+
+    /// Adds (or replaces) one attribute.
+    pub fn with_attr(mut self, name: impl Into<String>, value: AttrValue) -> Self {
+        self.attrs.insert(name.into(), value);
+        self
+    }
+
+    /// A service whose attributes are single strings, as an outlet's
+    /// configuration declares them (`env = "prod"`).
+    pub fn with_string_attrs(name: ServiceName, attrs: &BTreeMap<String, String>) -> Self {
+        Service {
+            name,
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.clone(), AttrValue::One(v.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// The circumstances of a request, as the deciding node knows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestContext {
+    /// Decision time, Unix seconds, from the deciding node's clock
+    /// (`context.time`; also `now`, `hour_utc` and `weekday`).
+    pub time: u64,
+    /// The address the relay saw the requester connect from
+    /// (`context.source_ip`). **Relay-asserted**: the deciding node cannot
+    /// check it. `None` when not known.
+    pub source_ip: Option<IpAddr>,
+    /// The relay the request came through (`context.relay`), when known.
+    pub relay: Option<Identifier>,
+    /// When the principal's credential expires, Unix seconds
+    /// (`context.credential_expires`); `None` without a credential.
+    pub credential_expires: Option<u64>,
+}
+
+impl RequestContext {
+    /// A context at Unix time `time` with nothing else known.
+    pub fn at(time: u64) -> Self {
+        RequestContext {
+            time,
+            source_ip: None,
+            relay: None,
+            credential_expires: None,
+        }
+    }
+}
+
+/// Everything one decision is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRequest {
+    /// Who asks.
+    pub principal: Principal,
+    /// For which service.
+    pub service: Service,
+    /// In which circumstances.
+    pub context: RequestContext,
+}
+
+/// Principal attributes declared in the schema with type `String`.
+const IDENTITY_STRINGS: &[&str] = &["team", "role", "name", "email"];
+/// Principal attributes declared in the schema with type `Set<String>`.
+const IDENTITY_SETS: &[&str] = &["groups"];
+/// The principal attribute Postern sets itself.
+const IDENTITY_RESERVED: &str = "identifier";
+/// Service attributes declared in the schema with type `String`.
+const SERVICE_STRINGS: &[&str] = &["env", "team", "owner", "tier", "region"];
+/// The service attribute Postern sets itself.
+const SERVICE_RESERVED: &str = "name";
+
+/// Entity type names, parsed once per engine.
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    identity: EntityTypeName,
+    service: EntityTypeName,
+    connect: EntityUid,
+    register: EntityUid,
+}
+
+impl Names {
+    pub(crate) fn new() -> Result<Self, String> {
+        let ty = |s: &str| EntityTypeName::from_str(s).map_err(|e| e.to_string());
+        let action = ty("Action")?;
+        Ok(Names {
+            identity: ty("Identity")?,
+            service: ty("Service")?,
+            connect: EntityUid::from_type_name_and_id(action.clone(), EntityId::new("connect")),
+            register: EntityUid::from_type_name_and_id(action, EntityId::new("register")),
+        })
+    }
+
+    pub(crate) fn identity_type(&self) -> &EntityTypeName {
+        &self.identity
+    }
+
+    pub(crate) fn service_type(&self) -> &EntityTypeName {
+        &self.service
+    }
+
+    pub(crate) fn action(&self, action: Action) -> &EntityUid {
+        match action {
+            Action::Connect => &self.connect,
+            Action::Register => &self.register,
+        }
+    }
+
+    pub(crate) fn principal_uid(&self, id: &Identifier) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.identity.clone(), EntityId::new(id.to_string()))
+    }
+
+    pub(crate) fn service_uid(&self, name: &ServiceName) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.service.clone(), EntityId::new(name.as_str()))
+    }
+}
+
+fn string(v: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(v.to_owned())
+}
+
+fn string_set<'a>(values: impl IntoIterator<Item = &'a str>) -> RestrictedExpression {
+    RestrictedExpression::new_set(values.into_iter().map(string))
+}
+
+/// A declared attribute's value as the entity will hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Declared<'a> {
+    /// A `String` attribute.
+    Str(&'a str),
+    /// A `Set<String>` attribute.
+    Set(Vec<&'a str>),
+}
+
+/// What an entity will look like to policies: its declared attributes (as
+/// the schema types them) and its tags. The entity built for Cedar and the
+/// pre-filter both read this one translation, so they cannot disagree.
+#[derive(Debug)]
+pub(crate) struct View<'a> {
+    /// The attribute Postern sets itself (`identifier` or `name`) and its value.
+    reserved: (&'static str, String),
+    /// Declared attributes that are present.
+    declared: Vec<(&'a str, Declared<'a>)>,
+    /// All attributes but the reserved one, each a tag holding a set.
+    source: &'a Attributes,
+}
+
+impl<'a> View<'a> {
+    /// Translates `attrs`, noting what could not be translated.
+    fn new(
+        what: &str,
+        attrs: &'a Attributes,
+        strings: &[&str],
+        sets: &[&str],
+        reserved: (&'static str, String),
+        notes: &mut Vec<String>,
+    ) -> Self {
+        let mut declared = Vec::new();
+        for (name, value) in attrs {
+            if name == reserved.0 {
+                notes.push(format!(
+                    "{what} attribute {name:?} ignored: Postern sets `{}` itself",
+                    reserved.0
+                ));
+            } else if strings.contains(&name.as_str()) {
+                match value {
+                    AttrValue::One(v) => declared.push((name.as_str(), Declared::Str(v))),
+                    AttrValue::Many(vs) if vs.len() == 1 => {
+                        declared.push((name.as_str(), Declared::Str(&vs[0])));
+                    }
+                    AttrValue::Many(vs) => notes.push(format!(
+                        "{what} attribute {name:?} has {} values where the schema expects one; \
+                         left unset (still available as tag {name:?})",
+                        vs.len()
+                    )),
+                }
+            } else if sets.contains(&name.as_str()) {
+                declared.push((name.as_str(), Declared::Set(value.values().collect())));
+            }
+        }
+        View {
+            reserved,
+            declared,
+            source: attrs,
+        }
+    }
+
+    /// The principal's view.
+    pub(crate) fn principal(principal: &'a Principal, notes: &mut Vec<String>) -> Self {
+        View::new(
+            "principal",
+            &principal.attrs,
+            IDENTITY_STRINGS,
+            IDENTITY_SETS,
+            (IDENTITY_RESERVED, principal.identifier.to_string()),
+            notes,
+        )
+    }
+
+    /// The service's view.
+    pub(crate) fn service(service: &'a Service, notes: &mut Vec<String>) -> Self {
+        View::new(
+            "service",
+            &service.attrs,
+            SERVICE_STRINGS,
+            &[],
+            (SERVICE_RESERVED, service.name.as_str().to_owned()),
+            notes,
+        )
+    }
+
+    /// The value of attribute `name`, if the entity has it.
+    pub(crate) fn attr(&self, name: &str) -> Option<Declared<'_>> {
+        if name == self.reserved.0 {
+            return Some(Declared::Str(&self.reserved.1));
+        }
+        self.declared
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// The values of tag `key`, if the entity has it.
+    pub(crate) fn tag(&self, key: &str) -> Option<&'a AttrValue> {
+        if key == self.reserved.0 {
+            return None;
+        }
+        self.source.get(key)
+    }
+
+    /// The Cedar entity with this view.
+    pub(crate) fn entity(&self, uid: EntityUid) -> Result<Entity, String> {
+        let mut attrs: Vec<(String, RestrictedExpression)> = self
+            .declared
+            .iter()
+            .map(|(name, value)| {
+                let expr = match value {
+                    Declared::Str(v) => string(v),
+                    Declared::Set(vs) => string_set(vs.iter().copied()),
+                };
+                ((*name).to_owned(), expr)
+            })
+            .collect();
+        attrs.push((self.reserved.0.to_owned(), string(&self.reserved.1)));
+        let tags = self
+            .source
+            .iter()
+            .filter(|(name, _)| *name != self.reserved.0)
+            .map(|(name, value)| (name.clone(), string_set(value.values())));
+        Entity::new_with_tags(uid, attrs, [], tags).map_err(|e| format!("entity: {e}"))
+    }
+}
+
+fn long(what: &str, v: u64) -> Result<RestrictedExpression, String> {
+    i64::try_from(v)
+        .map(RestrictedExpression::new_long)
+        .map_err(|_| format!("{what} {v} is out of range"))
+}
+
+/// Which context fields the loaded policies read. Extension values
+/// (`datetime`, `ipaddr`) cost about 10 µs each to build — Cedar re-parses the
+/// constructor's name every time — so they are left out when no policy can
+/// observe them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ContextUse {
+    /// Some policy reads `context.now`.
+    pub(crate) now: bool,
+    /// Some policy reads `context.source_ip`.
+    pub(crate) source_ip: bool,
+}
+
+impl ContextUse {
+    /// Every field.
+    pub(crate) const ALL: ContextUse = ContextUse {
+        now: true,
+        source_ip: true,
+    };
+}
+
+/// The Cedar context record. `ip` turns an address into its Cedar value
+/// (the engine caches them).
+pub(crate) fn context(
+    ctx: &RequestContext,
+    uses: ContextUse,
+    ip: impl FnOnce(IpAddr) -> RestrictedExpression,
+) -> Result<Context, String> {
+    if ctx.time > time::MAX_UNIX_SECONDS {
+        return Err(format!(
+            "time {} is out of range (after 9999-12-31T23:59:59Z)",
+            ctx.time
+        ));
+    }
+    let mut pairs = Vec::with_capacity(7);
+    pairs.push(("time".to_owned(), long("time", ctx.time)?));
+    if uses.now {
+        let now = time::rfc3339(ctx.time).unwrap_or_default();
+        pairs.push(("now".to_owned(), RestrictedExpression::new_datetime(now)));
+    }
+    pairs.push(("hour_utc".to_owned(), long("hour", time::hour_utc(ctx.time))?));
+    pairs.push(("weekday".to_owned(), long("weekday", time::iso_weekday(ctx.time))?));
+    if let Some(addr) = ctx.source_ip.filter(|_| uses.source_ip) {
+        pairs.push(("source_ip".to_owned(), ip(addr)));
+    }
+    if let Some(relay) = &ctx.relay {
+        pairs.push(("relay".to_owned(), string(&relay.to_string())));
+    }
+    if let Some(exp) = ctx.credential_expires {
+        pairs.push(("credential_expires".to_owned(), long("credential expiry", exp)?));
+    }
+    Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))
+}

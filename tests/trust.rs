@@ -1,0 +1,171 @@
+//! The trust lifecycle through real processes: an authority behind the
+//! relay, an enrollment ticket, credentials presented in the end-to-end
+//! handshake and checked by an outlet that admits by attribute, single-use
+//! tickets, and a revocation that closes a live PostgreSQL session within
+//! five seconds and refuses new ones.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use support::net::{relay_identifier_from, PosternHome};
+use support::pg::TempPg;
+
+const STARTUP: Duration = Duration::from_secs(20);
+
+fn stdout_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_with_ticket_admit_by_attribute_and_revoke_live() -> Result<()> {
+    let pg = TempPg::start_async().await?;
+    let home = PosternHome::new()?;
+    home.create_identity("relay")?;
+    let authority_id = home.create_identity("authority")?;
+    let outlet_id = home.create_identity("outlet")?;
+
+    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
+    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
+    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
+
+    let mut authority = home.spawn(&[
+        "authority",
+        "run",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+    ])?;
+    authority
+        .wait_for_stderr("authority registered at relay", STARTUP)
+        .await?;
+
+    // An admin issues a ticket for one analyst; the laptop enrolls with it.
+    let ticket_args = |uses: &str| {
+        vec![
+            "authority".to_owned(),
+            "ticket".into(),
+            "--attr".into(),
+            "role=analyst".into(),
+            "--attr".into(),
+            "team=data".into(),
+            "--uses".into(),
+            uses.into(),
+            "--relay".into(),
+            relay_addr.clone(),
+            "--relay-identity".into(),
+            relay_id.clone(),
+        ]
+    };
+    let args = ticket_args("1");
+    let out = home.run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    ensure!(out.status.success(), "ticket: {}", stderr_of(&out));
+    let ticket = stdout_of(&out).trim().to_owned();
+    ensure!(ticket.starts_with("pstn-ticket:"), "{ticket}");
+
+    let out = home.run(&["enroll", &ticket, "--identity", "analyst"])?;
+    ensure!(out.status.success(), "enroll: {}", stderr_of(&out));
+    let text = stdout_of(&out);
+    ensure!(text.contains("enrolled") && text.contains("role"), "{text}");
+    // Single use: a second machine with the same ticket is refused, clearly.
+    let out = home.run(&["enroll", &ticket, "--identity", "second"])?;
+    ensure!(!out.status.success(), "a used ticket enrolled again");
+    let err = stderr_of(&out);
+    ensure!(err.to_lowercase().contains("used"), "unclear refusal: {err}");
+
+    // The outlet admits role=analyst credentials from this authority only.
+    let mut outlet = home.spawn(&[
+        "outlet",
+        "--identity",
+        "outlet",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+        "--service",
+        "db",
+        "--target",
+        &pg.addr().to_string(),
+        "--trust-authority",
+        &authority_id.to_string(),
+        "--allow-attr",
+        "role=analyst",
+    ])?;
+    outlet
+        .wait_for_stderr("service registered at relay", STARTUP)
+        .await?;
+    let inlet_args = |identity: &'static str| {
+        vec![
+            "inlet".to_owned(),
+            "--identity".into(),
+            identity.into(),
+            "--relay".into(),
+            relay_addr.clone(),
+            "--relay-identity".into(),
+            relay_id.clone(),
+            "--service".into(),
+            "db".into(),
+            "--outlet-identity".into(),
+            outlet_id.to_string(),
+            "--trust-authority".into(),
+            authority_id.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ]
+    };
+
+    // Someone never enrolled is refused, and told why.
+    home.create_identity("stranger")?;
+    let mut check = inlet_args("stranger");
+    check.truncate(check.len() - 2);
+    check.push("--check".into());
+    let out = home.run(&check.iter().map(String::as_str).collect::<Vec<_>>())?;
+    ensure!(!out.status.success(), "a stranger was admitted");
+    let err = stderr_of(&out);
+    ensure!(err.contains("no credential"), "unclear denial: {err}");
+
+    // The analyst's inlet presents its credential and gets through.
+    let args = inlet_args("analyst");
+    let mut inlet = home.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let inlet_addr = inlet.wait_for_addr("listening on").await?;
+    inlet
+        .wait_for_stderr("connected to relay", STARTUP)
+        .await?;
+    let client = TempPg::connect_to("127.0.0.1", inlet_addr.port())
+        .await
+        .context("the enrolled analyst could not connect")?;
+    let one: i32 = client.query_one("select 1", &[]).await?.get(0);
+    ensure!(one == 1);
+
+    // Revoke the analyst: the live session ends within 5 s, new ones fail.
+    let analyst_id = home.run(&["identity", "show", "--name", "analyst"])?;
+    let analyst_id = stdout_of(&analyst_id).trim().to_owned();
+    let revoked_at = Instant::now();
+    let out = home.run(&["authority", "revoke", &analyst_id])?;
+    ensure!(out.status.success(), "revoke: {}", stderr_of(&out));
+    let mut closed = false;
+    while revoked_at.elapsed() < Duration::from_secs(5) {
+        if client.query_one("select 1", &[]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        closed,
+        "the revoked identity's session was still open 5 s later; outlet log:\n{}",
+        outlet.stderr()
+    );
+    let again = TempPg::connect_to("127.0.0.1", inlet_addr.port()).await;
+    ensure!(again.is_err(), "a revoked identity opened a new tunnel");
+    outlet
+        .wait_for_stderr("revoked", Duration::from_secs(5))
+        .await?;
+    Ok(())
+}
