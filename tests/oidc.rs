@@ -42,7 +42,11 @@ fn now() -> u64 {
         .as_secs()
 }
 
-async fn verifier_for(provider: &TestProvider, client_id: &str, extra: &str) -> Result<OidcVerifier> {
+async fn verifier_for(
+    provider: &TestProvider,
+    client_id: &str,
+    extra: &str,
+) -> Result<OidcVerifier> {
     let config = OidcConfig::from_toml(&provider.config_toml(client_id, extra))?;
     Ok(OidcVerifier::discover(config).await?)
 }
@@ -73,7 +77,10 @@ async fn browser_grant(challenge: &LoginChallenge, user: &FakeUser) -> Result<(C
 
 /// A genuine ID token for `postern-test`, redeemed straight at the token
 /// endpoint, and the nonce of its login (still unused at the verifier).
-async fn genuine_id_token(provider: &TestProvider, verifier: &OidcVerifier) -> Result<(String, String)> {
+async fn genuine_id_token(
+    provider: &TestProvider,
+    verifier: &OidcVerifier,
+) -> Result<(String, String)> {
     let challenge = verifier.new_login(now())?;
     let (grant, _) = browser_grant(&challenge, &FakeUser::new("alice")?).await?;
     let tokens = provider
@@ -113,11 +120,20 @@ async fn browser_login_with_pkce_maps_groups_to_attributes() -> Result<()> {
     assert_eq!(who.issuer, provider.issuer());
     assert_eq!(who.subject, "alice");
     assert_eq!(who.name, "alice@example.com");
-    assert_eq!(who.attributes.get("groups"), Some(&groups(&["analysts", "oncall"])));
-    assert_eq!(who.attributes.get("team"), Some(&AttrValue::One("analytics".into())));
+    assert_eq!(
+        who.attributes.get("groups"),
+        Some(&groups(&["analysts", "oncall"]))
+    );
+    assert_eq!(
+        who.attributes.get("team"),
+        Some(&AttrValue::One("analytics".into()))
+    );
     assert_eq!(who.attributes.len(), 2);
     assert!(who.expires_at > now() && who.issued_at <= now() + 1);
-    assert!(login.refresh_token.is_some(), "offline_access granted a refresh token");
+    assert!(
+        login.refresh_token.is_some(),
+        "offline_access granted a refresh token"
+    );
 
     // The login's nonce is single use: replaying the grant is refused
     // before the provider is even asked.
@@ -131,7 +147,11 @@ async fn browser_login_with_pkce_maps_groups_to_attributes() -> Result<()> {
     let bob = verifier.exchange_code(grant, now()).await?.login;
     assert_eq!(bob.subject, "bob");
     assert_eq!(bob.attributes.get("groups"), Some(&groups(&["engineers"])));
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -151,16 +171,33 @@ async fn device_flow_login_maps_groups() -> Result<()> {
     // The authority polls while the person, elsewhere, enters the code: the
     // first poll is answered "authorization_pending", a later one succeeds.
     let user = FakeUser::new("alice")?;
-    let (login, approval) = tokio::join!(verifier.finish_device_login(device), async {
+    let polling = verifier.finish_device_login(device);
+    tokio::pin!(polling);
+    let approval = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        user.approve_device(&prompt.verification_uri, &prompt.user_code).await
-    });
-    approval?;
-    let login = login?;
+        user.approve_device(&prompt.verification_uri, &prompt.user_code)
+            .await
+    };
+    let login = tokio::select! {
+        early = &mut polling => panic!("polling ended before the approval: {early:?}"),
+        approved = approval => {
+            approved.context("approving the device login")?;
+            tokio::time::timeout(Duration::from_secs(8), polling)
+                .await
+                .context("no login within 8 s of the approval")??
+        }
+    };
     assert_eq!(login.login.subject, "alice");
-    assert_eq!(login.login.attributes.get("groups"), Some(&groups(&["analysts", "oncall"])));
+    assert_eq!(
+        login.login.attributes.get("groups"),
+        Some(&groups(&["analysts", "oncall"]))
+    );
     assert!(login.refresh_token.is_some());
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -175,12 +212,18 @@ async fn refresh_works_until_the_user_is_disabled_at_the_provider() -> Result<()
 
     let refreshed = verifier.refresh(&token, "alice", now()).await?;
     assert_eq!(refreshed.login.subject, "alice");
-    assert_eq!(refreshed.login.attributes.get("groups"), Some(&groups(&["analysts", "oncall"])));
+    assert_eq!(
+        refreshed.login.attributes.get("groups"),
+        Some(&groups(&["analysts", "oncall"]))
+    );
     // oidc-provider rotates the refresh tokens of public clients.
     let token = refreshed.refresh_token.unwrap_or(token);
 
     // Renewal must name the same person.
-    let err = verifier.refresh(&token, "mallory", now()).await.unwrap_err();
+    let err = verifier
+        .refresh(&token, "mallory", now())
+        .await
+        .unwrap_err();
     assert!(matches!(err, OidcError::SubjectChanged { .. }), "{err}");
 
     let challenge = verifier.new_login(now())?;
@@ -194,7 +237,12 @@ async fn refresh_works_until_the_user_is_disabled_at_the_provider() -> Result<()
     let err = verifier.refresh(&token, "alice", now()).await.unwrap_err();
     assert!(matches!(err, OidcError::RefreshRefused { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("invalid_grant") && text.contains("disabled") && text.contains("log in again"), "{text}");
+    assert!(
+        text.contains("invalid_grant")
+            && text.contains("disabled")
+            && text.contains("log in again"),
+        "{text}"
+    );
     Ok(())
 }
 
@@ -213,7 +261,10 @@ async fn id_token_for_another_application_is_refused() -> Result<()> {
     // A confidential client's authority redeems codes with its secret.
     let challenge = other.new_login(now())?;
     let (grant, _) = browser_grant(&challenge, &user).await?;
-    assert_eq!(other.exchange_code(grant, now()).await?.login.subject, "alice");
+    assert_eq!(
+        other.exchange_code(grant, now()).await?.login.subject,
+        "alice"
+    );
 
     // A genuine ID token issued to the other application, presented to
     // Postern's verifier: valid signature, issuer, time and nonce, wrong
@@ -252,7 +303,9 @@ async fn expired_id_token_is_refused() -> Result<()> {
     let provider = TestProvider::start()?;
     let verifier = postern_verifier(&provider).await?;
     let (id_token, nonce) = genuine_id_token(&provider, &verifier).await?;
-    let fresh = verifier.verify_id_token(&id_token, Some(&nonce), now()).await?;
+    let fresh = verifier
+        .verify_id_token(&id_token, Some(&nonce), now())
+        .await?;
 
     // Within the clock-skew allowance it still passes; an hour later not.
     verifier
@@ -262,7 +315,10 @@ async fn expired_id_token_is_refused() -> Result<()> {
         .verify_id_token(&id_token, Some(&nonce), fresh.expires_at + 3600)
         .await
         .unwrap_err();
-    assert!(matches!(err, OidcError::Expired { expired_at, .. } if expired_at == fresh.expires_at), "{err}");
+    assert!(
+        matches!(err, OidcError::Expired { expired_at, .. } if expired_at == fresh.expires_at),
+        "{err}"
+    );
     assert!(err.to_string().contains("expired"), "{err}");
 
     // A token "from the future" (the authority's clock an hour behind).
@@ -279,7 +335,9 @@ async fn nonce_of_another_login_is_refused() -> Result<()> {
     let provider = TestProvider::start()?;
     let verifier = postern_verifier(&provider).await?;
     let (id_token, nonce) = genuine_id_token(&provider, &verifier).await?;
-    verifier.verify_id_token(&id_token, Some(&nonce), now()).await?;
+    verifier
+        .verify_id_token(&id_token, Some(&nonce), now())
+        .await?;
 
     let another = verifier.new_login(now())?.nonce;
     let err = verifier
@@ -304,10 +362,17 @@ async fn token_signed_by_another_key_is_refused() -> Result<()> {
             "iss": provider.issuer(), "aud": PUBLIC_CLIENT, "sub": "alice",
             "iat": t, "exp": t + 300, "nonce": "n", "groups": ["admins"],
         }))?;
-        let key = CoreRsaPrivateSigningKey::from_pem(&pem, Some(JsonWebKeyId::new(kid.to_string())))
-            .map_err(|e| anyhow!(e))?;
-        Ok(CoreIdToken::new(claims, &key, CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256, None, None)?
-            .to_string())
+        let key =
+            CoreRsaPrivateSigningKey::from_pem(&pem, Some(JsonWebKeyId::new(kid.to_string())))
+                .map_err(|e| anyhow!(e))?;
+        Ok(CoreIdToken::new(
+            claims,
+            &key,
+            CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+            None,
+            None,
+        )?
+        .to_string())
     };
 
     // Claiming the provider's key id: the signature does not verify.

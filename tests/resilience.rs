@@ -136,7 +136,9 @@ async fn relay_killed_and_restarted_mid_session() -> Result<()> {
         aborted.contains("relay"),
         "the inlet's log line does not say the relay connection failed: {aborted}"
     );
-    println!("query in flight failed {failed_after:?} after the relay died: {error}; inlet: {aborted}");
+    println!(
+        "query in flight failed {failed_after:?} after the relay died: {error}; inlet: {aborted}"
+    );
 
     // While the relay is down the inlet keeps its port and refuses promptly.
     stack
@@ -253,11 +255,7 @@ fn outlet_config(
     .with_fallback_relays([fallback])
 }
 
-fn inlet_config(
-    primary: RelayEndpoint,
-    fallback: RelayEndpoint,
-    outlet: &Identity,
-) -> InletConfig {
+fn inlet_config(primary: RelayEndpoint, fallback: RelayEndpoint, outlet: &Identity) -> InletConfig {
     InletConfig::new(
         primary,
         service("failover"),
@@ -315,8 +313,7 @@ async fn nodes_fail_over_to_the_next_relay() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_far_end_ends_the_tunnel_at_both_ends() -> Result<()> {
     let echo = EchoServer::start().await?;
-    let mut stack =
-        ProcStack::start("127.0.0.1:0", &echo.addr.to_string(), &[], &[], &[]).await?;
+    let mut stack = ProcStack::start("127.0.0.1:0", &echo.addr.to_string(), &[], &[], &[]).await?;
 
     // The outlet process dies: the client's tunnel ends.
     let mut client = TcpStream::connect(stack.inlet_addr).await?;
@@ -364,7 +361,14 @@ async fn a_vanished_far_end_ends_the_tunnel_at_both_ends() -> Result<()> {
     Ok(())
 }
 
-async fn idle_tunnel(idle: Option<Duration>) -> Result<(TestRelay, EchoServer, Vec<postern_node::NodeHandle>, SocketAddr)> {
+async fn idle_tunnel(
+    idle: Option<Duration>,
+) -> Result<(
+    TestRelay,
+    EchoServer,
+    Vec<postern_node::NodeHandle>,
+    SocketAddr,
+)> {
     let relay = TestRelay::start().await?;
     let echo = EchoServer::start().await?;
     let (outlet_id, inlet_id) = (Identity::generate(), Identity::generate());
@@ -463,7 +467,10 @@ async fn graceful_stop_drains_then_closes() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(3), draining)
         .await
         .context("the inlet kept draining after its last tunnel ended")??;
-    println!("drained inlet stopped {:?} after the drain began", started.elapsed());
+    println!(
+        "drained inlet stopped {:?} after the drain began",
+        started.elapsed()
+    );
 
     // In-process: an outlet drains: it leaves the relay at once, and its
     // open tunnel is closed when the grace period ends.

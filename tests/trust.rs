@@ -77,7 +77,10 @@ async fn enroll_with_ticket_admit_by_attribute_and_revoke_live() -> Result<()> {
     let out = home.run(&["enroll", &ticket, "--identity", "second"])?;
     ensure!(!out.status.success(), "a used ticket enrolled again");
     let err = stderr_of(&out);
-    ensure!(err.to_lowercase().contains("used"), "unclear refusal: {err}");
+    ensure!(
+        err.to_lowercase().contains("used"),
+        "unclear refusal: {err}"
+    );
 
     // The outlet admits role=analyst credentials from this authority only.
     let mut outlet = home.spawn(&[
@@ -134,9 +137,7 @@ async fn enroll_with_ticket_admit_by_attribute_and_revoke_live() -> Result<()> {
     let args = inlet_args("analyst");
     let mut inlet = home.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     let inlet_addr = inlet.wait_for_addr("listening on").await?;
-    inlet
-        .wait_for_stderr("connected to relay", STARTUP)
-        .await?;
+    inlet.wait_for_stderr("connected to relay", STARTUP).await?;
     let client = TempPg::connect_to("127.0.0.1", inlet_addr.port())
         .await
         .context("the enrolled analyst could not connect")?;

@@ -212,12 +212,16 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
         ),
         (
             &mut relay.max_pending_handshakes,
-            limits.max_pending_handshakes.or(file.max_pending_handshakes),
+            limits
+                .max_pending_handshakes
+                .or(file.max_pending_handshakes),
             "max_pending_handshakes",
         ),
         (
             &mut relay.max_pending_per_source,
-            limits.max_pending_per_source.or(file.max_pending_per_source),
+            limits
+                .max_pending_per_source
+                .or(file.max_pending_per_source),
             "max_pending_per_source",
         ),
         (
@@ -377,8 +381,8 @@ pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
             drain_grace: file.drain_grace,
         },
     )?;
-    let mut inlet = InletConfig::new(relay, service, listen, outlet)
-        .with_fallback_relays(life.fallback_relays);
+    let mut inlet =
+        InletConfig::new(relay, service, listen, outlet).with_fallback_relays(life.fallback_relays);
     inlet.max_tunnels = life.max_tunnels;
     inlet.timeouts.tunnel_idle = life.idle_timeout;
     if let Some(grace) = life.drain_grace {

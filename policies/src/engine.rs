@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::Read;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cedar_policy::{
@@ -87,6 +87,8 @@ pub enum PolicyError {
     Internal(String),
 }
 
+/// Principal–service entity pairs kept per engine.
+const ENTITY_CACHE: usize = 1024;
 /// Candidate policy sets kept per engine.
 const CANDIDATE_SET_CACHE: usize = 1024;
 /// Source addresses whose Cedar value is kept per engine.
@@ -118,6 +120,69 @@ impl<K: std::hash::Hash + Eq, V: Clone> BoundedCache<K, V> {
             }
             map.insert(key, value);
         }
+    }
+}
+
+/// For one action, the policies whose scope admits it: those naming one
+/// service, by service name, and the rest.
+#[derive(Debug, Default)]
+struct ScopeIndex {
+    any_service: Vec<u32>,
+    by_service: HashMap<String, Vec<u32>>,
+}
+
+impl ScopeIndex {
+    fn new(filters: &[Filter], action: Action) -> Self {
+        let mut index = ScopeIndex::default();
+        for (filter, i) in filters.iter().zip(0u32..) {
+            if !filter.admits_action(action.as_str()) {
+                continue;
+            }
+            match filter.resource() {
+                Some((_, id)) => index.by_service.entry(id.to_owned()).or_default().push(i),
+                None => index.any_service.push(i),
+            }
+        }
+        index
+    }
+
+    /// Indices of the policies that may concern `service`, ascending.
+    fn candidates(&self, service: &str) -> Vec<u32> {
+        let named = self.by_service.get(service).map_or(&[][..], Vec::as_slice);
+        let mut all = Vec::with_capacity(self.any_service.len() + named.len());
+        all.extend_from_slice(&self.any_service);
+        all.extend_from_slice(named);
+        all.sort_unstable();
+        all
+    }
+}
+
+/// What a cached entity pair was built from.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct EntitiesKey {
+    principal: postern_identity::Identifier,
+    principal_attrs: postern_identity::Attributes,
+    service: postern_identity::wire::ServiceName,
+    service_attrs: postern_identity::Attributes,
+}
+
+impl EntitiesKey {
+    fn fingerprint(request: &AccessRequest) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+        let mut h = KEYS.get_or_init(Default::default).build_hasher();
+        request.principal.identifier.hash(&mut h);
+        request.principal.attrs.hash(&mut h);
+        request.service.name.hash(&mut h);
+        request.service.attrs.hash(&mut h);
+        h.finish()
+    }
+
+    fn matches(&self, request: &AccessRequest) -> bool {
+        self.principal == request.principal.identifier
+            && self.principal_attrs == request.principal.attrs
+            && self.service == request.service.name
+            && self.service_attrs == request.service.attrs
     }
 }
 
@@ -216,6 +281,10 @@ pub struct PolicyEngine {
     cedar: Vec<Policy>,
     /// Pre-filters, by index.
     filters: Vec<Filter>,
+    /// Indices of the policies whose scope admits each action, by service.
+    index: [ScopeIndex; 2],
+    /// Principal and service → their Cedar entities.
+    entities: BoundedCache<u64, Arc<(EntitiesKey, Entities)>>,
     /// Context fields some policy reads.
     context_use: ContextUse,
     /// Candidate policy indices → the policy set of just those.
@@ -380,7 +449,7 @@ impl PolicyEngine {
         for (index, source) in sources.iter().enumerate() {
             let (file, text) = (source.file.as_str(), source.text.as_str());
             if let Err(d) = scan::check(file, text) {
-                problems.push(d);
+                problems.push(*d);
                 continue;
             }
             let parsed =
@@ -549,14 +618,15 @@ impl PolicyEngine {
             return Err(PolicyError::Invalid(Diagnostics(problems)));
         }
 
-        let filters = cedar.iter().map(Filter::new).collect();
+        let filters: Vec<Filter> = cedar.iter().map(Filter::new).collect();
         let context_use = cedar
             .iter()
             .map(prefilter::context_use)
-            .fold(ContextUse { now: false, source_ip: false }, |a, b| ContextUse {
-                now: a.now || b.now,
-                source_ip: a.source_ip || b.source_ip,
-            });
+            .fold(ContextUse::NONE, ContextUse::union);
+        let index = [
+            ScopeIndex::new(&filters, Action::Connect),
+            ScopeIndex::new(&filters, Action::Register),
+        ];
         let mut hash = Sha256::new();
         for s in &sources {
             for part in [s.file.as_bytes(), s.text.as_bytes()] {
@@ -572,6 +642,8 @@ impl PolicyEngine {
             digest: hex::encode(hash.finalize()),
             names,
             authorizer: Authorizer::new(),
+            index,
+            entities: BoundedCache::new(ENTITY_CACHE),
             cedar,
             filters,
             context_use,
@@ -621,6 +693,11 @@ impl PolicyEngine {
     /// `request.service`. Default deny: allowed only if some permit applies,
     /// no forbid applies, and nothing failed — an evaluation error in any
     /// policy, even one that would not have mattered, makes it a deny.
+    ///
+    /// Only the policies that can apply reach Cedar (see the crate docs,
+    /// "Cost"); the outcome, deciding policies and errors are those of Cedar
+    /// evaluating every policy. Never panics; any failure is a deny with the
+    /// reason in `errors`.
     pub fn decide(&self, action: Action, request: &AccessRequest) -> PolicyDecision {
         let mut notes = Vec::new();
         let service = request.service.name.as_str();
@@ -683,26 +760,26 @@ impl PolicyEngine {
         request: &AccessRequest,
         notes: &mut Vec<String>,
     ) -> Result<(bool, Vec<String>, Vec<String>), String> {
-        let principal = View::principal(&request.principal, notes);
+        let identifier = request.principal.identifier.to_string();
+        let principal = View::principal(&request.principal, identifier.clone(), notes);
         let service = View::service(&request.service, notes);
-        let principal_uid = self.names.principal_uid(&request.principal.identifier);
-        let service_uid = self.names.service_uid(&request.service.name);
         let target = Target {
-            principal_uid: &principal_uid,
-            principal_type: self.names.identity_type(),
-            action_uid: self.names.action(action),
-            resource_uid: &service_uid,
-            resource_type: self.names.service_type(),
-            principal: &principal,
-            resource: &service,
+            principal: (request::IDENTITY_TYPE, &identifier),
+            action: action.as_str(),
+            resource: (request::SERVICE_TYPE, request.service.name.as_str()),
+            principal_view: &principal,
+            resource_view: &service,
         };
-        let candidates: Vec<u32> = self
-            .filters
-            .iter()
-            .zip(0u32..)
-            .filter(|(f, _)| f.may_apply(&target))
-            .map(|(_, i)| i)
-            .collect();
+        let index = match action {
+            Action::Connect => &self.index[0],
+            Action::Register => &self.index[1],
+        };
+        let mut candidates = index.candidates(request.service.name.as_str());
+        candidates.retain(|&i| {
+            self.filters
+                .get(i as usize)
+                .is_none_or(|f| f.may_apply(&target))
+        });
         if candidates.is_empty() {
             // Nothing could be satisfied or fail: the default deny.
             return Ok((false, Vec::new(), Vec::new()));
@@ -712,7 +789,10 @@ impl PolicyEngine {
             None => {
                 let mut set = PolicySet::new();
                 for &i in &candidates {
-                    let policy = self.cedar.get(i as usize).ok_or("policy index out of range")?;
+                    let policy = self
+                        .cedar
+                        .get(i as usize)
+                        .ok_or("policy index out of range")?;
                     set.add(policy.clone()).map_err(|e| e.to_string())?;
                 }
                 let set = Arc::new(set);
@@ -720,14 +800,34 @@ impl PolicyEngine {
                 set
             }
         };
+        let principal_uid = self.names.principal_uid(&identifier);
+        let service_uid = self.names.service_uid(&request.service.name);
         // The entities and context are built from the request's typed values
         // to match the schema by construction (a test checks them against the
         // schema), so Cedar's per-request schema checks are skipped.
-        let entities = Entities::from_entities(
-            [principal.entity(principal_uid.clone())?, service.entity(service_uid.clone())?],
-            None,
-        )
-        .map_err(|e| format!("entities: {e}"))?;
+        let fingerprint = EntitiesKey::fingerprint(request);
+        let entities = match self.entities.get(&fingerprint) {
+            Some(pair) if pair.0.matches(request) => pair,
+            _ => {
+                let entities = Entities::from_entities(
+                    [
+                        principal.entity(principal_uid.clone())?,
+                        service.entity(service_uid.clone())?,
+                    ],
+                    None,
+                )
+                .map_err(|e| format!("entities: {e}"))?;
+                let key = EntitiesKey {
+                    principal: request.principal.identifier,
+                    principal_attrs: request.principal.attrs.clone(),
+                    service: request.service.name.clone(),
+                    service_attrs: request.service.attrs.clone(),
+                };
+                let pair = Arc::new((key, entities));
+                self.entities.insert(fingerprint, Arc::clone(&pair));
+                pair
+            }
+        };
         let context = request::context(&request.context, self.context_use, |ip| {
             self.addresses.get(&ip).unwrap_or_else(|| {
                 let value = RestrictedExpression::new_ip(ip.to_string());
@@ -743,7 +843,7 @@ impl PolicyEngine {
             None,
         )
         .map_err(|e| format!("request: {e}"))?;
-        Ok(self.run(&cedar_request, &set, &entities))
+        Ok(self.run(&cedar_request, &set, &entities.1))
     }
 
     fn run(
@@ -785,12 +885,16 @@ impl PolicyEngine {
             all.add(policy.clone()).map_err(|e| e.to_string())?;
         }
         let mut notes = Vec::new();
-        let principal = View::principal(&request.principal, &mut notes);
+        let identifier = request.principal.identifier.to_string();
+        let principal = View::principal(&request.principal, identifier.clone(), &mut notes);
         let service = View::service(&request.service, &mut notes);
-        let principal_uid = self.names.principal_uid(&request.principal.identifier);
+        let principal_uid = self.names.principal_uid(&identifier);
         let service_uid = self.names.service_uid(&request.service.name);
         let entities = Entities::from_entities(
-            [principal.entity(principal_uid.clone())?, service.entity(service_uid.clone())?],
+            [
+                principal.entity(principal_uid.clone())?,
+                service.entity(service_uid.clone())?,
+            ],
             Some(schema),
         )
         .map_err(|e| format!("entities do not fit the schema: {e}"))?;

@@ -504,7 +504,6 @@ fn hidden_bidirectional_text_is_refused() {
     assert!(err.to_string().contains("error[unsupported]"), "{err}");
 }
 
-
 /// The shortcuts of `decide` (pre-filter, cached sets, values built without
 /// Cedar's schema checks, context fields left out when unread) must not
 /// change any decision: compare with Cedar evaluating every policy over
@@ -520,7 +519,7 @@ fn shortcuts_agree_with_full_evaluation() {
 when { principal has team && principal.team == "data" };
 @id("svc-b-any") permit(principal, action in [Action::"connect", Action::"register"], resource == Service::"svc-b");
 @id("team-match") permit(principal, action, resource)
-when { principal has team && resource has team && principal.team == resource.team && resource.env != "prod" };
+when { principal has team && resource has team && principal.team == resource.team && resource has env && resource.env != "prod" };
 @id("not-web") permit(principal, action == Action::"connect", resource is Service)
 when { principal has team && principal.team != "web" && principal has role } unless { resource has env };
 @id("tags") permit(principal, action, resource)
@@ -538,7 +537,7 @@ when { principal has email && context.now.toTime() > duration("20h") };
         PolicySource::new("extra.cedar", extra),
     ])
     .unwrap();
-    assert!(engine.context_use.now && engine.context_use.source_ip);
+    assert!(engine.context_use.now && engine.context_use.source_ip && !engine.context_use.relay);
 
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut pick = |n: usize| {
@@ -547,12 +546,29 @@ when { principal has email && context.now.toTime() > duration("20h") };
         state ^= state << 17;
         (state % n as u64) as usize
     };
-    let teams = [None, Some(one("data")), Some(one("web")), Some(many(&["data", "web"])), Some(many(&["data"]))];
-    let groups = [None, Some(many(&["analysts"])), Some(one("oncall")), Some(many(&["analysts", "oncall"]))];
+    let teams = [
+        None,
+        Some(one("data")),
+        Some(one("web")),
+        Some(many(&["data", "web"])),
+        Some(many(&["data"])),
+    ];
+    let groups = [
+        None,
+        Some(many(&["analysts"])),
+        Some(one("oncall")),
+        Some(many(&["analysts", "oncall"])),
+    ];
     let roles = [None, Some("dba"), Some("db-outlet"), Some("contractor")];
     let services = ["db-prod", "db-staging", "svc-a", "svc-b", "other"];
     let envs = [None, Some("prod"), Some("staging")];
-    let ips = [None, Some("10.20.1.1"), Some("10.9.9.9"), Some("203.0.113.5"), Some("::1")];
+    let ips = [
+        None,
+        Some("10.20.1.1"),
+        Some("10.9.9.9"),
+        Some("203.0.113.5"),
+        Some("::1"),
+    ];
     let times = [T, T + 9 * 3600, T + 3 * 86_400 - 5 * 3600];
     let identifiers = [
         id(1),
@@ -571,7 +587,9 @@ when { principal has email && context.now.toTime() > duration("20h") };
             p = p.with_attr("role", one(r));
         }
         if pick(2) == 0 {
-            p = p.with_attr("incident", one("open")).with_attr("email", one("a@b"));
+            p = p
+                .with_attr("incident", one("open"))
+                .with_attr("email", one("a@b"));
         }
         if pick(3) == 0 {
             p = p.with_attr("dept", many(&["fin", "ops"]));
@@ -581,7 +599,9 @@ when { principal has email && context.now.toTime() > duration("20h") };
             s = s.with_attr("env", one(e));
         }
         if pick(2) == 0 {
-            s = s.with_attr("team", one("data")).with_attr("class", one("pii"));
+            s = s
+                .with_attr("team", one("data"))
+                .with_attr("class", one("pii"));
         }
         let context = RequestContext {
             time: times[pick(times.len())],
@@ -589,7 +609,11 @@ when { principal has email && context.now.toTime() > duration("20h") };
             relay: None,
             credential_expires: [None, Some(T + 600), Some(T + 86_400)][pick(3)],
         };
-        let req = AccessRequest { principal: p, service: s, context };
+        let req = AccessRequest {
+            principal: p,
+            service: s,
+            context,
+        };
         let action = [Action::Connect, Action::Register][pick(2)];
         let fast = engine.decide(action, &req);
         let (cedar_allow, policies, errors) = engine.evaluate_reference(action, &req).unwrap();
@@ -603,7 +627,10 @@ when { principal has email && context.now.toTime() > duration("20h") };
         errored += usize::from(!fast.errors.is_empty());
     }
     // The sample must exercise allows, denies and errors.
-    assert!(allowed > 50 && allowed < 1450 && errored > 20, "{allowed} allowed, {errored} errors");
+    assert!(
+        allowed > 50 && allowed < 1450 && errored > 20,
+        "{allowed} allowed, {errored} errors"
+    );
 }
 
 /// Entities and context built without Cedar's schema checks still conform.
@@ -616,7 +643,10 @@ fn built_values_conform_to_the_schema() {
         .with_attr("role", many(&["r"]))
         .with_attr("identifier", one("x"))
         .with_attr("odd \u{0} name", many(&[]));
-    let s = svc("db").with_attr("name", one("x")).with_attr("tier", one("1")).with_attr("free", many(&["a", "b"]));
+    let s = svc("db")
+        .with_attr("name", one("x"))
+        .with_attr("tier", one("1"))
+        .with_attr("free", many(&["a", "b"]));
     let req = AccessRequest {
         principal: p,
         service: s,

@@ -8,25 +8,29 @@
 //! - the **scope** (`principal == …`, `action == …`, `resource == …`, `in`,
 //!   `is`) is matched exactly, for permits and forbids alike (Postern
 //!   entities have no parents, so `in` means `==`);
-//! - for **permit** policies only, the leading conjuncts of the first `when`
-//!   clause are checked when they have one of a few simple forms on the
-//!   principal or the resource — `has a`, `.a == "lit"` (either side),
-//!   `.a != "lit"`, `.a.contains("lit")`, `.hasTag("k")`,
-//!   `.getTag("k").contains("lit")` — read from the same [`View`] the Cedar
-//!   entity is built from. A conjunct found false means Cedar would find the
-//!   policy unsatisfied without evaluating anything after it; the checks stop
-//!   at the first conjunct of another form or whose outcome is not certain.
+//! - the leading conjuncts of the leading `when` clauses are checked when
+//!   they have one of a few simple forms on the principal or the resource —
+//!   `has a`, `.a == "lit"` (either side), `.a != "lit"`,
+//!   `.a.contains("lit")`, `.hasTag("k")`, `.getTag("k").contains("lit")` —
+//!   read from the same [`View`] the Cedar entity is built from. A conjunct
+//!   found false means Cedar would find the policy unsatisfied, without an
+//!   error, before evaluating anything after it (`&&` stops at the first
+//!   false operand; scope, then `when` clauses, are evaluated in order). The
+//!   checks stop at the first conjunct of another form or whose outcome is not
+//!   certain (for example an absent attribute, which Cedar reports as an
+//!   error), leaving the policy to Cedar.
 //!
-//! Forbid policies are never skipped for their conditions, so a flaw here
-//! could only make a decision stricter, never turn a deny into an allow. A
-//! test compares filtered decisions with full Cedar evaluations.
+//! These rules apply to forbid policies too: skipping one wrongly would turn
+//! a deny into an allow, so the model is kept to forms whose Cedar semantics
+//! are exact string and set operations, and a randomised test compares every
+//! shortcut decision with Cedar evaluating all policies.
 
 use cedar_policy::{
     ActionConstraint, EntityTypeName, EntityUid, Policy, PrincipalConstraint, ResourceConstraint,
 };
 use serde_json::Value;
 
-use crate::request::{ContextUse, Declared, View};
+use crate::request::{AttrRef, ContextUse, View};
 
 /// An entity a condition talks about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,83 +57,116 @@ enum Check {
 /// The pre-filter of one policy.
 #[derive(Debug, Clone)]
 pub(crate) struct Filter {
-    principal: PrincipalConstraint,
-    action: ActionConstraint,
-    resource: ResourceConstraint,
-    /// Leading conjuncts of a permit (always empty for a forbid).
+    principal: EntityScope,
+    /// Action ids admitted (`None`: any).
+    actions: Option<Vec<String>>,
+    resource: EntityScope,
+    /// Leading conjuncts that can be decided here.
     checks: Vec<Check>,
+}
+
+/// A principal or resource scope constraint as plain strings. Postern
+/// entities have no parents, so `in E` admits exactly `E`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EntityScope {
+    /// Required entity type, from `is T`.
+    ty: Option<String>,
+    /// Required entity `(type, id)`, from `== E` or `in E`.
+    uid: Option<(String, String)>,
+}
+
+impl EntityScope {
+    fn new(ty: Option<&EntityTypeName>, uid: Option<&EntityUid>) -> Self {
+        EntityScope {
+            ty: ty.map(ToString::to_string),
+            uid: uid.map(|u| (u.type_name().to_string(), u.id().unescaped().to_owned())),
+        }
+    }
+
+    fn admits(&self, ty: &str, id: &str) -> bool {
+        self.ty.as_deref().is_none_or(|t| t == ty)
+            && self.uid.as_ref().is_none_or(|(t, i)| i == id && t == ty)
+    }
 }
 
 /// The request as the pre-filter sees it.
 pub(crate) struct Target<'a> {
-    pub(crate) principal_uid: &'a EntityUid,
-    pub(crate) principal_type: &'a EntityTypeName,
-    pub(crate) action_uid: &'a EntityUid,
-    pub(crate) resource_uid: &'a EntityUid,
-    pub(crate) resource_type: &'a EntityTypeName,
-    pub(crate) principal: &'a View<'a>,
-    pub(crate) resource: &'a View<'a>,
-}
-
-fn entity_matches(
-    uid: &EntityUid,
-    ty: &EntityTypeName,
-    eq: Option<&EntityUid>,
-    is: Option<&EntityTypeName>,
-) -> bool {
-    eq.is_none_or(|e| e == uid) && is.is_none_or(|t| t == ty)
+    /// Principal entity type and id.
+    pub(crate) principal: (&'a str, &'a str),
+    /// Action id.
+    pub(crate) action: &'a str,
+    /// Resource entity type and id.
+    pub(crate) resource: (&'a str, &'a str),
+    pub(crate) principal_view: &'a View<'a>,
+    pub(crate) resource_view: &'a View<'a>,
 }
 
 impl Filter {
     /// The filter of a (static, validated) policy.
     pub(crate) fn new(policy: &Policy) -> Self {
-        let checks = match policy.effect() {
-            cedar_policy::Effect::Permit => policy
-                .to_json()
-                .map(|est| leading_checks(&est))
-                .unwrap_or_default(),
-            cedar_policy::Effect::Forbid => Vec::new(),
+        let checks = policy
+            .to_json()
+            .map(|est| leading_checks(&est))
+            .unwrap_or_default();
+        let principal = match policy.principal_constraint() {
+            PrincipalConstraint::Any => EntityScope::new(None, None),
+            PrincipalConstraint::Eq(e) | PrincipalConstraint::In(e) => {
+                EntityScope::new(None, Some(&e))
+            }
+            PrincipalConstraint::Is(t) => EntityScope::new(Some(&t), None),
+            PrincipalConstraint::IsIn(t, e) => EntityScope::new(Some(&t), Some(&e)),
+        };
+        let resource = match policy.resource_constraint() {
+            ResourceConstraint::Any => EntityScope::new(None, None),
+            ResourceConstraint::Eq(e) | ResourceConstraint::In(e) => {
+                EntityScope::new(None, Some(&e))
+            }
+            ResourceConstraint::Is(t) => EntityScope::new(Some(&t), None),
+            ResourceConstraint::IsIn(t, e) => EntityScope::new(Some(&t), Some(&e)),
+        };
+        // Action ids of another type than `Action` cannot occur in a
+        // validated policy; keeping only ids of `Action` would be as exact.
+        let action_id = |e: &EntityUid| {
+            if e.type_name().to_string() == "Action" {
+                e.id().unescaped().to_owned()
+            } else {
+                String::new()
+            }
+        };
+        let actions = match policy.action_constraint() {
+            ActionConstraint::Any => None,
+            ActionConstraint::Eq(e) => Some(vec![action_id(&e)]),
+            ActionConstraint::In(es) => Some(es.iter().map(action_id).collect()),
         };
         Filter {
-            principal: policy.principal_constraint(),
-            action: policy.action_constraint(),
-            resource: policy.resource_constraint(),
+            principal,
+            actions,
+            resource,
             checks,
         }
     }
 
+    /// Whether the scope admits action `id`.
+    pub(crate) fn admits_action(&self, id: &str) -> bool {
+        self.actions
+            .as_ref()
+            .is_none_or(|a| a.iter().any(|x| x == id))
+    }
+
+    /// The one resource `(type, id)` the scope admits, if it names one.
+    pub(crate) fn resource(&self) -> Option<(&str, &str)> {
+        self.resource
+            .uid
+            .as_ref()
+            .map(|(t, i)| (t.as_str(), i.as_str()))
+    }
+
     /// Whether Cedar could find the policy satisfied for `t` (or fail on it).
     pub(crate) fn may_apply(&self, t: &Target<'_>) -> bool {
-        let principal = match &self.principal {
-            PrincipalConstraint::Any => true,
-            PrincipalConstraint::Eq(e) | PrincipalConstraint::In(e) => {
-                entity_matches(t.principal_uid, t.principal_type, Some(e), None)
-            }
-            PrincipalConstraint::Is(ty) => {
-                entity_matches(t.principal_uid, t.principal_type, None, Some(ty))
-            }
-            PrincipalConstraint::IsIn(ty, e) => {
-                entity_matches(t.principal_uid, t.principal_type, Some(e), Some(ty))
-            }
-        };
-        let action = match &self.action {
-            ActionConstraint::Any => true,
-            ActionConstraint::Eq(e) => e == t.action_uid,
-            ActionConstraint::In(es) => es.contains(t.action_uid),
-        };
-        let resource = match &self.resource {
-            ResourceConstraint::Any => true,
-            ResourceConstraint::Eq(e) | ResourceConstraint::In(e) => {
-                entity_matches(t.resource_uid, t.resource_type, Some(e), None)
-            }
-            ResourceConstraint::Is(ty) => {
-                entity_matches(t.resource_uid, t.resource_type, None, Some(ty))
-            }
-            ResourceConstraint::IsIn(ty, e) => {
-                entity_matches(t.resource_uid, t.resource_type, Some(e), Some(ty))
-            }
-        };
-        if !(principal && action && resource) {
+        if !(self.principal.admits(t.principal.0, t.principal.1)
+            && self.admits_action(t.action)
+            && self.resource.admits(t.resource.0, t.resource.1))
+        {
             return false;
         }
         for check in &self.checks {
@@ -147,18 +184,18 @@ impl Filter {
 /// when it would fail).
 fn evaluate(check: &Check, t: &Target<'_>) -> Option<bool> {
     let view = |s: &Subject| match s {
-        Subject::Principal => t.principal,
-        Subject::Resource => t.resource,
+        Subject::Principal => t.principal_view,
+        Subject::Resource => t.resource_view,
     };
     match check {
         Check::Has(s, attr) => Some(view(s).attr(attr).is_some()),
         Check::Eq(s, attr, lit, equal) => match view(s).attr(attr)? {
-            Declared::Str(v) => Some((v == lit) == *equal),
-            Declared::Set(_) => None,
+            AttrRef::Str(v) => Some((v == lit) == *equal),
+            AttrRef::Set(_) => None,
         },
         Check::Contains(s, attr, lit) => match view(s).attr(attr)? {
-            Declared::Set(vs) => Some(vs.contains(&lit.as_str())),
-            Declared::Str(_) => None,
+            AttrRef::Set(vs) => Some(vs.contains(&lit.as_str())),
+            AttrRef::Str(_) => None,
         },
         Check::HasTag(s, key) => Some(view(s).tag(key).is_some()),
         Check::TagContains(s, key, lit) => Some(view(s).tag(key)?.contains(lit)),
@@ -190,18 +227,27 @@ fn string_literal(expr: &Value) -> Option<String> {
 /// `subject.attr`
 fn get_attr(expr: &Value) -> Option<(Subject, String)> {
     let body = op(expr, ".")?;
-    Some((subject(body.get("left")?)?, body.get("attr")?.as_str()?.to_owned()))
+    Some((
+        subject(body.get("left")?)?,
+        body.get("attr")?.as_str()?.to_owned(),
+    ))
 }
 
 /// `subject.getTag("key")`
 fn get_tag(expr: &Value) -> Option<(Subject, String)> {
     let body = op(expr, "getTag")?;
-    Some((subject(body.get("left")?)?, string_literal(body.get("right")?)?))
+    Some((
+        subject(body.get("left")?)?,
+        string_literal(body.get("right")?)?,
+    ))
 }
 
 fn check(expr: &Value) -> Option<Check> {
     if let Some(body) = op(expr, "has") {
-        return Some(Check::Has(subject(body.get("left")?)?, body.get("attr")?.as_str()?.to_owned()));
+        return Some(Check::Has(
+            subject(body.get("left")?)?,
+            body.get("attr")?.as_str()?.to_owned(),
+        ));
     }
     for (name, equal) in [("==", true), ("!=", false)] {
         if let Some(body) = op(expr, name) {
@@ -222,7 +268,10 @@ fn check(expr: &Value) -> Option<Check> {
         return Some(Check::TagContains(s, key, lit));
     }
     if let Some(body) = op(expr, "hasTag") {
-        return Some(Check::HasTag(subject(body.get("left")?)?, string_literal(body.get("right")?)?));
+        return Some(Check::HasTag(
+            subject(body.get("left")?)?,
+            string_literal(body.get("right")?)?,
+        ));
     }
     None
 }
@@ -267,10 +316,7 @@ pub(crate) fn context_use(policy: &Policy) -> ContextUse {
     let Ok(est) = policy.to_json() else {
         return ContextUse::ALL;
     };
-    let mut uses = ContextUse {
-        now: false,
-        source_ip: false,
-    };
+    let mut uses = ContextUse::NONE;
     walk(&est, &mut uses);
     uses
 }
@@ -279,32 +325,25 @@ fn walk(v: &Value, uses: &mut ContextUse) {
     match v {
         Value::Object(obj) => {
             for key in [".", "has"] {
-                if let Some(body) = op(v, key) {
-                    let is_context = body
-                        .get("left")
-                        .and_then(|l| op(l, "Var"))
-                        .and_then(Value::as_str)
-                        == Some("context");
-                    if is_context {
-                        match body.get("attr").and_then(Value::as_str) {
-                            Some("now") => uses.now = true,
-                            Some("source_ip") => uses.source_ip = true,
-                            Some(_) => {}
-                            // `context has a.b`: the first name is what counts.
-                            None => match body
-                                .get("attr")
-                                .and_then(Value::as_array)
-                                .and_then(|a| a.first())
-                                .and_then(Value::as_str)
-                            {
-                                Some("now") => uses.now = true,
-                                Some("source_ip") => uses.source_ip = true,
-                                Some(_) => {}
-                                None => *uses = ContextUse::ALL,
-                            },
-                        }
-                        return;
+                let Some(body) = op(v, key) else { continue };
+                let on_context = body
+                    .get("left")
+                    .and_then(|l| op(l, "Var"))
+                    .and_then(Value::as_str)
+                    == Some("context");
+                if on_context {
+                    // `context has a.b`: the first name is the context field.
+                    let attr = body.get("attr");
+                    let name = attr.and_then(Value::as_str).or_else(|| {
+                        attr.and_then(Value::as_array)
+                            .and_then(|a| a.first())
+                            .and_then(Value::as_str)
+                    });
+                    match name {
+                        Some(name) => uses.mark(name),
+                        None => *uses = ContextUse::ALL,
                     }
+                    return;
                 }
             }
             if op(v, "Var").and_then(Value::as_str) == Some("context") {
@@ -358,9 +397,18 @@ mod tests {
             ],
             "stops at the first other form"
         );
-        assert!(checks_of("forbid(principal, action, resource) when { principal has team };").is_empty());
-        assert!(checks_of("permit(principal, action, resource) unless { principal has team };").is_empty());
-        assert!(checks_of("permit(principal, action, resource) when { principal has team || true };").is_empty());
+        assert_eq!(
+            checks_of("forbid(principal, action, resource) when { principal has team };").len(),
+            1
+        );
+        assert!(
+            checks_of("permit(principal, action, resource) unless { principal has team };")
+                .is_empty()
+        );
+        assert!(checks_of(
+            "permit(principal, action, resource) when { principal has team || true };"
+        )
+        .is_empty());
         assert_eq!(
             checks_of("permit(principal, action, resource) when { principal has team } when { principal has role };").len(),
             2
@@ -370,17 +418,33 @@ mod tests {
     #[test]
     fn finds_context_fields_read() {
         let uses = |text: &str| context_use(&Policy::from_str(text).unwrap());
-        let none = ContextUse { now: false, source_ip: false };
-        assert_eq!(uses("permit(principal, action, resource) when { context.hour_utc > 3 };"), none);
+        let none = ContextUse::NONE;
+        assert_eq!(
+            uses("permit(principal, action, resource) when { context.hour_utc > 3 };"),
+            ContextUse {
+                hour_utc: true,
+                ..none
+            }
+        );
         assert_eq!(
             uses("permit(principal, action, resource) when { context has source_ip };"),
-            ContextUse { now: false, source_ip: true }
+            ContextUse {
+                source_ip: true,
+                ..none
+            }
         );
         assert_eq!(
-            uses("permit(principal, action, resource) when { context.now > datetime(\"2025-01-01\") };"),
-            ContextUse { now: true, source_ip: false }
+            uses("permit(principal, action, resource) when { context.now > datetime(\"2025-01-01\") && context[\"relay\"] == \"x\" };"),
+            ContextUse { now: true, relay: true, ..none }
         );
-        assert_eq!(uses("permit(principal, action, resource) when { context == {} };"), ContextUse::ALL);
-        assert_eq!(uses("permit(principal, action, resource) when { principal.team == \"context\" };"), none);
+        assert_eq!(
+            uses("permit(principal, action, resource) when { context == {} };"),
+            ContextUse::ALL
+        );
+        assert_eq!(
+            uses("permit(principal, action, resource) when { principal.team == \"context\" };"),
+            none
+        );
+        assert_eq!(uses("permit(principal, action, resource);"), none);
     }
 }

@@ -163,6 +163,11 @@ pub struct AccessRequest {
     pub context: RequestContext,
 }
 
+/// The principal entity type.
+pub(crate) const IDENTITY_TYPE: &str = "Identity";
+/// The resource entity type.
+pub(crate) const SERVICE_TYPE: &str = "Service";
+
 /// Principal attributes declared in the schema with type `String`.
 const IDENTITY_STRINGS: &[&str] = &["team", "role", "name", "email"];
 /// Principal attributes declared in the schema with type `Set<String>`.
@@ -188,19 +193,11 @@ impl Names {
         let ty = |s: &str| EntityTypeName::from_str(s).map_err(|e| e.to_string());
         let action = ty("Action")?;
         Ok(Names {
-            identity: ty("Identity")?,
-            service: ty("Service")?,
+            identity: ty(IDENTITY_TYPE)?,
+            service: ty(SERVICE_TYPE)?,
             connect: EntityUid::from_type_name_and_id(action.clone(), EntityId::new("connect")),
             register: EntityUid::from_type_name_and_id(action, EntityId::new("register")),
         })
-    }
-
-    pub(crate) fn identity_type(&self) -> &EntityTypeName {
-        &self.identity
-    }
-
-    pub(crate) fn service_type(&self) -> &EntityTypeName {
-        &self.service
     }
 
     pub(crate) fn action(&self, action: Action) -> &EntityUid {
@@ -210,8 +207,9 @@ impl Names {
         }
     }
 
-    pub(crate) fn principal_uid(&self, id: &Identifier) -> EntityUid {
-        EntityUid::from_type_name_and_id(self.identity.clone(), EntityId::new(id.to_string()))
+    /// `Identity::"<identifier>"`, from the identifier as text.
+    pub(crate) fn principal_uid(&self, id: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.identity.clone(), EntityId::new(id))
     }
 
     pub(crate) fn service_uid(&self, name: &ServiceName) -> EntityUid {
@@ -234,6 +232,15 @@ pub(crate) enum Declared<'a> {
     Str(&'a str),
     /// A `Set<String>` attribute.
     Set(Vec<&'a str>),
+}
+
+/// A borrowed attribute value ([`View::attr`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttrRef<'b> {
+    /// A `String` attribute.
+    Str(&'b str),
+    /// A `Set<String>` attribute.
+    Set(&'b [&'b str]),
 }
 
 /// What an entity will look like to policies: its declared attributes (as
@@ -290,13 +297,18 @@ impl<'a> View<'a> {
     }
 
     /// The principal's view.
-    pub(crate) fn principal(principal: &'a Principal, notes: &mut Vec<String>) -> Self {
+    /// The principal's view; `identifier` is its identifier as text.
+    pub(crate) fn principal(
+        principal: &'a Principal,
+        identifier: String,
+        notes: &mut Vec<String>,
+    ) -> Self {
         View::new(
             "principal",
             &principal.attrs,
             IDENTITY_STRINGS,
             IDENTITY_SETS,
-            (IDENTITY_RESERVED, principal.identifier.to_string()),
+            (IDENTITY_RESERVED, identifier),
             notes,
         )
     }
@@ -314,14 +326,17 @@ impl<'a> View<'a> {
     }
 
     /// The value of attribute `name`, if the entity has it.
-    pub(crate) fn attr(&self, name: &str) -> Option<Declared<'_>> {
+    pub(crate) fn attr(&self, name: &str) -> Option<AttrRef<'_>> {
         if name == self.reserved.0 {
-            return Some(Declared::Str(&self.reserved.1));
+            return Some(AttrRef::Str(&self.reserved.1));
         }
         self.declared
             .iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| match v {
+                Declared::Str(s) => AttrRef::Str(s),
+                Declared::Set(vs) => AttrRef::Set(vs),
+            })
     }
 
     /// The values of tag `key`, if the entity has it.
@@ -361,24 +376,70 @@ fn long(what: &str, v: u64) -> Result<RestrictedExpression, String> {
         .map_err(|_| format!("{what} {v} is out of range"))
 }
 
-/// Which context fields the loaded policies read. Extension values
-/// (`datetime`, `ipaddr`) cost about 10 µs each to build — Cedar re-parses the
-/// constructor's name every time — so they are left out when no policy can
-/// observe them.
+/// Which context fields the loaded policies read. Fields no policy reads
+/// are left out of the context: nothing can observe them, and each costs
+/// Cedar time to build — extension values (`datetime`, `ipaddr`) about
+/// 10 µs, since Cedar re-parses the constructor's name every time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ContextUse {
-    /// Some policy reads `context.now`.
+    pub(crate) time: bool,
     pub(crate) now: bool,
-    /// Some policy reads `context.source_ip`.
+    pub(crate) hour_utc: bool,
+    pub(crate) weekday: bool,
     pub(crate) source_ip: bool,
+    pub(crate) relay: bool,
+    pub(crate) credential_expires: bool,
 }
 
 impl ContextUse {
     /// Every field.
     pub(crate) const ALL: ContextUse = ContextUse {
+        time: true,
         now: true,
+        hour_utc: true,
+        weekday: true,
         source_ip: true,
+        relay: true,
+        credential_expires: true,
     };
+
+    /// No field.
+    pub(crate) const NONE: ContextUse = ContextUse {
+        time: false,
+        now: false,
+        hour_utc: false,
+        weekday: false,
+        source_ip: false,
+        relay: false,
+        credential_expires: false,
+    };
+
+    /// Marks field `name` as read; an unknown name marks every field.
+    pub(crate) fn mark(&mut self, name: &str) {
+        match name {
+            "time" => self.time = true,
+            "now" => self.now = true,
+            "hour_utc" => self.hour_utc = true,
+            "weekday" => self.weekday = true,
+            "source_ip" => self.source_ip = true,
+            "relay" => self.relay = true,
+            "credential_expires" => self.credential_expires = true,
+            _ => *self = ContextUse::ALL,
+        }
+    }
+
+    /// Fields read by either.
+    pub(crate) fn union(self, o: ContextUse) -> ContextUse {
+        ContextUse {
+            time: self.time || o.time,
+            now: self.now || o.now,
+            hour_utc: self.hour_utc || o.hour_utc,
+            weekday: self.weekday || o.weekday,
+            source_ip: self.source_ip || o.source_ip,
+            relay: self.relay || o.relay,
+            credential_expires: self.credential_expires || o.credential_expires,
+        }
+    }
 }
 
 /// The Cedar context record. `ip` turns an address into its Cedar value
@@ -395,21 +456,36 @@ pub(crate) fn context(
         ));
     }
     let mut pairs = Vec::with_capacity(7);
-    pairs.push(("time".to_owned(), long("time", ctx.time)?));
+    if uses.time {
+        pairs.push(("time".to_owned(), long("time", ctx.time)?));
+    }
     if uses.now {
         let now = time::rfc3339(ctx.time).unwrap_or_default();
         pairs.push(("now".to_owned(), RestrictedExpression::new_datetime(now)));
     }
-    pairs.push(("hour_utc".to_owned(), long("hour", time::hour_utc(ctx.time))?));
-    pairs.push(("weekday".to_owned(), long("weekday", time::iso_weekday(ctx.time))?));
+    if uses.hour_utc {
+        pairs.push((
+            "hour_utc".to_owned(),
+            long("hour", time::hour_utc(ctx.time))?,
+        ));
+    }
+    if uses.weekday {
+        pairs.push((
+            "weekday".to_owned(),
+            long("weekday", time::iso_weekday(ctx.time))?,
+        ));
+    }
     if let Some(addr) = ctx.source_ip.filter(|_| uses.source_ip) {
         pairs.push(("source_ip".to_owned(), ip(addr)));
     }
-    if let Some(relay) = &ctx.relay {
+    if let Some(relay) = ctx.relay.filter(|_| uses.relay) {
         pairs.push(("relay".to_owned(), string(&relay.to_string())));
     }
-    if let Some(exp) = ctx.credential_expires {
-        pairs.push(("credential_expires".to_owned(), long("credential expiry", exp)?));
+    if let Some(exp) = ctx.credential_expires.filter(|_| uses.credential_expires) {
+        pairs.push((
+            "credential_expires".to_owned(),
+            long("credential expiry", exp)?,
+        ));
     }
     Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))
 }

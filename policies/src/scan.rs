@@ -36,15 +36,15 @@ pub const MAX_POLICY_TOKENS: usize = 4096;
 const KEYWORD_OPERATORS: &[&[u8]] = &[b"in", b"has", b"like", b"is", b"if"];
 const TWO_CHAR_OPERATORS: &[&[u8]] = &[b"&&", b"||", b"==", b"!=", b"<=", b">="];
 
-fn limit_error(file: &str, text: &str, at: usize, message: String, help: &str) -> Diagnostic {
+fn limit_error(file: &str, text: &str, at: usize, message: String, help: &str) -> Box<Diagnostic> {
     let mut d = Diagnostic::at(DiagnosticKind::Unsupported, file, text, at, 1, message);
     d.help = Some(help.to_owned());
-    d
+    Box::new(d)
 }
 
 /// Checks `text` against the nesting and size limits. Returns the first
 /// violation, positioned in `file`.
-pub(crate) fn check(file: &str, text: &str) -> Result<(), Diagnostic> {
+pub(crate) fn check(file: &str, text: &str) -> Result<(), Box<Diagnostic>> {
     let bytes = text.as_bytes();
     let mut i = 0;
     let mut depth = 0usize;

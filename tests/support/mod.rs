@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod netns;
 pub mod oidc;
 pub mod pg;
 pub mod procs;

@@ -57,6 +57,11 @@ pub struct TempPg {
     /// `Some(path to runuser)` when the tools must run as the `postgres` user.
     runuser: Option<PathBuf>,
     port: u16,
+    /// `listen_addresses` for the server (`127.0.0.1` unless started with
+    /// [`TempPg::start_in_netns`]).
+    listen_addresses: String,
+    /// A network namespace (`ip netns`) the server runs in, if any.
+    netns: Option<String>,
     running: bool,
     watchdog: Option<Child>,
     /// Declared last so it is removed only after `Drop::drop` stopped the
@@ -69,6 +74,27 @@ impl TempPg {
     /// and `pg_ctl`, typically 1–3 s); from async code prefer
     /// [`TempPg::start_async`].
     pub fn start() -> Result<Self> {
+        Self::start_with("127.0.0.1".to_owned(), None)
+    }
+
+    /// Like [`TempPg::start`], but the server runs inside network namespace
+    /// `netns` (through `ip netns exec`; needs root) and listens on
+    /// `listen` (addresses of that namespace) as well as on its Unix
+    /// socket. `initdb`, `pg_ctl stop` and the watchdog run outside: they
+    /// need no network.
+    pub fn start_in_netns(netns: &str, listen: &[std::net::IpAddr]) -> Result<Self> {
+        if listen.is_empty() {
+            bail!("start_in_netns needs at least one address to listen on");
+        }
+        let addresses = listen
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        Self::start_with(addresses, Some(netns.to_owned()))
+    }
+
+    fn start_with(listen_addresses: String, netns: Option<String>) -> Result<Self> {
         let bin_dir = pg_bin_dir()?;
         let runuser = if running_as_root()? {
             Some(root_prerequisites()?)
@@ -101,6 +127,8 @@ impl TempPg {
             bin_dir,
             runuser,
             port: 0,
+            listen_addresses,
+            netns,
             running: false,
             watchdog: None,
             dir,
@@ -118,6 +146,15 @@ impl TempPg {
         }
 
         pg.initdb()?;
+        if pg.netns.is_some() {
+            // Inside its own namespace the server is reachable only from the
+            // test's other namespaces: let them in (as `127.0.0.1` is).
+            let hba = pg.data_dir().join("pg_hba.conf");
+            let mut text =
+                fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+            text.push_str("\nhost all all 0.0.0.0/0 trust\n");
+            fs::write(&hba, text).with_context(|| format!("writing {}", hba.display()))?;
+        }
         pg.start_with_port_retries()?;
         pg.spawn_watchdog();
         Ok(pg)
@@ -346,18 +383,33 @@ impl TempPg {
         let log_offset = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
         let socket_dir = self.dir.path().to_string_lossy().into_owned();
         let opts = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -k '{socket_dir}' -c fsync=off \
+            "-p {port} -c listen_addresses={} -k '{socket_dir}' -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
-             -c shared_buffers=128MB"
+             -c shared_buffers=128MB",
+            self.listen_addresses
         );
         self.port = port;
         // Even on failure pg_ctl may have left a postmaster (e.g. on timeout):
         // let Drop try to stop it.
         self.running = true;
-        let out = self
-            .pg_ctl(&["-l"])
+        let mut start = self.pg_ctl(&["-l"]);
+        start
             .arg(&log_path)
-            .args(["-w", "-t", "60", "-o", &opts, "start"])
+            .args(["-w", "-t", "60", "-o", &opts, "start"]);
+        if let Some(netns) = &self.netns {
+            // The postmaster inherits the namespace from pg_ctl.
+            let mut wrapped = Command::new("ip");
+            wrapped
+                .args(["netns", "exec", netns])
+                .arg(start.get_program())
+                .args(start.get_args())
+                .current_dir(self.dir.path())
+                .env("LC_ALL", "C")
+                .env_remove("PGDATA")
+                .stdin(Stdio::null());
+            start = wrapped;
+        }
+        let out = start
             .output()
             .map_err(|e| StartError::Other(anyhow!(e).context("running pg_ctl start")))?;
         if out.status.success() {

@@ -285,6 +285,7 @@ pub struct SourceServer {
     /// Where it listens.
     pub addr: SocketAddr,
     sent: Arc<AtomicU64>,
+    per_connection: Arc<std::sync::Mutex<Vec<Arc<AtomicU64>>>>,
     task: JoinHandle<()>,
 }
 
@@ -299,10 +300,17 @@ impl SourceServer {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let sent = Arc::new(AtomicU64::new(0));
+        let per_connection = Arc::new(std::sync::Mutex::new(Vec::new()));
         let counter = Arc::clone(&sent);
+        let connections = Arc::clone(&per_connection);
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let counter = Arc::clone(&counter);
+                let mine = Arc::new(AtomicU64::new(0));
+                connections
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Arc::clone(&mine));
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
                     let mut len = [0u8; 8];
@@ -322,6 +330,7 @@ impl SourceServer {
                             Ok(written) => {
                                 done += written as u64;
                                 counter.fetch_add(written as u64, Ordering::Relaxed);
+                                mine.fetch_add(written as u64, Ordering::Relaxed);
                             }
                         }
                     }
@@ -329,12 +338,27 @@ impl SourceServer {
                 });
             }
         });
-        Ok(SourceServer { addr, sent, task })
+        Ok(SourceServer {
+            addr,
+            sent,
+            per_connection,
+            task,
+        })
     }
 
     /// Bytes written to all connections so far.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written so far to each connection, in the order they arrived.
+    pub fn sent_per_connection(&self) -> Vec<u64> {
+        self.per_connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -363,7 +387,11 @@ pub async fn read_pattern(stream: &mut TcpStream) -> Result<u64> {
         }
         for (i, b) in buf[..n].iter().enumerate() {
             if *b != pattern_byte(seen + i as u64) {
-                bail!("byte {} is {b}, expected {}", seen + i as u64, pattern_byte(seen + i as u64));
+                bail!(
+                    "byte {} is {b}, expected {}",
+                    seen + i as u64,
+                    pattern_byte(seen + i as u64)
+                );
             }
         }
         seen += n as u64;
@@ -401,8 +429,11 @@ pub fn flood(addr: SocketAddr, count: u64, threads: usize, budget: Duration) -> 
     let failed = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..threads.max(1))
         .map(|_| {
-            let (next, connected, failed) =
-                (Arc::clone(&next), Arc::clone(&connected), Arc::clone(&failed));
+            let (next, connected, failed) = (
+                Arc::clone(&next),
+                Arc::clone(&connected),
+                Arc::clone(&failed),
+            );
             std::thread::spawn(move || {
                 while next.fetch_add(1, Ordering::Relaxed) < count {
                     if Instant::now() >= deadline {
@@ -410,7 +441,8 @@ pub fn flood(addr: SocketAddr, count: u64, threads: usize, budget: Duration) -> 
                     }
                     match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
                         Ok(stream) => {
-                            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                            let _ =
+                                socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                             drop(stream);
                             connected.fetch_add(1, Ordering::Relaxed);
                         }
