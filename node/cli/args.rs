@@ -270,3 +270,38 @@ pub struct InletArgs {
     #[arg(long)]
     pub check: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "s", "10x", "-1s", "ten seconds", "1e999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fallback_relays_parse() {
+        let id = "P0000000000000000000000000000000000000001";
+        let relay = parse_relay_endpoint(&format!("{id}@relay2.example:4000")).unwrap();
+        assert_eq!(relay.address, "relay2.example:4000");
+        assert_eq!(relay.identifier.to_string(), id);
+        for bad in [
+            "relay2.example:4000".to_owned(),
+            format!("{id}@relay2.example"),
+            format!("{id}@:4000"),
+            format!("{id}@relay2.example:0"),
+            "Pnot-an-id@relay2.example:4000".to_owned(),
+        ] {
+            assert!(parse_relay_endpoint(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

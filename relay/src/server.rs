@@ -28,7 +28,9 @@ use crate::registry::{Registration, Registry, SessionId};
 pub struct RelayConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Longest time a connection may take to authenticate.
+    /// Longest time a connection may take to authenticate, counted from its
+    /// arrival (preamble included): a connection still unauthenticated then
+    /// is closed, however slowly it keeps sending.
     pub handshake_timeout: Duration,
     /// Longest time between `open` and both ends attaching.
     pub token_ttl: Duration,
