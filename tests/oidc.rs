@@ -181,7 +181,7 @@ async fn device_flow_login_maps_groups() -> Result<()> {
     let login = tokio::select! {
         early = &mut polling => panic!("polling ended before the approval: {early:?}"),
         approved = approval => {
-            approved.context("approving the device login")?;
+            approved.with_context(|| format!("approving the device login; provider log:\n{}", provider.log()))?;
             tokio::time::timeout(Duration::from_secs(8), polling)
                 .await
                 .context("no login within 8 s of the approval")??

@@ -18,11 +18,16 @@
 // Nothing here is suitable for production: keys live in memory, the cookie
 // keys are constants, and the development interactions accept any password.
 
-import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync, randomUUID } from 'node:crypto';
 import http from 'node:http';
 import process from 'node:process';
 
 import Provider from 'oidc-provider';
+
+// stdout carries the ready line only; oidc-provider's notices (console.log,
+// console.info) go to stderr with everything else.
+console.log = console.error;
+console.info = console.error;
 
 // The public client Postern uses in the tests: a native app (RFC 8252) with
 // PKCE and no secret; any port on the loopback redirect is accepted.
@@ -87,9 +92,17 @@ async function findAccount(_ctx, sub) {
   };
 }
 
-const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+// The key comes out as PEM and is re-imported before the JWK export: on
+// Node.js 20, exporting the KeyObject that generateKeyPairSync returns can
+// deadlock when a garbage collection finalizes the key generation job
+// during the export (seen here about once in 20 starts).
+const { privateKey: pem } = generateKeyPairSync('rsa', {
+  modulusLength: 2048,
+  publicKeyEncoding: { type: 'spki', format: 'pem' },
+  privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+});
 const kid = `test-${randomUUID()}`;
-const signingKey = { ...privateKey.export({ format: 'jwk' }), kid, use: 'sig', alg: 'RS256' };
+const signingKey = { ...createPrivateKey(pem).export({ format: 'jwk' }), kid, use: 'sig', alg: 'RS256' };
 
 const configuration = {
   clients: [PUBLIC_CLIENT, CONFIDENTIAL_CLIENT],

@@ -19,7 +19,7 @@
 //! `scripts/setup.sh`.
 
 use std::io::{BufRead, BufReader, Read as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -35,7 +35,19 @@ pub const OTHER_CLIENT: &str = "other-app";
 /// Its secret.
 pub const OTHER_CLIENT_SECRET: &str = "other-app-secret";
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one start may take. Node.js 20 very rarely deadlocks at start
+/// (in its crypto code, under load), so a start that hangs is retried.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Starts tried before giving up.
+const START_ATTEMPTS: usize = 2;
+
+/// Why one start failed.
+enum Start {
+    /// No answer: worth another try.
+    Hung(anyhow::Error),
+    /// Anything else.
+    Failed(anyhow::Error),
+}
 const SETUP_HINT: &str =
     "run `scripts/setup.sh` (it installs Node.js if needed and runs `npm ci` in tests/oidc-provider)";
 
@@ -51,7 +63,7 @@ pub struct TestProvider {
     _stdin: ChildStdin,
     issuer: String,
     kid: String,
-    _log: tempfile::NamedTempFile,
+    log: tempfile::NamedTempFile,
 }
 
 impl TestProvider {
@@ -67,32 +79,56 @@ impl TestProvider {
                 dir.join("node_modules/oidc-provider").display()
             );
         }
-        let log = tempfile::NamedTempFile::new().context("creating the provider's log file")?;
+        let mut hung = None;
+        for _ in 0..START_ATTEMPTS {
+            match Self::start_once(&dir) {
+                Ok(provider) => return Ok(provider),
+                Err(Start::Hung(e)) => hung = Some(e),
+                Err(Start::Failed(e)) => return Err(e),
+            }
+        }
+        Err(hung.unwrap_or_else(|| anyhow!("no start attempt")))
+    }
+
+    fn start_once(dir: &Path) -> Result<Self, Start> {
+        let failed = |e: anyhow::Error| Start::Failed(e);
+        let log = tempfile::NamedTempFile::new()
+            .context("creating the provider's log file")
+            .map_err(failed)?;
+        let stderr = log
+            .reopen()
+            .context("opening the provider's log")
+            .map_err(failed)?;
         let mut child = Command::new("node")
             .arg("provider.mjs")
-            .current_dir(&dir)
+            .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(log.reopen().context("opening the provider's log")?)
+            .stderr(stderr)
             .spawn()
             .with_context(|| {
                 format!(
                     "starting `node provider.mjs` in {}: {SETUP_HINT}",
                     dir.display()
                 )
-            })?;
-        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin pipe"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout pipe"))?;
+            })
+            .map_err(failed)?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed(anyhow!("no pipes to the provider")));
+        };
 
         // The first line on stdout says where it listens.
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
             let mut line = String::new();
-            let res = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+            let res = reader.read_line(&mut line).map(|_| line);
             let _ = tx.send(res);
+            // Keep draining: a closed pipe would kill the provider on its
+            // next write.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
         });
         let ready = rx.recv_timeout(START_TIMEOUT);
         let read_log = |log: &tempfile::NamedTempFile| {
@@ -105,32 +141,58 @@ impl TestProvider {
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!(
-                    "the test OpenID provider did not start ({}); its log:\n{}\n{SETUP_HINT}",
-                    match other {
-                        Err(_) => format!("no answer within {START_TIMEOUT:?}"),
-                        Ok(Err(e)) => e.to_string(),
-                        Ok(Ok(_)) => "it exited".to_string(),
-                    },
+                let (why, retry) = match other {
+                    Err(_) => (format!("no answer within {START_TIMEOUT:?}"), true),
+                    Ok(Err(e)) => (e.to_string(), false),
+                    Ok(Ok(_)) => ("it exited".to_string(), false),
+                };
+                let e = anyhow!(
+                    "the test OpenID provider did not start ({why}); its log:\n{}\n{SETUP_HINT}",
                     read_log(&log)
                 );
+                return Err(if retry {
+                    Start::Hung(e)
+                } else {
+                    Start::Failed(e)
+                });
             }
         };
-        let ready: Value = serde_json::from_str(&line)
-            .with_context(|| format!("the provider's ready line {line:?} is not JSON"))?;
-        let field = |k: &str| {
-            ready[k]
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| anyhow!("the provider's ready line lacks {k}: {line}"))
+        let parse = || -> Result<(String, String)> {
+            let ready: Value = serde_json::from_str(&line)
+                .with_context(|| format!("the provider's ready line {line:?} is not JSON"))?;
+            let field = |k: &str| {
+                ready[k]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow!("the provider's ready line lacks {k}: {line}"))
+            };
+            Ok((field("issuer")?, field("kid")?))
+        };
+        let (issuer, kid) = match parse() {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed(e));
+            }
         };
         Ok(TestProvider {
-            issuer: field("issuer")?,
-            kid: field("kid")?,
+            issuer,
+            kid,
             child,
             _stdin: stdin,
-            _log: log,
+            log,
         })
+    }
+
+    /// What the provider wrote on stderr so far (for failure messages).
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        let _ = self
+            .log
+            .reopen()
+            .and_then(|mut f| f.read_to_string(&mut text));
+        text
     }
 
     /// The issuer URL (`http://127.0.0.1:<port>`).
@@ -237,8 +299,10 @@ pub fn foreign_rsa_key_pem() -> Result<String> {
         .args([
             "-e",
             "const {generateKeyPairSync} = require('node:crypto');\
-             const {privateKey} = generateKeyPairSync('rsa', {modulusLength: 2048});\
-             process.stdout.write(privateKey.export({type: 'pkcs1', format: 'pem'}));",
+             const {privateKey} = generateKeyPairSync('rsa', {modulusLength: 2048,\
+               publicKeyEncoding: {type: 'spki', format: 'pem'},\
+               privateKeyEncoding: {type: 'pkcs1', format: 'pem'}});\
+             process.stdout.write(privateKey);",
         ])
         .output()
         .context("running node to generate an RSA key")?;
@@ -297,7 +361,10 @@ impl FakeUser {
     async fn walk(&self, start: Url, user_code: Option<&str>) -> Result<(Url, String)> {
         let origin = start.origin();
         let (mut method, mut url, mut form) = (Method::GET, start, None::<Vec<(String, String)>>);
+        // Requests so far, for error messages.
+        let mut trail: Vec<String> = Vec::new();
         for _ in 0..MAX_STEPS {
+            trail.push(format!("{method} {}", url.path()));
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(fields) = &form {
                 req = req.form(fields);
@@ -305,7 +372,7 @@ impl FakeUser {
             let res = req
                 .send()
                 .await
-                .with_context(|| format!("{method} {url}"))?;
+                .with_context(|| format!("{method} {url} (requests: {})", trail.join(", ")))?;
             let status = res.status();
             if status.is_redirection() {
                 let location = res
