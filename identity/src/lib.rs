@@ -15,6 +15,9 @@
 //! - [`transport`]: the established channel: encrypts and decrypts frames with
 //!   explicit, strictly sequential nonces.
 //! - [`wire`]: the typed messages carried inside those channels (CBOR).
+//! - [`credential`], [`ticket`], [`authority`], [`sealed`], [`oidc`]: the trust
+//!   lifecycle (credentials, enrollment tickets, the authority's logic and
+//!   store, keys at rest, OpenID Connect login verified by the authority).
 //! - The trust lifecycle: [`credential`] (an authority's signed, short-lived
 //!   statement of a member's attributes, and its verification), [`ticket`]
 //!   (one-line enrollment tickets), [`authority`] (members, tickets,
