@@ -48,7 +48,20 @@ npm_deps() {
     local major
     major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
     if [ "$major" -lt 20 ]; then
-        die "Node.js $(node --version 2>/dev/null) is too old for tests/oidc-provider (oidc-provider needs >= 20): install a newer nodejs"
+        # Debian's nodejs may be older than oidc-provider needs: fetch a
+        # Node.js 22 runtime from the npm registry into tests/oidc-provider
+        # (tests/support/oidc.rs prefers it) and install with it.
+        local arch
+        case "$(uname -m)" in
+            x86_64) arch=x64 ;;
+            aarch64) arch=arm64 ;;
+            *) die "Node.js $(node --version 2>/dev/null) is too old (oidc-provider needs >= 20) and no runtime is packaged for $(uname -m): install Node.js >= 20" ;;
+        esac
+        say "Node.js $(node --version 2>/dev/null) is older than 20: installing node-linux-$arch@22 from the npm registry"
+        (cd "$oidc_dir" && npm install --prefix .node-runtime --no-save --no-audit --no-fund --loglevel=error "node-linux-$arch@22") >&2 \
+            || die "cannot install a Node.js runtime from the npm registry"
+        PATH="$oidc_dir/.node-runtime/node_modules/node-linux-$arch/bin:$PATH"
+        export PATH
     fi
     local cmd=install npm_log
     [ -f "$oidc_dir/package-lock.json" ] && cmd=ci

@@ -29,9 +29,15 @@ trap 'rm -f "$results"' EXIT
 stage "setup (scripts/setup.sh)"
 bash scripts/setup.sh
 for tool in fmt clippy; do
+    component=$([ "$tool" = fmt ] && echo rustfmt || echo clippy)
     if ! cargo "$tool" --version >/dev/null 2>&1; then
-        echo "test.sh: error: cargo $tool is not installed; add it with: rustup component add $([ "$tool" = fmt ] && echo rustfmt || echo clippy)" >&2
-        exit 1
+        if command -v rustup >/dev/null 2>&1; then
+            echo "test.sh: installing $component (rustup component add $component)"
+            rustup component add "$component"
+        else
+            echo "test.sh: error: cargo $tool is not installed and rustup is not available; install the $component component" >&2
+            exit 1
+        fi
     fi
 done
 took

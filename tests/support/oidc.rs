@@ -99,7 +99,7 @@ impl TestProvider {
             .reopen()
             .context("opening the provider's log")
             .map_err(failed)?;
-        let mut child = Command::new("node")
+        let mut child = Command::new(node_bin())
             .arg("provider.mjs")
             .current_dir(dir)
             .stdin(Stdio::piped())
@@ -292,10 +292,25 @@ impl Drop for TestProvider {
     }
 }
 
+/// The Node.js to run: the private runtime `scripts/setup.sh` installs from
+/// the npm registry when the system's Node.js is older than 20, else `node`
+/// from `PATH`.
+pub fn node_bin() -> std::path::PathBuf {
+    let runtime = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/oidc-provider/.node-runtime/node_modules");
+    for arch in ["x64", "arm64"] {
+        let bin = runtime.join(format!("node-linux-{arch}/bin/node"));
+        if bin.is_file() {
+            return bin;
+        }
+    }
+    std::path::PathBuf::from("node")
+}
+
 /// A freshly generated RSA private key (PKCS#1 PEM) that the provider has
 /// never seen, for forging tokens.
 pub fn foreign_rsa_key_pem() -> Result<String> {
-    let out = Command::new("node")
+    let out = Command::new(node_bin())
         .args([
             "-e",
             "const {generateKeyPairSync} = require('node:crypto');\
