@@ -178,9 +178,20 @@ async fn relay_killed_and_restarted_mid_session() -> Result<()> {
     println!("outlet re-registered {reregistered:?} after the relay came back");
 
     // A new query through the same inlet port.
-    let client = TempPg::connect_to("127.0.0.1", port).await?;
-    let two: i32 = client.query_one("select 2", &[]).await?.get(0);
-    ensure!(two == 2);
+    let query = async {
+        let client = TempPg::connect_to("127.0.0.1", port).await?;
+        let two: i32 = client.query_one("select 2", &[]).await?.get(0);
+        ensure!(two == 2);
+        anyhow::Ok(())
+    };
+    if let Err(e) = query.await {
+        bail!(
+            "a new query after the relay's return failed: {e:#}\ninlet:\n{}\noutlet:\n{}\nrelay:\n{}",
+            stack.inlet.stderr(),
+            stack.outlet.stderr(),
+            stack.relay.stderr()
+        );
+    }
     stack.ensure_running()?;
     Ok(())
 }

@@ -802,27 +802,7 @@ fn list_identifiers(ids: &[Identifier]) -> String {
         .join(", ")
 }
 
-/// Formats unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (for messages).
-pub fn format_timestamp(unix_secs: u64) -> String {
-    let days = unix_secs / 86_400;
-    let rem = unix_secs % 86_400;
-    // Howard Hinnant's civil_from_days, on non-negative day counts.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use crate::time::format_timestamp;
 
 /// Formats a number of seconds for people: `45s`, `12m 5s`, `3h 20m`,
 /// `2d 4h`.

@@ -43,6 +43,7 @@ pub mod link;
 pub mod oidc;
 pub mod sealed;
 pub mod ticket;
+pub mod time;
 pub mod transport;
 pub mod wire;
 

@@ -191,6 +191,10 @@ pub enum Control {
         service: ServiceName,
         /// Single-use token.
         token: TunnelToken,
+        /// The address the relay saw the inlet's hop connection come from
+        /// (relay-asserted: policies may read it as `context.source_ip`).
+        #[serde(default)]
+        source: Option<std::net::IpAddr>,
     },
     /// Either direction: liveness probe.
     Ping {

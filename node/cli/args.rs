@@ -62,17 +62,57 @@ pub enum Command {
     /// Enroll this machine with a ticket from an authority's admin: creates
     /// the identity if needed and stores the credential the authority issues.
     Enroll(crate::authority::EnrollArgs),
+    /// Check, test and explain Cedar access policies (offline; nothing is
+    /// contacted).
+    ///
+    /// Outlets decide `connect` and relays decide `register` with the *.cedar
+    /// files of a directory (--policies DIR). A request has a principal (an
+    /// Identity: its identifier, and the attributes its credentials vouch for,
+    /// such as team, role and groups), an action (connect or register), a
+    /// resource (a Service: its name and the attributes its outlet declares
+    /// with --service-attr, such as env) and a context (time, hour_utc,
+    /// weekday, and the relay-asserted source_ip). Everything is denied unless
+    /// a permit applies, and a forbid beats every permit. `postern policy
+    /// schema` prints the full schema.
+    Policy {
+        #[command(subcommand)]
+        command: crate::policy::PolicyCommand,
+    },
+    /// Verify the tamper-evident audit log that nodes write with
+    /// --audit-log FILE.
+    ///
+    /// Every record carries the SHA-256 of the one before it, so a changed,
+    /// deleted, inserted or reordered line breaks the chain where it happened.
+    Audit {
+        #[command(subcommand)]
+        command: crate::policy::AuditCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
     /// Create a new identity and print its identifier. Never overwrites.
+    ///
+    /// Without --encrypt the secret key is stored unencrypted, protected only
+    /// by the file's mode (0600). Every role opens an encrypted identity with
+    /// POSTERN_PASSPHRASE (else a prompt on the terminal) or POSTERN_KEY_FILE.
     Create {
         /// Name of the identity (stored as <home>/identities/<name>.key).
         #[arg(long, default_value = "default")]
         name: String,
+        /// Encrypt the secret key with a passphrase (POSTERN_PASSPHRASE, else
+        /// asked twice on the terminal) or with a key file (--key-file, else
+        /// POSTERN_KEY_FILE). [default: not encrypted]
+        #[arg(long, value_name = "HOW")]
+        encrypt: Option<crate::keys::Encryption>,
+        /// Key file (mode 0600) for --encrypt key-file, which it implies.
+        /// [default: $POSTERN_KEY_FILE]
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
     /// Print an identity's identifier (the P… string others pin or allow).
+    /// Opens the key, so it also checks the passphrase or key file; how the
+    /// key is protected is printed to standard error.
     Show {
         /// Name of the identity, or a path to a key file.
         #[arg(long, default_value = "default")]
@@ -80,6 +120,17 @@ pub enum IdentityCommand {
         /// Also print the key file's path.
         #[arg(long)]
         path: bool,
+        /// Key file that opens an identity encrypted with a key.
+        /// [default: $POSTERN_KEY_FILE]
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
+    },
+    /// Write a new random 32-byte key to a new file (mode 0600), to encrypt
+    /// the identities of unattended services (--encrypt key-file).
+    Keygen {
+        /// Where to write the key. Never overwrites.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
     },
 }
 
@@ -104,6 +155,20 @@ pub struct RelayArgs {
     pub listen: Option<SocketAddr>,
     #[command(flatten)]
     pub limits: RelayLimitFlags,
+    /// Directory of Cedar policies (*.cedar) deciding which node may
+    /// register which service name (action "register"; default deny).
+    /// Re-read once a second; a broken change keeps the previous policies.
+    /// [default: none: the first node to register a name holds it]
+    #[arg(long, value_name = "DIR")]
+    pub policies: Option<PathBuf>,
+    /// An authority whose credentials nodes present on their hop channels
+    /// (repeatable); their attributes reach the register policies.
+    #[arg(long, value_name = "P…")]
+    pub trust_authority: Vec<Identifier>,
+    /// Append every registration decision to this hash-chained audit log
+    /// (check it with `postern audit verify FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// The relay's limits (defaults are safe for the open internet).
@@ -160,15 +225,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration: use e.g. 500ms, 30s, 5m or 2h"))?;
+        .map_err(|_| format!("{text:?} is not a duration: use e.g. 500ms, 30s, 5m, 2h or 2d"))?;
     let seconds = match unit.trim() {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "{text:?}: unknown unit {other:?}; use ms, s, m or h"
+                "{text:?}: unknown unit {other:?}; use ms, s, m, h or d"
             ))
         }
     };
@@ -241,6 +307,21 @@ pub struct OutletArgs {
     /// For list attributes such as groups, the value must be one of the elements.
     #[arg(long, value_name = "NAME=VALUE")]
     pub allow_attr: Vec<AttributeRule>,
+    /// Directory of Cedar policies (*.cedar) deciding every tunnel (action
+    /// "connect"; default deny), instead of --allow/--allow-attr. Re-read
+    /// once a second: a change closes the live tunnels it no longer permits
+    /// within seconds; a broken change keeps the previous policies. See
+    /// `postern policy --help`.
+    #[arg(long, value_name = "DIR")]
+    pub policies: Option<PathBuf>,
+    /// An attribute of the service, as policies see it (repeatable), e.g.
+    /// --service-attr env=prod --service-attr team=analytics.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub service_attr: Vec<AttributeRule>,
+    /// Append every access decision and tunnel end to this hash-chained
+    /// audit log (check it with `postern audit verify FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +350,11 @@ pub struct InletArgs {
     /// Open one tunnel, report whether the outlet admits you, and exit.
     #[arg(long)]
     pub check: bool,
+    /// An attribute the outlet's credential must carry (repeatable; needs
+    /// --trust-authority), e.g. --require-outlet-attr service=db-prod: only
+    /// an outlet your authority vouches for is accepted.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub require_outlet_attr: Vec<AttributeRule>,
 }
 
 #[cfg(test)]

@@ -16,9 +16,12 @@ use postern_identity::credential::{
 };
 use postern_identity::handshake::LocalParty;
 use postern_identity::ticket::{CodeHash, Ticket, DEFAULT_AUTHORITY_SERVICE};
+use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier, Identity};
 use postern_node::authority;
+
+use crate::args::parse_duration;
 use postern_node::{RelayEndpoint, Timeouts};
 
 /// `postern authority …`
@@ -119,24 +122,6 @@ pub struct EnrollArgs {
         value_name = "NAME|PATH"
     )]
     pub identity: String,
-}
-
-/// Parses `30s`, `15m`, `8h`, `2d` (or plain seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| {
-        format!("{s:?} is not a duration: use a number and a unit, e.g. 30s, 15m, 8h, 2d")
-    })?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86_400),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
-    };
-    Ok(Duration::from_secs(secs))
 }
 
 /// Parses repeated `NAME=VALUE` into attributes; a repeated name makes a list.
@@ -267,10 +252,6 @@ fn open_authority(home: &Path, args: &StoreArgs, identity: Identity) -> Result<A
     )?)
 }
 
-fn now() -> u64 {
-    postern_node::trust::unix_now()
-}
-
 /// Runs `postern authority …`.
 pub async fn run(
     home: &Path,
@@ -321,7 +302,7 @@ pub async fn run(
                 relay: args.relay_identity,
                 authority_service: args.service,
             };
-            let (ticket, record) = authority.create_ticket(&spec, &route, now())?;
+            let (ticket, record) = authority.create_ticket(&spec, &route, unix_now())?;
             let token = ticket.to_token()?;
             println!("{}", token.as_str());
             eprintln!(
@@ -335,7 +316,7 @@ pub async fn run(
         AuthorityCommand::Revoke { store, target } => {
             let identity = load_identity(&store.identity)?;
             let authority = open_authority(home, &store, identity)?;
-            let entry = authority.revoke(target, now())?;
+            let entry = authority.revoke(target, unix_now())?;
             println!(
                 "revoked {} (revocation #{})",
                 entry.revocation.target, entry.seq
@@ -373,11 +354,11 @@ pub async fn run(
 pub async fn enroll(home: &Path, args: EnrollArgs) -> Result<()> {
     let ticket = Ticket::parse(&args.ticket)?;
     ticket
-        .check_not_expired(now())
+        .check_not_expired(unix_now())
         .context("ask the authority's admin for a new ticket")?;
     let key_path = postern_identity::keyfile::resolve(home, &args.identity)?;
     let identity = if key_path.exists() {
-        postern_identity::keyfile::load(&key_path)?
+        crate::keys::load(home, &args.identity, None)?.0
     } else {
         let identity = postern_identity::keyfile::create(&key_path)?;
         eprintln!(

@@ -1,5 +1,6 @@
 //! Merges flags with an optional TOML file into validated library configs.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +11,8 @@ use postern_identity::credential::SignedCredential;
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
 use postern_node::{AttributeRule, InletConfig, OutletConfig, RelayEndpoint, Trust};
-use postern_policies::AllowList;
+use postern_policies::audit::AuditLog;
+use postern_policies::{AllowList, LivePolicies, PolicyError};
 use postern_relay::RelayConfig;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -34,6 +36,10 @@ pub struct RelayFile {
     max_pending_handshakes: Option<usize>,
     max_pending_per_source: Option<usize>,
     max_tunnels: Option<usize>,
+    policies: Option<PathBuf>,
+    #[serde(default)]
+    trust_authorities: Vec<Identifier>,
+    audit_log: Option<PathBuf>,
 }
 
 /// `outlet` file keys.
@@ -49,6 +55,10 @@ pub struct OutletFile {
     allow: Vec<Identifier>,
     #[serde(default)]
     allow_attributes: Vec<String>,
+    policies: Option<PathBuf>,
+    #[serde(default)]
+    service_attributes: BTreeMap<String, String>,
+    audit_log: Option<PathBuf>,
     #[serde(default)]
     trust_authorities: Vec<Identifier>,
     credential: Option<PathBuf>,
@@ -71,6 +81,8 @@ pub struct InletFile {
     outlet_identity: Option<Identifier>,
     #[serde(default)]
     dangerous_allow_non_loopback: bool,
+    #[serde(default)]
+    require_outlet_attributes: Vec<String>,
     #[serde(default)]
     trust_authorities: Vec<Identifier>,
     credential: Option<PathBuf>,
@@ -95,6 +107,16 @@ struct Lifecycle {
     max_tunnels: usize,
     idle_timeout: Option<Duration>,
     drain_grace: Option<Duration>,
+}
+
+impl Lifecycle {
+    /// Puts the idle timeout and drain grace into a node's time limits.
+    fn apply_timeouts(&self, timeouts: &mut postern_node::Timeouts) {
+        timeouts.tunnel_idle = self.idle_timeout;
+        if let Some(grace) = self.drain_grace {
+            timeouts.drain_grace = grace;
+        }
+    }
 }
 
 fn file_duration(key: &str, value: Option<String>) -> Result<Option<Duration>> {
@@ -152,8 +174,20 @@ pub fn read_file<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T
 }
 
 /// Parses TOML config text.
+/// Parses a TOML config text. The error is one line: what is wrong and
+/// where (line and column), without echoing the text itself.
 pub fn parse_file<T: DeserializeOwned>(text: &str) -> Result<T> {
-    toml::from_str(text).map_err(|e| anyhow!("{}", e.to_string().trim_end()))
+    toml::from_str(text).map_err(|e| {
+        let what = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+        match e.span().and_then(|span| text.get(..span.start)) {
+            Some(before) => {
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                anyhow!("line {line}, column {column}: {what}")
+            }
+            None => anyhow!("{what}"),
+        }
+    })
 }
 
 fn required<T>(value: Option<T>, flag: &str, key: &str) -> Result<T> {
@@ -240,6 +274,15 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
     if relay.handshake_timeout.is_zero() {
         return Err(anyhow!("`handshake_timeout` must be longer than zero"));
     }
+    relay.authorities = if args.trust_authority.is_empty() {
+        file.trust_authorities
+    } else {
+        args.trust_authority
+    }
+    .into_iter()
+    .collect();
+    relay.policies = load_policies(args.policies.or(file.policies), "relay")?;
+    relay.audit = open_audit(args.audit_log.or(file.audit_log))?;
     Ok(Relay {
         identity: identity_name(&args.common, file.identity),
         relay,
@@ -291,6 +334,42 @@ fn trust(
     Ok(trust)
 }
 
+/// Loads a policy directory; invalid policies stop the node from starting,
+/// with Cedar's diagnostics.
+fn load_policies(dir: Option<PathBuf>, role: &str) -> Result<Option<Arc<LivePolicies>>> {
+    let Some(dir) = dir else { return Ok(None) };
+    match LivePolicies::load(&dir) {
+        Ok(policies) => Ok(Some(Arc::new(policies))),
+        Err(PolicyError::Invalid(diagnostics)) => Err(anyhow!(
+            "the policies in {} are invalid, so the {role} does not start (check them with `postern policy validate {}`):\n{diagnostics}",
+            dir.display(),
+            dir.display()
+        )),
+        Err(e) => Err(anyhow!("cannot load the policies for the {role}: {e}")),
+    }
+}
+
+/// Opens (creating if needed) an audit log.
+fn open_audit(path: Option<PathBuf>) -> Result<Option<Arc<AuditLog>>> {
+    let Some(path) = path else { return Ok(None) };
+    let log = AuditLog::open(&path)
+        .with_context(|| format!("cannot open the audit log {}", path.display()))?;
+    Ok(Some(Arc::new(log)))
+}
+
+/// `NAME=VALUE` rules from flags, else from the file key `key`.
+fn rules(flags: Vec<AttributeRule>, file: &[String], key: &str) -> Result<Vec<AttributeRule>> {
+    if !flags.is_empty() {
+        return Ok(flags);
+    }
+    file.iter()
+        .map(|r| {
+            r.parse()
+                .map_err(|e: String| anyhow!("config key `{key}`: {e}"))
+        })
+        .collect()
+}
+
 pub struct Outlet {
     pub identity: String,
     pub outlet: OutletConfig,
@@ -312,16 +391,14 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
     } else {
         args.allow
     };
-    let allow_attributes = if args.allow_attr.is_empty() {
-        file.allow_attributes
-            .iter()
-            .map(|r| {
-                r.parse()
-                    .map_err(|e: String| anyhow!("config key `allow_attributes`: {e}"))
-            })
-            .collect::<Result<Vec<AttributeRule>>>()?
+    let allow_attributes = rules(args.allow_attr, &file.allow_attributes, "allow_attributes")?;
+    let service_attributes = if args.service_attr.is_empty() {
+        file.service_attributes
     } else {
-        args.allow_attr
+        args.service_attr
+            .into_iter()
+            .map(|r| (r.name, r.value))
+            .collect()
     };
     let identity = identity_name(&args.common, file.identity);
     let trust = trust(
@@ -341,14 +418,20 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
         },
     )?;
     let mut outlet = OutletConfig::new(relay, service, target, AllowList::new(allow))
-        .with_fallback_relays(life.fallback_relays);
+        .with_fallback_relays(life.fallback_relays.clone());
     outlet.max_tunnels = life.max_tunnels;
-    outlet.timeouts.tunnel_idle = life.idle_timeout;
-    if let Some(grace) = life.drain_grace {
-        outlet.timeouts.drain_grace = grace;
-    }
+    life.apply_timeouts(&mut outlet.timeouts);
     outlet.allow_attributes = allow_attributes;
     outlet.trust = Arc::new(trust);
+    outlet.policies = load_policies(args.policies.or(file.policies), "outlet")?;
+    if outlet.policies.is_some() && !(outlet.allow.is_empty() && outlet.allow_attributes.is_empty())
+    {
+        return Err(anyhow!(
+            "--policies replaces --allow and --allow-attr: write those rules as policies instead, e.g. permit(principal == Identity::\"P…\", action == Action::\"connect\", resource);"
+        ));
+    }
+    outlet.service_attributes = service_attributes;
+    outlet.audit = open_audit(args.audit_log.or(file.audit_log))?;
     Ok(Outlet { identity, outlet })
 }
 
@@ -381,15 +464,17 @@ pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
             drain_grace: file.drain_grace,
         },
     )?;
-    let mut inlet =
-        InletConfig::new(relay, service, listen, outlet).with_fallback_relays(life.fallback_relays);
+    let mut inlet = InletConfig::new(relay, service, listen, outlet)
+        .with_fallback_relays(life.fallback_relays.clone());
     inlet.max_tunnels = life.max_tunnels;
-    inlet.timeouts.tunnel_idle = life.idle_timeout;
-    if let Some(grace) = life.drain_grace {
-        inlet.timeouts.drain_grace = grace;
-    }
+    life.apply_timeouts(&mut inlet.timeouts);
     inlet.dangerous_allow_non_loopback =
         args.dangerous_allow_non_loopback || file.dangerous_allow_non_loopback;
+    inlet.require_outlet_attributes = rules(
+        args.require_outlet_attr,
+        &file.require_outlet_attributes,
+        "require_outlet_attributes",
+    )?;
     let identity = identity_name(&args.common, file.identity);
     inlet.trust = Arc::new(trust(
         home,

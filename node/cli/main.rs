@@ -5,6 +5,8 @@
 mod args;
 mod authority;
 mod config;
+mod keys;
+mod policy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,20 +64,11 @@ fn home(cli_home: &Option<PathBuf>) -> PathBuf {
     cli_home.clone().unwrap_or_else(keyfile::home_dir)
 }
 
+/// Loads identity `name` for any role. An encrypted key file is opened with
+/// `$POSTERN_PASSPHRASE` (else a prompt on the terminal) or
+/// `$POSTERN_KEY_FILE`, as `keys` explains.
 fn load_identity(home: &std::path::Path, name: &str) -> Result<Identity> {
-    let path = keyfile::resolve(home, name)?;
-    keyfile::load(&path).map_err(|e| match e {
-        postern_identity::IdentityError::NotFound { path, .. } => anyhow::anyhow!(
-            "no identity {name:?} at {}: create it first with `postern identity create{}`",
-            path.display(),
-            if name == keyfile::DEFAULT_NAME {
-                String::new()
-            } else {
-                format!(" --name {name}")
-            }
-        ),
-        other => other.into(),
-    })
+    keys::load(home, name, None).map(|(identity, _)| identity)
 }
 
 /// Cancels the returned token on Ctrl-C or SIGTERM.
@@ -167,6 +160,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
             authority::run(&home, command, |name| load_identity(&home, name), on_signal).await
         }
         Command::Enroll(args) => authority::enroll(&home, args).await,
+        Command::Policy { command } => policy::run_policy(command),
+        Command::Audit { command } => policy::run_audit(command),
         Command::Inlet(args) => {
             let check = args.check;
             let cfg = config::inlet(&home, args)?;
@@ -195,26 +190,61 @@ async fn dispatch(cli: Cli) -> Result<()> {
 
 fn identity(home: &std::path::Path, command: IdentityCommand) -> Result<()> {
     match command {
-        IdentityCommand::Create { name } => {
+        IdentityCommand::Create {
+            name,
+            encrypt,
+            key_file,
+        } => {
             let path = keyfile::resolve(home, &name)?;
-            let identity = keyfile::create(&path)?;
+            // Refuse before asking for a passphrase that would be wasted.
+            if path.symlink_metadata().is_ok() {
+                return Err(postern_identity::IdentityError::AlreadyExists { path }.into());
+            }
+            let source = keys::source_for_create(&name, encrypt, key_file.as_deref())?;
+            let identity = keyfile::create_with(&path, &source)?;
             println!("{}", identity.identifier());
             eprintln!(
-                "created identity {name:?} in {} (keep this file private)",
-                path.display()
+                "created identity {name:?} in {} (keep this file private; its secret key is {})",
+                path.display(),
+                source.protection()
             );
+            if source.protection() == postern_identity::sealed::Protection::Unencrypted {
+                if let Some(var) = keys::secret_in_env() {
+                    eprintln!(
+                        "note: {var} is set but was not used, because --encrypt was not given"
+                    );
+                }
+                eprintln!(
+                    "hint: for a service or a shared machine, encrypt the key: `--encrypt passphrase` \
+                     (POSTERN_PASSPHRASE or a prompt), or `--encrypt key-file --key-file PATH` \
+                     (see `postern identity keygen`)"
+                );
+            }
             Ok(())
         }
         IdentityCommand::Show {
             name,
             path: show_path,
+            key_file,
         } => {
             let path = keyfile::resolve(home, &name)?;
-            let identity = load_identity(home, &name)?;
+            let (identity, protection) = keys::load(home, &name, key_file.as_deref())?;
             println!("{}", identity.identifier());
             if show_path {
                 println!("{}", path.display());
             }
+            eprintln!("identity {name:?}: secret key {protection}");
+            Ok(())
+        }
+        IdentityCommand::Keygen { out } => {
+            keys::keygen(&out)?;
+            let out = out.display();
+            eprintln!(
+                "wrote a new random key to {out} (mode 0600). Keep it private and back it up: an \
+                 identity encrypted with it cannot be opened without it. Use it with \
+                 `postern identity create --encrypt key-file --key-file {out}`, and run roles with \
+                 POSTERN_KEY_FILE={out}"
+            );
             Ok(())
         }
     }

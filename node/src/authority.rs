@@ -25,12 +25,11 @@ use postern_identity::ticket::{Ticket, TicketCode};
 use postern_identity::wire::{self, Control, DataFrame, Hello, ServiceName, Side, TunnelToken};
 use postern_identity::{ChannelError, Identifier};
 use serde::{Deserialize, Serialize};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::hop::{self, Backoff, Hop, HopEvent};
+use crate::hop::{self, Backoff, DataChannel, Hop, HopEvent};
 use crate::trust::{unix_now, Trust};
 use crate::tunnel::{self, ChannelHalves};
 use crate::{NodeError, RelayEndpoint, Timeouts};
@@ -75,8 +74,6 @@ pub enum AuthorityReply {
         reason: String,
     },
 }
-
-type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
 
 async fn send_message<T: Serialize>(channel: &mut DataChannel, msg: &T) -> Result<(), NodeError> {
     let bytes = wire::encode(msg).map_err(|e| tunnel_error(e.into()))?;
@@ -155,7 +152,7 @@ pub async fn serve(
     let mut backoff = Backoff::new(&timeouts);
     info!(authority = %authority.identifier(), %service, relay = %relay.address, "authority starting");
     while !stop.is_cancelled() {
-        let ended = match hop::connect(&local, &relay, &timeouts, &stop).await {
+        let ended = match hop::connect(&local, &relay, &timeouts, None, &stop).await {
             Ok((hop, events)) => {
                 session(
                     &local,
@@ -223,7 +220,7 @@ async fn session(
                 error!(%service, %reason, "relay refused the authority's registration");
                 return format!("registration refused: {reason}");
             }
-            Some(HopEvent::Incoming(_, token)) => {
+            Some(HopEvent::Incoming(_, token, _)) => {
                 let (local, authority, hop) =
                     (Arc::clone(local), Arc::clone(authority), Arc::clone(hop));
                 let (service, timeouts, stop) = (service.clone(), timeouts.clone(), stop.clone());
@@ -394,51 +391,20 @@ async fn open(
     timeouts: &Timeouts,
     stop: &CancellationToken,
 ) -> Result<DataChannel, NodeError> {
-    let (hop, _events) = hop::connect(local, &route.relay, timeouts, stop).await?;
-    let token = hop.open(&route.service, timeouts.handshake).await?;
-    let (mut reader, mut writer) = hop.attach(local, timeouts, Side::Inlet, token).await?;
-    let hello = Hello {
-        service: Some(route.service.clone()),
-        credential: None,
-    };
-    let expected = route.authority;
-    let handshake = link::initiate(
-        &mut reader,
-        &mut writer,
-        local,
-        ChannelKind::EndToEnd,
-        &hello,
-        |peer| {
-            let actual = peer.identity.identifier();
-            if actual == expected {
-                Ok(())
-            } else {
-                Err(ChannelError::UnexpectedPeer {
-                    expected: expected.to_string(),
-                    actual: actual.to_string(),
-                })
-            }
-        },
-    );
-    let (_peer, transport) =
-        match link::within(timeouts.handshake, "end-to-end handshake", handshake).await {
-            Ok(ok) => ok,
-            Err(link::LinkError::Channel(ChannelError::UnexpectedPeer { actual, .. })) => {
-                return Err(NodeError::WrongOutlet {
-                    service: route.service.clone(),
-                    expected,
-                    actual: actual.parse().unwrap_or(expected),
-                })
-            }
-            Err(e) => return Err(tunnel_error(e)),
-        };
-    let (sealer, opener) = transport.split();
-    Ok(ChannelHalves {
-        reader,
-        writer,
-        sealer,
-        opener,
-    })
+    let (hop, _events) = hop::connect(local, &route.relay, timeouts, None, stop).await?;
+    // Credentials are not needed here: the authority is pinned, and a node
+    // enrolling has none yet.
+    let (_peer, channel) = hop
+        .open_end_to_end(
+            local,
+            timeouts,
+            &route.service,
+            route.authority,
+            &Trust::default(),
+            &[],
+        )
+        .await?;
+    Ok(channel)
 }
 
 /// Sends one request and returns the authority's credential.

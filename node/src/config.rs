@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
-use postern_policies::AllowList;
+use postern_policies::audit::AuditLog;
+use postern_policies::{AllowList, LivePolicies};
 
 use crate::trust::{AttributeRule, Trust};
 
@@ -123,6 +125,13 @@ impl Default for Timeouts {
 /// Default for [`OutletConfig::max_tunnels`] and [`InletConfig::max_tunnels`].
 pub const DEFAULT_MAX_TUNNELS: usize = 1_024;
 
+/// `first`, then the fallbacks: the order in which a node tries relays.
+fn relay_order(first: &RelayEndpoint, fallbacks: &[RelayEndpoint]) -> Vec<RelayEndpoint> {
+    std::iter::once(first.clone())
+        .chain(fallbacks.iter().cloned())
+        .collect()
+}
+
 /// Everything an outlet needs.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -141,6 +150,13 @@ pub struct OutletConfig {
     pub allow_attributes: Vec<AttributeRule>,
     /// Authorities trusted, the outlet's own credential, revocations.
     pub trust: Arc<Trust>,
+    /// Cedar policies deciding `connect` for every tunnel (default deny),
+    /// instead of `allow` and `allow_attributes` (which must then be empty).
+    pub policies: Option<Arc<LivePolicies>>,
+    /// The service's attributes, as policies see them (`resource.env`).
+    pub service_attributes: BTreeMap<String, String>,
+    /// Where access decisions and tunnel ends are audited, if anywhere.
+    pub audit: Option<Arc<AuditLog>>,
     /// Relays to fail over to, in order, when `relay` cannot be reached or
     /// its session ends. Inlets of this service should list the same relays.
     pub fallback_relays: Vec<RelayEndpoint>,
@@ -167,6 +183,9 @@ impl OutletConfig {
             allow,
             allow_attributes: Vec::new(),
             trust: Arc::new(Trust::default()),
+            policies: None,
+            service_attributes: BTreeMap::new(),
+            audit: None,
             fallback_relays: Vec::new(),
             max_tunnels: DEFAULT_MAX_TUNNELS,
             timeouts: Timeouts::default(),
@@ -181,9 +200,7 @@ impl OutletConfig {
 
     /// Every relay, in the order they are tried: `relay` first.
     pub fn relays(&self) -> Vec<RelayEndpoint> {
-        std::iter::once(self.relay.clone())
-            .chain(self.fallback_relays.iter().cloned())
-            .collect()
+        relay_order(&self.relay, &self.fallback_relays)
     }
 }
 
@@ -205,6 +222,11 @@ pub struct InletConfig {
     /// Authorities trusted (an outlet's credential, if it presents one, must
     /// be valid), the inlet's own credential, revocations.
     pub trust: Arc<Trust>,
+    /// Attributes the outlet's credential must carry (from an authority in
+    /// `trust`), beyond being the pinned `outlet` identity: for example
+    /// `service=db-prod`, so that only an outlet the authority vouches for
+    /// as serving it is accepted.
+    pub require_outlet_attributes: Vec<AttributeRule>,
     /// Relays to fail over to, in order, when `relay` cannot be reached or
     /// its session ends. The outlet should list the same relays.
     pub fallback_relays: Vec<RelayEndpoint>,
@@ -230,6 +252,7 @@ impl InletConfig {
             outlet,
             dangerous_allow_non_loopback: false,
             trust: Arc::new(Trust::default()),
+            require_outlet_attributes: Vec::new(),
             fallback_relays: Vec::new(),
             max_tunnels: DEFAULT_MAX_TUNNELS,
             timeouts: Timeouts::default(),
@@ -244,9 +267,7 @@ impl InletConfig {
 
     /// Every relay, in the order they are tried: `relay` first.
     pub fn relays(&self) -> Vec<RelayEndpoint> {
-        std::iter::once(self.relay.clone())
-            .chain(self.fallback_relays.iter().cloned())
-            .collect()
+        relay_order(&self.relay, &self.fallback_relays)
     }
 }
 

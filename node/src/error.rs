@@ -40,7 +40,7 @@ pub enum NodeError {
     #[error("connection to the relay was lost: {0}")]
     RelayLost(String),
     /// No connection to the relay right now.
-    #[error("not connected to relay {address} ({status}); the node keeps retrying")]
+    #[error("no connection to relay {address} at the moment ({status}); the node keeps retrying")]
     NotConnected {
         /// The relay.
         address: String,
@@ -110,6 +110,9 @@ pub enum NodeError {
         /// The last status.
         status: String,
     },
+    /// The configuration contradicts itself; the message says how to fix it.
+    #[error("{0}")]
+    Config(String),
     /// Setting up the node's Noise key failed.
     #[error("cannot set up the secure channel key: {0}")]
     Key(#[from] postern_identity::ChannelError),

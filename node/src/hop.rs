@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use postern_identity::handshake::{ChannelKind, LocalParty};
+use postern_identity::credential::SignedCredential;
+use postern_identity::handshake::{ChannelKind, LocalParty, Peer};
 use postern_identity::link::{
     self, ControlReceiver, ControlSender, FramedReader, LinkError, CONTROL_READ_BUFFER,
     DATA_READ_BUFFER,
@@ -17,7 +18,7 @@ use postern_identity::wire::{
     Attach, AttachReply, Control, Hello, ServiceName, Side, TunnelToken, PREAMBLE_ATTACH,
     PREAMBLE_HOP, PROTOCOL_VERSION,
 };
-use postern_identity::ChannelError;
+use postern_identity::{ChannelError, Identifier};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -26,6 +27,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::trust::{match_attributes, unix_now, AttributeRule, Trust};
+use crate::tunnel::ChannelHalves;
 use crate::{NodeError, RelayEndpoint, Timeouts};
 
 type OpenReply = Result<TunnelToken, String>;
@@ -35,7 +38,9 @@ type OpenReply = Result<TunnelToken, String>;
 pub(crate) enum HopEvent {
     Registered(ServiceName),
     RegisterRefused(ServiceName, String),
-    Incoming(ServiceName, TunnelToken),
+    /// A tunnel request: the service, its token, and the inlet's address as
+    /// the relay saw it.
+    Incoming(ServiceName, TunnelToken, Option<std::net::IpAddr>),
 }
 
 /// An authenticated hop channel, shared by the node's tasks.
@@ -106,37 +111,32 @@ async fn dial(
     Ok(stream)
 }
 
-/// Dials the relay and authenticates, pinning its identity. Returns the
-/// shared channel, the stream of pushed events, and runs the channel's driver
-/// in a background task until `stop` or failure.
+/// Dials the relay and authenticates, pinning its identity and presenting
+/// `credential` (a relay's `register` policies read its attributes).
+/// Returns the shared channel, the stream of pushed events, and runs the
+/// channel's driver in a background task until `stop` or failure.
 pub(crate) async fn connect(
     local: &Arc<LocalParty>,
     relay: &RelayEndpoint,
     timeouts: &Timeouts,
+    credential: Option<SignedCredential>,
     stop: &CancellationToken,
 ) -> Result<(Arc<Hop>, mpsc::Receiver<HopEvent>), NodeError> {
     let stream = dial(relay, timeouts, &PREAMBLE_HOP).await?;
     let (rd, mut wr) = stream.into_split();
     let mut reader = FramedReader::new(rd, CONTROL_READ_BUFFER);
     let expected = relay.identifier;
-    let hello = Hello::default();
+    let hello = Hello {
+        service: None,
+        credential,
+    };
     let handshake = link::initiate(
         &mut reader,
         &mut wr,
         local,
         ChannelKind::Hop,
         &hello,
-        |peer| {
-            let actual = peer.identity.identifier();
-            if actual == expected {
-                Ok(())
-            } else {
-                Err(ChannelError::UnexpectedPeer {
-                    expected: expected.to_string(),
-                    actual: actual.to_string(),
-                })
-            }
-        },
+        |peer| expect_identity(peer, expected),
     );
     let (peer, transport) = match link::within(timeouts.handshake, "hop handshake", handshake).await
     {
@@ -274,7 +274,11 @@ impl Driver {
             Control::RegisterRefused { service, reason } => {
                 HopEvent::RegisterRefused(service, reason)
             }
-            Control::Incoming { service, token } => HopEvent::Incoming(service, token),
+            Control::Incoming {
+                service,
+                token,
+                source,
+            } => HopEvent::Incoming(service, token, source),
             other => {
                 warn!(message = ?other, "relay sent a message nodes do not accept; ignoring it");
                 return None;
@@ -491,6 +495,106 @@ async fn keep_spares(hop: Arc<Hop>, local: Arc<LocalParty>, timeouts: Timeouts) 
         }
     }
 }
+
+/// The handshake check shared by every pinned peer (relay, outlet,
+/// authority): the peer must prove the `expected` identity.
+pub(crate) fn expect_identity(peer: &Peer, expected: Identifier) -> Result<(), ChannelError> {
+    let actual = peer.identity.identifier();
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(ChannelError::UnexpectedPeer {
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        })
+    }
+}
+
+impl Hop {
+    /// Opens an end-to-end channel to `service` through this relay: asks for
+    /// a token, joins a data connection, and runs the XX handshake as
+    /// initiator. The answering outlet must prove `expected`, claim
+    /// `service`, and present a valid credential if it presents one and
+    /// `trust` trusts an authority.
+    pub(crate) async fn open_end_to_end(
+        &self,
+        local: &LocalParty,
+        timeouts: &Timeouts,
+        service: &ServiceName,
+        expected: Identifier,
+        trust: &Trust,
+        required: &[AttributeRule],
+    ) -> Result<(Peer, DataChannel), NodeError> {
+        let token = self.open(service, timeouts.handshake).await?;
+        let (mut reader, mut writer) = self.attach(local, timeouts, Side::Inlet, token).await?;
+        let hello = Hello {
+            service: Some(service.clone()),
+            credential: trust.credential(),
+        };
+        let handshake = link::initiate(
+            &mut reader,
+            &mut writer,
+            local,
+            ChannelKind::EndToEnd,
+            &hello,
+            |peer| {
+                expect_identity(peer, expected)?;
+                if peer.hello.service.as_ref() != Some(service) {
+                    return Err(ChannelError::BadIdentityProof(format!(
+                        "outlet claims to serve {:?}, not \"{service}\"",
+                        peer.hello.service.as_ref().map(|s| s.as_str())
+                    )));
+                }
+                let verified = trust
+                    .verify(expected, peer.hello.credential.as_ref(), unix_now())
+                    .map_err(|e| {
+                        ChannelError::BadIdentityProof(format!("outlet's credential refused: {e}"))
+                    })?;
+                if required.is_empty() {
+                    return Ok(());
+                }
+                match verified {
+                    Some(verified) => match_attributes(&verified, required).map_err(|e| {
+                        ChannelError::BadIdentityProof(format!(
+                            "outlet refused: {e} (--require-outlet-attr)"
+                        ))
+                    }),
+                    None => Err(ChannelError::BadIdentityProof(
+                        "outlet refused: it presented no credential from a trusted authority, and --require-outlet-attr needs one".into(),
+                    )),
+                }
+            },
+        );
+        match link::within(timeouts.handshake, "end-to-end handshake", handshake).await {
+            Ok((peer, transport)) => {
+                let (sealer, opener) = transport.split();
+                Ok((
+                    peer,
+                    ChannelHalves {
+                        reader,
+                        writer,
+                        sealer,
+                        opener,
+                    },
+                ))
+            }
+            Err(LinkError::Channel(ChannelError::UnexpectedPeer { actual, .. })) => {
+                Err(NodeError::WrongOutlet {
+                    service: service.clone(),
+                    expected,
+                    actual: actual.parse().unwrap_or(expected),
+                })
+            }
+            Err(source) => Err(NodeError::Tunnel {
+                service: service.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// The two halves of an end-to-end channel over a data connection.
+pub(crate) type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
 
 /// Jittered exponential back-off between reconnection attempts.
 #[derive(Debug)]

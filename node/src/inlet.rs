@@ -5,21 +5,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use postern_identity::handshake::{ChannelKind, LocalParty};
-use postern_identity::link::{self, LinkError};
-use postern_identity::wire::{CloseReason, DataFrame, Hello, Side};
-use postern_identity::{ChannelError, Identifier, Identity};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use postern_identity::handshake::LocalParty;
+use postern_identity::link;
+use postern_identity::wire::{CloseReason, DataFrame};
+use postern_identity::{Identifier, Identity};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::hop::{self, Hop, RelayCycle};
+use crate::hop::{self, DataChannel, Hop, RelayCycle};
 use crate::outlet::{log_end, reset_tcp};
-use crate::trust::unix_now;
-use crate::tunnel::{self, ChannelHalves, TunnelEnd};
+use crate::tunnel::{self, TunnelEnd};
 use crate::{InletConfig, Lifecycle, NodeError, NodeHandle, NodeStatus};
 
 /// An inlet node. See [`Inlet::start`].
@@ -34,14 +32,17 @@ struct Shared {
     status: watch::Sender<NodeStatus>,
 }
 
-type Channel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
-
 impl Inlet {
     /// Binds the listening socket, then connects to the relay in the
     /// background (retrying with back-off). Client connections that arrive
     /// while the relay is unreachable are refused at once, with a logged
     /// reason.
     pub async fn start(identity: Identity, config: InletConfig) -> Result<NodeHandle, NodeError> {
+        if !config.require_outlet_attributes.is_empty() && config.trust.authorities().is_empty() {
+            return Err(NodeError::Config(
+                "--require-outlet-attr needs the authority that vouches for the outlet: add --trust-authority P…".into(),
+            ));
+        }
         if !config.listen.ip().is_loopback() {
             if !config.dangerous_allow_non_loopback {
                 return Err(NodeError::NonLoopback(config.listen));
@@ -130,7 +131,15 @@ async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
             break;
         }
         shared.status.send_replace(NodeStatus::Connecting);
-        let ended = match hop::connect(&shared.local, &relay, &cfg.timeouts, &stop).await {
+        let ended = match hop::connect(
+            &shared.local,
+            &relay,
+            &cfg.timeouts,
+            cfg.trust.credential(),
+            &stop,
+        )
+        .await
+        {
             Ok((hop, _events)) => {
                 info!(relay = %relay.address, "connected to relay");
                 cycle.connected();
@@ -160,7 +169,7 @@ async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// Opens one tunnel: token from the relay, attach, end-to-end handshake with
 /// the pinned outlet.
-async fn open_tunnel(shared: &Shared) -> Result<(Identifier, Channel), NodeError> {
+async fn open_tunnel(shared: &Shared) -> Result<(Identifier, DataChannel), NodeError> {
     let cfg = &shared.config;
     let hop = shared.hop.borrow().clone();
     let Some(hop) = hop else {
@@ -173,72 +182,17 @@ async fn open_tunnel(shared: &Shared) -> Result<(Identifier, Channel), NodeError
             status,
         });
     };
-    let token = hop.open(&cfg.service, cfg.timeouts.handshake).await?;
-    let (mut reader, mut writer) = hop
-        .attach(&shared.local, &cfg.timeouts, Side::Inlet, token)
+    let (peer, channel) = hop
+        .open_end_to_end(
+            &shared.local,
+            &cfg.timeouts,
+            &cfg.service,
+            cfg.outlet,
+            &cfg.trust,
+            &cfg.require_outlet_attributes,
+        )
         .await?;
-    let hello = Hello {
-        service: Some(cfg.service.clone()),
-        credential: cfg.trust.credential(),
-    };
-    let (expected, service) = (cfg.outlet, cfg.service.clone());
-    let trust = &cfg.trust;
-    let handshake = link::initiate(
-        &mut reader,
-        &mut writer,
-        &shared.local,
-        ChannelKind::EndToEnd,
-        &hello,
-        |peer| {
-            let actual = peer.identity.identifier();
-            if actual != expected {
-                return Err(ChannelError::UnexpectedPeer {
-                    expected: expected.to_string(),
-                    actual: actual.to_string(),
-                });
-            }
-            if peer.hello.service.as_ref() != Some(&service) {
-                return Err(ChannelError::BadIdentityProof(format!(
-                    "outlet claims to serve {:?}, not \"{service}\"",
-                    peer.hello.service.as_ref().map(|s| s.as_str())
-                )));
-            }
-            // An outlet credential, when one is presented, must be valid.
-            trust
-                .verify(actual, peer.hello.credential.as_ref(), unix_now())
-                .map_err(|e| {
-                    ChannelError::BadIdentityProof(format!("outlet's credential refused: {e}"))
-                })?;
-            Ok(())
-        },
-    );
-    let (peer, transport) =
-        match link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await {
-            Ok(ok) => ok,
-            Err(LinkError::Channel(ChannelError::UnexpectedPeer { actual, .. })) => {
-                return Err(NodeError::WrongOutlet {
-                    service: cfg.service.clone(),
-                    expected,
-                    actual: actual.parse().unwrap_or(expected),
-                })
-            }
-            Err(source) => {
-                return Err(NodeError::Tunnel {
-                    service: cfg.service.clone(),
-                    source,
-                })
-            }
-        };
-    let (sealer, opener) = transport.split();
-    Ok((
-        peer.identity.identifier(),
-        ChannelHalves {
-            reader,
-            writer,
-            sealer,
-            opener,
-        },
-    ))
+    Ok((peer.identity.identifier(), channel))
 }
 
 fn explain(cfg: &InletConfig, outlet: Identifier, end: &TunnelEnd) -> Option<NodeError> {
@@ -312,7 +266,14 @@ pub async fn check(identity: Identity, config: &InletConfig) -> Result<CheckRepo
     let started = Instant::now();
     let local = Arc::new(LocalParty::new(identity)?);
     let stop = CancellationToken::new();
-    let (hop, _events) = hop::connect(&local, &config.relay, &config.timeouts, &stop).await?;
+    let (hop, _events) = hop::connect(
+        &local,
+        &config.relay,
+        &config.timeouts,
+        config.trust.credential(),
+        &stop,
+    )
+    .await?;
     let shared = Shared {
         local,
         config: config.clone(),

@@ -32,6 +32,7 @@
 //! `postern` binary does) and does not implement the relay.
 #![forbid(unsafe_code)]
 
+mod access;
 pub mod authority;
 mod config;
 mod error;

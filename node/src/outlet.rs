@@ -4,13 +4,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use postern_identity::credential::{SignedCredential, VerifiedCredential};
 use postern_identity::handshake::{ChannelKind, LocalParty};
 use postern_identity::link;
 use postern_identity::transport::Sealer;
 use postern_identity::wire::{CloseReason, Control, DataFrame, Hello, Side, TunnelToken};
-use postern_identity::{Identifier, Identity};
-use postern_policies::Decision;
+use postern_identity::Identity;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{watch, Semaphore};
@@ -18,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::access;
 use crate::hop::{self, Backoff, Hop, HopEvent, RelayCycle};
-use crate::trust::{match_attributes, unix_now, Trust};
 use crate::tunnel::{self, ChannelHalves, TunnelEnd};
 use crate::{Lifecycle, NodeError, NodeHandle, NodeStatus, OutletConfig, Target};
 
@@ -29,7 +27,7 @@ pub struct Outlet;
 
 struct Shared {
     local: Arc<LocalParty>,
-    config: OutletConfig,
+    config: Arc<OutletConfig>,
     /// One permit per tunnel served at once (`max_tunnels`).
     slots: Arc<Semaphore>,
 }
@@ -38,15 +36,44 @@ impl Outlet {
     /// Starts an outlet in the background of the current tokio runtime. It
     /// dials the relay (retrying with back-off), registers the service and
     /// serves tunnels until [`NodeHandle::shutdown`].
+    ///
+    /// With [`OutletConfig::policies`], Cedar policies decide every tunnel
+    /// and `allow`/`allow_attributes` must be empty (a configuration mixing
+    /// them is refused); a policy directory is re-read once a second.
     pub fn start(identity: Identity, config: OutletConfig) -> Result<NodeHandle, NodeError> {
-        if config.allow.is_empty() && config.allow_attributes.is_empty() {
-            warn!(service = %config.service, "the allow list is empty: this outlet admits nobody (default deny); add --allow <identifier>");
+        let service = &config.service;
+        match &config.policies {
+            Some(_) if !config.allow.is_empty() || !config.allow_attributes.is_empty() => {
+                return Err(NodeError::Config(format!(
+                    "the outlet of \"{service}\" has policies and also an allow list or attribute rules; with policies, express those as policies (permit(principal == Identity::\"P…\", action == Action::\"connect\", resource == Service::\"{service}\");) and drop --allow/--allow-attr"
+                )));
+            }
+            Some(policies) => {
+                let engine = policies.current();
+                let from = policies.dir().map_or_else(
+                    || "the embedding program".to_owned(),
+                    |d| d.display().to_string(),
+                );
+                if engine.is_empty() {
+                    warn!(%service, policies = %from, "no policies: this outlet admits nobody (default deny); add a permit policy for action \"connect\"");
+                } else {
+                    info!(%service, policies = engine.len(), files = engine.file_count(), from = %from, digest = %&engine.digest()[..12], "policies loaded; they decide every tunnel");
+                }
+                for warning in engine.warnings() {
+                    warn!(%service, "policy warning: {warning}");
+                }
+                access::watch_policies("outlet", policies, config.audit.clone());
+            }
+            None if config.allow.is_empty() && config.allow_attributes.is_empty() => {
+                warn!(%service, "no policies and an empty allow list: this outlet admits nobody (default deny); add --policies DIR, --allow <identifier> or --allow-attr NAME=VALUE");
+            }
+            None => {}
         }
         let life = Lifecycle::new(config.timeouts.drain_grace);
         let shared = Arc::new(Shared {
             local: Arc::new(LocalParty::new(identity)?),
             slots: Arc::new(Semaphore::new(config.max_tunnels)),
-            config,
+            config: Arc::new(config),
         });
         let (status_tx, status) = watch::channel(NodeStatus::Connecting);
         let task = tokio::spawn(run(shared, life.clone(), status_tx));
@@ -72,7 +99,15 @@ async fn run(shared: Arc<Shared>, life: Lifecycle, status: watch::Sender<NodeSta
             break;
         }
         status.send_replace(NodeStatus::Connecting);
-        let ended = match hop::connect(&shared.local, &relay, &cfg.timeouts, drain).await {
+        let ended = match hop::connect(
+            &shared.local,
+            &relay,
+            &cfg.timeouts,
+            cfg.trust.credential(),
+            drain,
+        )
+        .await
+        {
             Ok((hop, events)) => {
                 cycle.connected();
                 serve_session(
@@ -143,7 +178,7 @@ async fn serve_session(
                 status.send_replace(NodeStatus::Refused(reason.clone()));
                 return format!("registration refused: {reason}");
             }
-            Some(HopEvent::Incoming(service, token)) => {
+            Some(HopEvent::Incoming(service, token, source)) => {
                 if service != cfg.service {
                     warn!(%service, "relay asked for a service this outlet does not serve; ignoring");
                     continue;
@@ -158,7 +193,7 @@ async fn serve_session(
                 // (they have their own connections); only shutdown ends them.
                 let stop = stop.clone();
                 tunnels.spawn(async move {
-                    serve_tunnel(&shared, &hop, token, stop).await;
+                    serve_tunnel(&shared, &hop, token, source, stop).await;
                     drop(slot);
                 });
             }
@@ -220,7 +255,13 @@ async fn send_close(writer: &mut OwnedWriteHalf, sealer: &mut Sealer, reason: Cl
     .await;
 }
 
-async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: CancellationToken) {
+async fn serve_tunnel(
+    shared: &Shared,
+    hop: &Hop,
+    token: TunnelToken,
+    source: Option<std::net::IpAddr>,
+    stop: CancellationToken,
+) {
     let cfg = &shared.config;
     let started = Instant::now();
     let label = token.label();
@@ -270,23 +311,28 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
         .await;
         return;
     }
-    let credential = match decide(cfg, inlet, peer.hello.credential.as_ref()) {
-        Ok(credential) => credential,
+    let seen = access::Circumstances {
+        tunnel: label.clone(),
+        relay: hop.relay.identifier,
+        source,
+    };
+    let admission = match access::decide(cfg, inlet, peer.hello.credential.as_ref(), &seen) {
+        Ok(admission) => admission,
         Err(reason) => {
-            warn!(tunnel = %label, %inlet, service = %cfg.service, decision = "deny", %reason, "access denied");
             send_close(&mut writer, &mut sealer, CloseReason::Denied { reason }).await;
             return;
         }
     };
-    info!(tunnel = %label, %inlet, service = %cfg.service, decision = "allow", credential = ?credential.as_ref().map(|c| c.id().to_string()), "access granted");
-    // Revocations and expiry end the tunnel while it runs.
+    // Revocations, expiry and policy changes end the tunnel while it runs,
+    // telling the inlet why.
     let stop = stop.child_token();
-    let watchdog = tokio::spawn(watch_access(
-        Arc::clone(&cfg.trust),
-        inlet,
-        credential,
+    let stop_reason = tunnel::StopReason::default();
+    let watchdog = tokio::spawn(access::watch(
+        Arc::clone(&shared.config),
+        admission,
+        seen,
         stop.clone(),
-        label.clone(),
+        stop_reason.clone(),
     ));
     let _watchdog = AbortOnDrop(watchdog);
     let target = match connect_target(&cfg.target, cfg.timeouts.connect).await {
@@ -326,7 +372,8 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
         sealer,
         opener,
     };
-    let options = tunnel::PumpOptions::with_idle_timeout(cfg.timeouts.tunnel_idle);
+    let options = tunnel::PumpOptions::with_idle_timeout(cfg.timeouts.tunnel_idle)
+        .with_stop_reason(stop_reason.clone());
     let outcome = match target {
         LocalStream::Tcp(stream) => {
             let (mut r, mut w) = stream.into_split();
@@ -342,45 +389,18 @@ async fn serve_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken, stop: Canc
         }
     };
     log_end(&label, &inlet.to_string(), cfg.service.as_str(), &outcome);
-}
-
-/// The access decision for a new tunnel: the credential (if any) must be
-/// valid; then the inlet is admitted by identifier (`allow`) or by
-/// attributes (`allow_attributes`). `Err` is the reason told to the inlet.
-fn decide(
-    cfg: &OutletConfig,
-    inlet: Identifier,
-    presented: Option<&SignedCredential>,
-) -> Result<Option<VerifiedCredential>, String> {
-    if cfg.trust.identity_revoked(&inlet) {
-        return Err(format!(
-            "identity {inlet} has been revoked by its authority"
-        ));
-    }
-    let credential = cfg
-        .trust
-        .verify(inlet, presented, unix_now())
-        .map_err(|e| format!("credential refused: {e}"))?;
-    let by_identifier = cfg.allow.decide_connect(&inlet, &cfg.service);
-    if by_identifier == Decision::Allow {
-        return Ok(credential);
-    }
-    if !cfg.allow_attributes.is_empty() {
-        return match &credential {
-            Some(verified) => match_attributes(verified, &cfg.allow_attributes)
-                .map(|()| credential.clone()),
-            None if cfg.trust.authorities().is_empty() => Err(format!(
-                "this outlet admits by attributes but trusts no authority; its operator must add --trust-authority (identity {inlet} is not on the allow list either)"
-            )),
-            None => Err(format!(
-                "identity {inlet} presented no credential and is not on the allow list; enroll with `postern enroll` to get a credential"
-            )),
-        };
-    }
-    match by_identifier {
-        Decision::Allow => Ok(credential),
-        Decision::Deny { reason } => Err(reason),
-    }
+    let why = match (&outcome.end, stop_reason.get()) {
+        (TunnelEnd::Cancelled, Some(reason)) => reason.to_string(),
+        (end, _) => end.describe(),
+    };
+    access::audit_closed(
+        cfg.audit.as_ref(),
+        &label,
+        inlet,
+        &cfg.service,
+        (outcome.received, outcome.sent),
+        why,
+    );
 }
 
 /// Aborts a task when dropped.
@@ -389,42 +409,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// How often live tunnels are re-checked against revocations and expiry.
-const ACCESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Ends a live tunnel (through `stop`) when its inlet's identity or
-/// credential is revoked, or the credential expires.
-async fn watch_access(
-    trust: Arc<Trust>,
-    inlet: Identifier,
-    credential: Option<VerifiedCredential>,
-    stop: CancellationToken,
-    label: String,
-) {
-    let mut tick = tokio::time::interval(ACCESS_RECHECK);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let ended = if trust.identity_revoked(&inlet) {
-            Some(format!("identity {inlet} has been revoked"))
-        } else if let Some(verified) = &credential {
-            trust
-                .still_valid(verified, unix_now())
-                .err()
-                .map(|e| format!("credential no longer valid: {e}"))
-        } else {
-            None
-        };
-        if let Some(reason) = ended {
-            warn!(tunnel = %label, %inlet, %reason, "closing live tunnel: access ended");
-            stop.cancel();
-            return;
-        }
     }
 }
 

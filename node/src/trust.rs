@@ -9,7 +9,6 @@
 //! log line and a shrug.
 
 use std::sync::RwLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_identity::credential::{
     self, CredentialError, RevocationEntry, RevocationList, RevocationTarget, SignedCredential,
@@ -18,12 +17,7 @@ use postern_identity::credential::{
 use postern_identity::Identifier;
 use tokio::sync::watch;
 
-/// Seconds since the Unix epoch, the clock credentials are checked against.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use postern_identity::time::unix_now;
 
 /// A node's trust anchors, own credential and known revocations. Shared by
 /// all of a node's tasks; the credential can be replaced while it runs.

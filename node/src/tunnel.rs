@@ -23,6 +23,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use postern_identity::frame::MAX_NOISE_MESSAGE;
@@ -59,6 +60,18 @@ impl TunnelEnd {
     /// Whether the local stream should be reset rather than closed.
     pub fn is_abort(&self) -> bool {
         !matches!(self, TunnelEnd::Clean)
+    }
+
+    /// In words, for logs and audit records.
+    pub fn describe(&self) -> String {
+        match self {
+            TunnelEnd::Clean => "closed by its ends".to_owned(),
+            TunnelEnd::LocalFailed(e) => format!("local connection failed: {e}"),
+            TunnelEnd::PeerClosed(reason) => format!("closed by peer: {reason}"),
+            TunnelEnd::LinkFailed(e) => format!("connection through the relay failed: {e}"),
+            TunnelEnd::Cancelled => "closed by shutdown".to_owned(),
+            TunnelEnd::IdleTimeout(after) => format!("idle for {after:?}"),
+        }
     }
 }
 
@@ -117,22 +130,28 @@ enum UpEnd {
 }
 
 /// When a tunnel last moved a byte, shared by its two directions (a plain
-/// `Cell` would make the pump's future `!Send`).
+/// `Cell` would make the pump's future `!Send`). Without an idle timeout it
+/// records nothing, so the data path pays no clock read per chunk.
 struct Activity {
     start: tokio::time::Instant,
     /// Milliseconds after `start`.
     last_ms: AtomicU64,
+    enabled: bool,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(enabled: bool) -> Self {
         Activity {
             start: tokio::time::Instant::now(),
             last_ms: AtomicU64::new(0),
+            enabled,
         }
     }
 
     fn touch(&self) {
+        if !self.enabled {
+            return;
+        }
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
     }
@@ -167,14 +186,52 @@ pub struct PumpOptions {
     /// Close the tunnel after this long without a byte in either direction.
     /// `None` (the default) never closes an idle tunnel.
     pub idle_timeout: Option<Duration>,
+    /// What the peer is told when `stop` ends the tunnel (default:
+    /// `Close(Shutdown)`).
+    pub stop_reason: StopReason,
 }
 
 impl PumpOptions {
     /// Options with the given idle timeout (`None`: off).
     pub fn with_idle_timeout(idle_timeout: Option<Duration>) -> Self {
-        PumpOptions { idle_timeout }
+        PumpOptions {
+            idle_timeout,
+            stop_reason: StopReason::default(),
+        }
+    }
+
+    /// The same options telling the peer what `reason` holds when stopped.
+    pub fn with_stop_reason(mut self, reason: StopReason) -> Self {
+        self.stop_reason = reason;
+        self
     }
 }
+
+/// Why a tunnel is being stopped, set by whoever cancels its `stop` token
+/// (an access check that no longer passes) and sent to the peer in the
+/// `Close` frame. Unset, the peer hears `Shutdown`.
+#[derive(Debug, Clone, Default)]
+pub struct StopReason(Arc<std::sync::Mutex<Option<CloseReason>>>);
+
+impl StopReason {
+    /// Sets the reason (before cancelling the tunnel's `stop` token).
+    pub fn set(&self, reason: CloseReason) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    /// The reason set, if any.
+    pub fn get(&self) -> Option<CloseReason> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl PartialEq for StopReason {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for StopReason {}
 
 /// A far-future deadline for a disabled timer (a year is as good as never
 /// and cannot overflow an `Instant`).
@@ -226,7 +283,7 @@ where
     let mut sent = 0u64;
     let mut received = 0u64;
     let idle_timeout = options.idle_timeout;
-    let activity = Activity::new();
+    let activity = Activity::new(idle_timeout.is_some());
 
     let up = async {
         let mut plain = vec![0u8; 1 + MAX_CHUNK];
@@ -249,7 +306,7 @@ where
                     Err(_) => close_open = false,
                 },
                 () = abort.cancelled() => {
-                    let reason = CloseReason::Shutdown;
+                    let reason = options.stop_reason.get().unwrap_or(CloseReason::Shutdown);
                     if stop.is_cancelled() {
                         let _ = send_frame(&mut writer, &mut sealer, &DataFrame::Close(reason), &mut scratch, &mut out).await;
                         return UpEnd::Failed(TunnelEnd::Cancelled);

@@ -10,6 +10,9 @@
 //!   `postern policy validate|test|explain` commands and return printable
 //!   reports.
 //! - [`audit`] writes and verifies the hash-chained audit log.
+//! - [`LivePolicies`] holds the policies a node enforces and swaps in a
+//!   policy directory's new contents when they are valid
+//!   ([`LivePolicies::reload_if_changed`]); broken files keep the old ones.
 //!
 //! What this crate does not do: networking, watching files for changes, or
 //! deciding when to re-evaluate live tunnels. Its only I/O is reading policy
@@ -58,6 +61,7 @@ pub mod audit;
 mod cases;
 mod diagnostics;
 mod engine;
+mod live;
 mod prefilter;
 mod request;
 mod scan;
@@ -74,6 +78,7 @@ pub use engine::{
     PolicySource, ValidateReport, MAX_POLICY_FILES, MAX_POLICY_FILE_BYTES, MAX_POLICY_TOTAL_BYTES,
     SCHEMA,
 };
+pub use live::{LivePolicies, ReloadOutcome};
 pub use request::{AccessRequest, Action, BadAction, Principal, RequestContext, Service};
 pub use scan::{MAX_NESTING_DEPTH, MAX_POLICY_OPERATORS, MAX_POLICY_TOKENS};
 

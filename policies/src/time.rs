@@ -8,20 +8,7 @@ pub(crate) const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
 
 const SECONDS_PER_DAY: u64 = 86_400;
 
-/// Civil date `(year, month 1..=12, day 1..=31)` of a day count since
-/// 1970-01-01 (Howard Hinnant's `civil_from_days`, restricted to days ≥ 0).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
+use postern_identity::time::civil_from_days;
 
 /// Days since 1970-01-01 of a civil date, `None` before 1970 (Howard
 /// Hinnant's `days_from_civil`).

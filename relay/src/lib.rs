@@ -8,10 +8,14 @@
 //! between inlet and outlet: the relay holds none of its keys and can read
 //! none of it.
 //!
-//! It does not decide who may reach a service (the outlet does) and does not
+//! With policies ([`RelayConfig::policies`]) it decides who may register
+//! which service name (Cedar action `register`, default deny), using the
+//! attributes of the credential each node presents on its hop channel. It
+//! does not decide who may reach a service (the outlet does) and does not
 //! terminate or inspect tunnelled traffic.
 #![forbid(unsafe_code)]
 
+mod access;
 pub mod registry;
 mod server;
 

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use postern_identity::credential::TrustedAuthorities;
 use postern_identity::handshake::{AttachResponder, ChannelKind, LocalParty};
 use postern_identity::link::{
     self, ControlReceiver, ControlSender, FramedReader, LinkError, CONTROL_READ_BUFFER,
@@ -13,6 +14,8 @@ use postern_identity::wire::{
     Attach, AttachReply, Control, Hello, PREAMBLE_ATTACH, PREAMBLE_HOP, PREAMBLE_LEN,
 };
 use postern_identity::{Identifier, Identity};
+use postern_policies::audit::AuditLog;
+use postern_policies::LivePolicies;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -20,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::access::{self, NodeCredential};
 use crate::registry::{Registration, Registry, SessionId};
 
 /// Relay settings. [`RelayConfig::new`] gives safe defaults.
@@ -56,6 +60,15 @@ pub struct RelayConfig {
     pub max_spares_per_node: usize,
     /// A data connection that joins no tunnel for this long is closed.
     pub spare_idle_timeout: Duration,
+    /// Authorities whose credentials nodes may present on their hop
+    /// channels (their attributes reach `register` policies). Empty: nodes'
+    /// credentials are ignored.
+    pub authorities: TrustedAuthorities,
+    /// Policies deciding `register` (default deny). `None`: the first
+    /// identity to register a name holds it while connected.
+    pub policies: Option<Arc<LivePolicies>>,
+    /// Where registration decisions are audited, if anywhere.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
 impl RelayConfig {
@@ -73,6 +86,9 @@ impl RelayConfig {
             splice_buffer: 64 * 1024,
             max_spares_per_node: 8,
             spare_idle_timeout: Duration::from_secs(120),
+            authorities: TrustedAuthorities::new(),
+            policies: None,
+            audit: None,
         }
     }
 }
@@ -352,6 +368,10 @@ impl Relay {
         let connections = Arc::new(Semaphore::new(shared.config.max_connections));
         let tasks = TaskTracker::new();
         info!(relay = %shared.local.identity().identifier(), addr = ?listener.local_addr().ok(), "relay listening");
+        access::report_startup(&shared.config, shared.local.identity().identifier());
+        if let Some(policies) = &shared.config.policies {
+            access::watch_policies(policies, shared.config.audit.clone());
+        }
         let sweeper = {
             let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
@@ -567,6 +587,14 @@ async fn hop_session(
         };
     drop(handshake_permit);
     let node = peer.identity.identifier();
+    let credential = NodeCredential::verify(&shared.config, node, peer.hello.credential.as_ref());
+    let who = Session {
+        id: SessionId(0),
+        node,
+        node_static: peer.static_key,
+        addr: peer_addr,
+        credential,
+    };
     let (sealer, opener) = transport.split();
     let mut inbox = ControlReceiver::new(reader, opener);
     let mut outbox = ControlSender::new(wr, sealer);
@@ -578,6 +606,7 @@ async fn hop_session(
         state.sessions.insert(id, tx.clone());
         id
     };
+    let who = Session { id: session, ..who };
     info!(%node, %peer_addr, session = session.0, "node connected");
     let idle = shared.config.idle_timeout;
     let reason = loop {
@@ -598,7 +627,7 @@ async fn hop_session(
                 };
                 let reply = match over_tunnel_limit(shared, node, &msg) {
                     Some(refused) => Some(refused),
-                    None => handle_control(shared, session, node, &peer.static_key, msg),
+                    None => handle_control(shared, &who, msg),
                 };
                 if let Some(reply) = reply {
                     if let Err(e) = outbox.send(&reply).await {
@@ -635,15 +664,29 @@ fn over_tunnel_limit(shared: &Shared, node: Identifier, msg: &Control) -> Option
     })
 }
 
-fn handle_control(
-    shared: &Shared,
-    session: SessionId,
+/// Who is at the other end of a hop channel.
+struct Session {
+    id: SessionId,
     node: Identifier,
-    node_static: &[u8; 32],
-    msg: Control,
-) -> Option<Control> {
+    node_static: [u8; 32],
+    addr: SocketAddr,
+    credential: NodeCredential,
+}
+
+fn handle_control(shared: &Shared, who: &Session, msg: Control) -> Option<Control> {
+    let (session, node, node_static) = (who.id, who.node, &who.node_static);
     match msg {
         Control::Register { service } => {
+            if let Err(reason) = access::decide_register(
+                &shared.config,
+                shared.local.identity().identifier(),
+                node,
+                &who.credential,
+                &service,
+                who.addr.ip(),
+            ) {
+                return Some(Control::RegisterRefused { service, reason });
+            }
             let reg = Registration {
                 owner: node,
                 session,
@@ -683,6 +726,7 @@ fn handle_control(
                 tx.try_send(Control::Incoming {
                     service: service.clone(),
                     token: opened.token.clone(),
+                    source: Some(who.addr.ip()),
                 })
             });
             if !matches!(notified, Some(Ok(()))) {
