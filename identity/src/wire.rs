@@ -322,6 +322,10 @@ pub enum DataFrame<'a> {
     Ready,
     /// The sender is closing the tunnel, and why.
     Close(CloseReason),
+    /// The sender renewed its credential: the receiver verifies it against
+    /// the identity the handshake proved and uses it from now on, so the
+    /// tunnel outlives the credential it was opened with.
+    Credential(crate::credential::SignedCredential),
 }
 
 /// Kind byte of [`DataFrame::Data`].
@@ -329,6 +333,7 @@ pub const FRAME_DATA: u8 = 0;
 const FRAME_EOF: u8 = 1;
 const FRAME_READY: u8 = 2;
 const FRAME_CLOSE: u8 = 3;
+const FRAME_CREDENTIAL: u8 = 4;
 
 impl DataFrame<'_> {
     /// Encodes the frame's plaintext into `out` (cleared first).
@@ -345,6 +350,13 @@ impl DataFrame<'_> {
                 out.push(FRAME_CLOSE);
                 out.extend_from_slice(&encode(reason)?);
             }
+            DataFrame::Credential(credential) => {
+                out.push(FRAME_CREDENTIAL);
+                let bytes = credential
+                    .encode()
+                    .map_err(|e| ChannelError::BadMessage(format!("credential: {e}")))?;
+                out.extend_from_slice(&bytes);
+            }
         }
         Ok(())
     }
@@ -356,6 +368,9 @@ impl DataFrame<'_> {
             Some((&FRAME_EOF, [])) => Ok(DataFrame::Eof),
             Some((&FRAME_READY, [])) => Ok(DataFrame::Ready),
             Some((&FRAME_CLOSE, rest)) => Ok(DataFrame::Close(decode(rest)?)),
+            Some((&FRAME_CREDENTIAL, rest)) => crate::credential::SignedCredential::decode(rest)
+                .map(DataFrame::Credential)
+                .map_err(|e| ChannelError::BadMessage(format!("credential frame: {e}"))),
             Some((kind, _)) => Err(ChannelError::BadMessage(format!(
                 "unknown frame kind {kind} or unexpected body"
             ))),

@@ -297,15 +297,16 @@ pub fn credential_path(home: &Path, name: &str) -> PathBuf {
     home.join("credentials").join(format!("{file}.cred"))
 }
 
-/// Trusted authorities and the credential to present: flags win over the
-/// file; the credential defaults to the one `postern enroll` stored.
+/// Trusted authorities and the credential to present (and the file it came
+/// from, where renewals are saved): flags win over the file; the credential
+/// defaults to the one `postern enroll` stored.
 fn trust(
     home: &Path,
     flags: &TrustFlags,
     file_authorities: Vec<Identifier>,
     file_credential: Option<PathBuf>,
     identity: &str,
-) -> Result<Trust> {
+) -> Result<(Trust, Option<PathBuf>)> {
     let authorities = if flags.trust_authority.is_empty() {
         file_authorities
     } else {
@@ -322,6 +323,7 @@ fn trust(
                 format!("credential file {} is not a Postern credential; enroll again with `postern enroll`", path.display())
             })?;
             trust = trust.with_credential(credential);
+            return Ok((trust, Some(path)));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
         Err(e) => {
@@ -331,7 +333,7 @@ fn trust(
             ))
         }
     }
-    Ok(trust)
+    Ok((trust, None))
 }
 
 /// Loads a policy directory; invalid policies stop the node from starting,
@@ -373,6 +375,8 @@ fn rules(flags: Vec<AttributeRule>, file: &[String], key: &str) -> Result<Vec<At
 pub struct Outlet {
     pub identity: String,
     pub outlet: OutletConfig,
+    /// Where the credential came from (renewals are saved there).
+    pub credential_file: Option<PathBuf>,
 }
 
 pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
@@ -401,7 +405,7 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
             .collect()
     };
     let identity = identity_name(&args.common, file.identity);
-    let trust = trust(
+    let (trust, credential_file) = trust(
         home,
         &args.trust,
         file.trust_authorities,
@@ -432,12 +436,18 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
     }
     outlet.service_attributes = service_attributes;
     outlet.audit = open_audit(args.audit_log.or(file.audit_log))?;
-    Ok(Outlet { identity, outlet })
+    Ok(Outlet {
+        identity,
+        outlet,
+        credential_file,
+    })
 }
 
 pub struct Inlet {
     pub identity: String,
     pub inlet: InletConfig,
+    /// Where the credential came from (renewals are saved there).
+    pub credential_file: Option<PathBuf>,
 }
 
 pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
@@ -476,14 +486,19 @@ pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
         "require_outlet_attributes",
     )?;
     let identity = identity_name(&args.common, file.identity);
-    inlet.trust = Arc::new(trust(
+    let (trust, credential_file) = trust(
         home,
         &args.trust,
         file.trust_authorities,
         file.credential,
         &identity,
-    )?);
-    Ok(Inlet { identity, inlet })
+    )?;
+    inlet.trust = Arc::new(trust);
+    Ok(Inlet {
+        identity,
+        inlet,
+        credential_file,
+    })
 }
 
 #[cfg(test)]

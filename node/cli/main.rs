@@ -111,6 +111,34 @@ fn drain_on_signals(node: &postern_node::NodeHandle) -> Result<()> {
     Ok(())
 }
 
+/// Renews the node's credential (if it has one) before it expires, through
+/// `relay`, saving each new one to `file`; see `postern_node::renewal`.
+fn renew_in_background(
+    home: &std::path::Path,
+    identity: &str,
+    relay: &postern_node::RelayEndpoint,
+    trust: &std::sync::Arc<postern_node::Trust>,
+    timeouts: &postern_node::Timeouts,
+    file: Option<PathBuf>,
+    stop: CancellationToken,
+) -> Result<()> {
+    if trust.credential().is_none() {
+        return Ok(());
+    }
+    let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
+        load_identity(home, identity)?,
+    )?);
+    tokio::spawn(postern_node::renewal::keep_renewed(
+        local,
+        relay.clone(),
+        std::sync::Arc::clone(trust),
+        timeouts.clone(),
+        file,
+        stop,
+    ));
+    Ok(())
+}
+
 async fn dispatch(cli: Cli) -> Result<()> {
     let home = home(&cli.home);
     match cli.command {
@@ -150,6 +178,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     feeds.child_token(),
                 ));
             }
+            renew_in_background(
+                &home,
+                &cfg.identity,
+                &cfg.outlet.relay,
+                &cfg.outlet.trust,
+                &cfg.outlet.timeouts,
+                cfg.credential_file.clone(),
+                feeds.child_token(),
+            )?;
             let _feeds = feeds.drop_guard();
             let node = Outlet::start(identity, cfg.outlet)?;
             drain_on_signals(&node)?;
@@ -174,6 +211,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
+            let renewal = CancellationToken::new();
+            renew_in_background(
+                &home,
+                &cfg.identity,
+                &cfg.inlet.relay,
+                &cfg.inlet.trust,
+                &cfg.inlet.timeouts,
+                cfg.credential_file.clone(),
+                renewal.child_token(),
+            )?;
+            let _renewal = renewal.drop_guard();
             let node = Inlet::start(identity, cfg.inlet.clone()).await?;
             if let Some(addr) = node.local_addr() {
                 eprintln!(

@@ -25,6 +25,7 @@ use postern_policies::{
     AccessRequest, Action, Decision, LivePolicies, PolicyDecision, Principal, RequestContext,
     Service,
 };
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -152,42 +153,67 @@ fn request(
 }
 
 /// Closes a live tunnel (through `stop`, telling the inlet why) when its
-/// access ends. Runs until `stop` is cancelled.
+/// access ends. Takes the inlet's renewed credentials from `renewals` (each
+/// verified like the first; an invalid one ends the tunnel). Runs until
+/// `stop` is cancelled.
 pub(crate) async fn watch(
     cfg: Arc<OutletConfig>,
     admission: Admission,
     seen: Circumstances,
+    mut renewals: mpsc::Receiver<SignedCredential>,
     stop: CancellationToken,
     reason_out: StopReason,
 ) {
     let Admission {
         inlet,
-        credential,
+        mut credential,
         mut request,
     } = admission;
     let trust: &Trust = &cfg.trust;
     let mut generation = cfg.policies.as_ref().map(|p| p.generation());
     let mut tick = tokio::time::interval(ACCESS_RECHECK);
     let mut ticks = 0u32;
+    let mut renewed = false;
     loop {
+        let mut ended = None;
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
+            Some(presented) = renewals.recv() => {
+                match trust.verify(inlet, Some(&presented), unix_now()) {
+                    Ok(Some(verified)) => {
+                        info!(tunnel = %seen.tunnel, %inlet, credential = %verified.id(), "inlet renewed its credential");
+                        if let Some(request) = request.as_mut() {
+                            request.principal.attrs = verified.attributes().clone();
+                            request.context.credential_expires = Some(verified.expires_at());
+                        }
+                        credential = Some(verified);
+                        renewed = true;
+                    }
+                    // This outlet trusts no authority: credentials do not count.
+                    Ok(None) => continue,
+                    Err(e) => ended = Some(format!("renewed credential refused: {e}")),
+                }
+            }
         }
         ticks = ticks.wrapping_add(1);
-        let mut ended = if trust.identity_revoked(&inlet) {
-            Some(format!("identity {inlet} has been revoked"))
-        } else if let Some(verified) = &credential {
-            trust
-                .still_valid(verified, unix_now())
-                .err()
-                .map(|e| format!("credential no longer valid: {e}"))
-        } else {
-            None
-        };
+        let ended = ended.or_else(|| {
+            if trust.identity_revoked(&inlet) {
+                Some(format!("identity {inlet} has been revoked"))
+            } else if let Some(verified) = &credential {
+                trust
+                    .still_valid(verified, unix_now())
+                    .err()
+                    .map(|e| format!("credential no longer valid: {e}"))
+            } else {
+                None
+            }
+        });
+        let mut ended = ended;
         if let (None, Some(policies), Some(request)) = (&ended, &cfg.policies, request.as_mut()) {
             let now = policies.generation();
-            if Some(now) != generation || ticks % POLICY_RECHECK_EVERY == 0 {
+            if Some(now) != generation || ticks % POLICY_RECHECK_EVERY == 0 || renewed {
+                renewed = false;
                 generation = Some(now);
                 request.context.time = unix_now();
                 let decision = policies.current().decide(Action::Connect, request);

@@ -106,7 +106,7 @@ async fn recv_message<T: serde::de::DeserializeOwned>(
                     .map(Some)
                     .map_err(|e| tunnel_error(e.into()))
             }
-            DataFrame::Ready => continue,
+            DataFrame::Ready | DataFrame::Credential(_) => continue,
             DataFrame::Eof => return Ok(None),
             DataFrame::Close(reason) => {
                 return Err(NodeError::OpenRefused(format!(

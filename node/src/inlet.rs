@@ -232,7 +232,8 @@ async fn serve_client(
     };
     debug!(client = %client_addr, %outlet, setup = ?started.elapsed(), "tunnel open");
     let (mut r, mut w) = client.into_split();
-    let options = tunnel::PumpOptions::with_idle_timeout(cfg.timeouts.tunnel_idle);
+    let options = tunnel::PumpOptions::with_idle_timeout(cfg.timeouts.tunnel_idle)
+        .with_own_credential(cfg.trust.watch_credential());
     let outcome = tunnel::pump_with(&mut r, &mut w, channel, stop, &options).await;
     if outcome.end.is_abort() {
         reset_tcp(r, w);

@@ -39,6 +39,7 @@ mod error;
 mod hop;
 mod inlet;
 mod outlet;
+pub mod renewal;
 pub mod trust;
 pub mod tunnel;
 

@@ -327,10 +327,12 @@ async fn serve_tunnel(
     // telling the inlet why.
     let stop = stop.child_token();
     let stop_reason = tunnel::StopReason::default();
+    let (renewals_tx, renewals) = tokio::sync::mpsc::channel(4);
     let watchdog = tokio::spawn(access::watch(
         Arc::clone(&shared.config),
         admission,
         seen,
+        renewals,
         stop.clone(),
         stop_reason.clone(),
     ));
@@ -373,7 +375,9 @@ async fn serve_tunnel(
         opener,
     };
     let options = tunnel::PumpOptions::with_idle_timeout(cfg.timeouts.tunnel_idle)
-        .with_stop_reason(stop_reason.clone());
+        .with_stop_reason(stop_reason.clone())
+        .with_own_credential(cfg.trust.watch_credential())
+        .with_peer_credentials(renewals_tx);
     let outcome = match target {
         LocalStream::Tcp(stream) => {
             let (mut r, mut w) = stream.into_split();

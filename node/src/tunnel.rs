@@ -26,13 +26,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use postern_identity::credential::SignedCredential;
 use postern_identity::frame::MAX_NOISE_MESSAGE;
 use postern_identity::frame::MAX_PLAINTEXT;
 use postern_identity::link::{FramedReader, LinkError};
 use postern_identity::transport::{Opener, Sealer};
 use postern_identity::wire::{CloseReason, DataFrame, FRAME_DATA};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// Largest chunk of local data carried in one frame (one byte is the kind).
@@ -180,7 +181,7 @@ async fn write_all_noting_progress<W: AsyncWrite + Unpin>(
 }
 
 /// Settings of one tunnel's data pump.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct PumpOptions {
     /// Close the tunnel after this long without a byte in either direction.
@@ -189,6 +190,12 @@ pub struct PumpOptions {
     /// What the peer is told when `stop` ends the tunnel (default:
     /// `Close(Shutdown)`).
     pub stop_reason: StopReason,
+    /// This node's credential: each renewal is sent to the peer
+    /// (`DataFrame::Credential`) so the tunnel outlives the old one.
+    pub own_credential: Option<watch::Receiver<Option<SignedCredential>>>,
+    /// Where the peer's renewed credentials go (unverified: the receiver
+    /// verifies them). `None`: they are ignored.
+    pub peer_credentials: Option<mpsc::Sender<SignedCredential>>,
 }
 
 impl PumpOptions {
@@ -196,8 +203,23 @@ impl PumpOptions {
     pub fn with_idle_timeout(idle_timeout: Option<Duration>) -> Self {
         PumpOptions {
             idle_timeout,
-            stop_reason: StopReason::default(),
+            ..PumpOptions::default()
         }
+    }
+
+    /// The same options sending renewals of this node's credential to the peer.
+    pub fn with_own_credential(
+        mut self,
+        credential: watch::Receiver<Option<SignedCredential>>,
+    ) -> Self {
+        self.own_credential = Some(credential);
+        self
+    }
+
+    /// The same options handing the peer's renewed credentials to `sink`.
+    pub fn with_peer_credentials(mut self, sink: mpsc::Sender<SignedCredential>) -> Self {
+        self.peer_credentials = Some(sink);
+        self
     }
 
     /// The same options telling the peer what `reason` holds when stopped.
@@ -236,6 +258,21 @@ impl Eq for StopReason {}
 /// A far-future deadline for a disabled timer (a year is as good as never
 /// and cannot overflow an `Instant`).
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The next value of a credential watch; `None` once it can change no more
+/// (then it is never polled again: the branch waits forever).
+async fn changed(
+    watch: &mut Option<watch::Receiver<Option<SignedCredential>>>,
+) -> Option<SignedCredential> {
+    let Some(rx) = watch else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        *watch = None;
+        return std::future::pending().await;
+    }
+    rx.borrow_and_update().clone()
+}
 
 /// Moves bytes both ways until the tunnel ends. `stop` ends it early (node
 /// shutdown): the peer is told with a `Close(Shutdown)` frame.
@@ -294,9 +331,19 @@ where
         let mut close_open = true;
         let idle_timer = tokio::time::sleep(idle_timeout.unwrap_or(NEVER));
         tokio::pin!(idle_timer);
+        let mut own_credential = options.own_credential.clone();
+        let pushing = own_credential.is_some();
         loop {
             tokio::select! {
                 biased;
+                changed = changed(&mut own_credential), if pushing => {
+                    if let Some(credential) = changed {
+                        if let Err(e) = send_frame(&mut writer, &mut sealer, &DataFrame::Credential(credential), &mut scratch, &mut out).await {
+                            abort.cancel();
+                            return UpEnd::Failed(TunnelEnd::LinkFailed(e));
+                        }
+                    }
+                }
                 reason = &mut close_rx, if close_open => match reason {
                     Ok(reason) => {
                         let _ = send_frame(&mut writer, &mut sealer, &DataFrame::Close(reason), &mut scratch, &mut out).await;
@@ -428,6 +475,13 @@ where
                 DataFrame::Close(reason) => {
                     abort.cancel();
                     return Some(TunnelEnd::PeerClosed(reason));
+                }
+                DataFrame::Credential(credential) => {
+                    if let Some(sink) = &options.peer_credentials {
+                        // A full queue means renewals faster than anyone
+                        // needs; the newest one that fits is enough.
+                        let _ = sink.try_send(credential);
+                    }
                 }
             }
         }
