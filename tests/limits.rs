@@ -343,6 +343,28 @@ async fn tunnel_limits_refuse_only_the_excess() -> Result<()> {
     ensure!(relay.is_running(), "{}", relay.stderr());
     while echo.next_end(Duration::from_millis(300)).await.is_some() {}
 
+    // Per node at the relay: one inlet may hold two tunnels, and a second
+    // inlet of the same outlet is not starved by it until the outlet itself
+    // is an end of the maximum.
+    let (_home, mut relay, endpoint) = relay_process(&["--max-tunnels-per-node", "2"]).await?;
+    {
+        let (_outlet, inlet) = nodes(&endpoint, &echo, |_| {}, |_| {}).await?;
+        let mut a = TcpStream::connect(inlet.addr()).await?;
+        echo_round(&mut a, b"tunnel a").await?;
+        let mut b = TcpStream::connect(inlet.addr()).await?;
+        echo_round(&mut b, b"tunnel b").await?;
+        expect_refused(inlet.addr(), "relay --max-tunnels-per-node 2").await?;
+        relay
+            .wait_for_stderr("per-node tunnel limit reached", Duration::from_secs(2))
+            .await?;
+        echo_round(&mut a, b"a is fine").await?;
+        close(a, &echo).await?;
+        let _c = opens_again(inlet.addr()).await?;
+        echo_round(&mut b, b"b is still fine").await?;
+    }
+    ensure!(relay.is_running(), "{}", relay.stderr());
+    while echo.next_end(Duration::from_millis(300)).await.is_some() {}
+
     // At an inlet.
     let (_home, _relay, endpoint) = relay_process(&[]).await?;
     {

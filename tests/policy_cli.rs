@@ -205,6 +205,19 @@ fn a_syntax_error_is_reported_at_its_line_and_column() {
     .assert_failed()
     .assert_stdout(&[&place])
     .assert_stderr(&["fix them first"]);
+
+    // A missing directory, or a file where the directory belongs.
+    let run = postern(&["policy", "validate", s(&dir.path().join("none"))]);
+    run.assert_failed().assert_stderr(&["cannot read", "none"]);
+    assert_eq!(
+        run.stderr.matches("os error 2").count(),
+        1,
+        "{}",
+        run.show()
+    );
+    postern(&["policy", "validate", s(&dir.path().join("good.cedar"))])
+        .assert_failed()
+        .assert_stderr(&["good.cedar is a file: pass the directory"]);
 }
 
 #[test]
@@ -606,7 +619,13 @@ fn audit_verify_accepts_an_intact_log_and_names_the_tampered_line() {
     let run = postern(&["audit", "verify", file, "--anchor", "6:abc"]);
     assert_eq!(run.code, Some(2), "{}", run.show());
     run.assert_stderr(&["64 hex digits"]);
-    postern(&["audit", "verify", s(&dir.path().join("none.jsonl"))])
-        .assert_failed()
+    let run = postern(&["audit", "verify", s(&dir.path().join("none.jsonl"))]);
+    run.assert_failed()
         .assert_stderr(&["cannot read audit log", "none.jsonl"]);
+    assert_eq!(
+        run.stderr.matches("os error 2").count(),
+        1,
+        "{}",
+        run.show()
+    );
 }

@@ -191,6 +191,10 @@ pub struct RelayLimitFlags {
     /// Most tunnels carried at once; further opens are refused. [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_tunnels: Option<usize>,
+    /// Most tunnels one node may be an end of at once (as inlet or outlet),
+    /// so that no single node takes the whole relay. [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_tunnels_per_node: Option<usize>,
 }
 
 /// Failover, tunnel limits and lifecycle of an outlet or inlet.

@@ -36,6 +36,7 @@ pub struct RelayFile {
     max_pending_handshakes: Option<usize>,
     max_pending_per_source: Option<usize>,
     max_tunnels: Option<usize>,
+    max_tunnels_per_node: Option<usize>,
     policies: Option<PathBuf>,
     #[serde(default)]
     trust_authorities: Vec<Identifier>,
@@ -262,6 +263,11 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
             &mut relay.max_tunnels,
             limits.max_tunnels.or(file.max_tunnels),
             "max_tunnels",
+        ),
+        (
+            &mut relay.max_tunnels_per_node,
+            limits.max_tunnels_per_node.or(file.max_tunnels_per_node),
+            "max_tunnels_per_node",
         ),
     ];
     for (field, value, key) in counts {

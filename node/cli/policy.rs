@@ -40,14 +40,22 @@ Examples:
 
 Output on success (one line per policy, then the summary):
     permit \"team-non-prod\" (/etc/postern/policies/teams.cedar:11)
-  ok: 7 policies in 5 files are valid (4 permit, 3 forbid), 0 warnings; policy set 3f1c…
+  ok: 7 policies in 5 files are valid (5 permit, 2 forbid), 0 warnings; policy set cc1602c8…
 
 Output on failure (exit status 1):
+  error[schema]: /etc/postern/policies/production.cedar:12:25: for policy `dba-prod-working-hours`,
+  attribute `rol` on entity type `Identity` not found
+     |
+  12 |   principal has role && principal.rol == \"dba\" &&
+     |                         ^^^^^^^^^^^^^
+    = help: did you mean `role`?
+
   error[syntax]: /etc/postern/policies/teams.cedar:16:2: unexpected end of input
      |
   16 | }
-     |  ^ expected `;`
-  error: /etc/postern/policies: 1 error in 1 of 5 files; nodes refuse to load these policies";
+     |  ^ expected `;` or identifier
+
+  error: /etc/postern/policies: 2 errors in 2 of 5 files; nodes refuse to load these policies";
 
 const TEST_EXAMPLES: &str = "\
 Examples:
@@ -103,8 +111,11 @@ hash) somewhere else and pass it back with --anchor to detect that as well.";
 #[derive(Debug, Subcommand)]
 #[command(after_help = POLICY_EXAMPLES)]
 pub enum PolicyCommand {
-    /// Check the *.cedar files of a directory: syntax, the Postern schema and
-    /// limits. Exit status 0 when every policy is valid, 1 otherwise.
+    /// Check policy files: syntax, schema and limits.
+    ///
+    /// Checks the *.cedar files of a directory against Cedar's syntax, the
+    /// Postern schema and Postern's limits. Exit status 0 when every policy
+    /// is valid, 1 otherwise.
     ///
     /// Every problem of every file is printed with its place (file:line:column),
     /// the offending line, what Cedar expected there and, when there is one, a
@@ -118,19 +129,19 @@ pub enum PolicyCommand {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
-    /// Run policy test cases: requests and the decision each must get.
-    /// Exit status 0 when every case gets its expected decision, 1 otherwise.
+    /// Run test cases: requests and the decision each must get.
     ///
+    /// Exit status 0 when every case gets its expected decision, 1 otherwise.
     /// Every case is printed as `ok` or `FAIL`. A failure shows what was
     /// expected, what was decided, the policies that decided it (id and
     /// file:line) or that no permit applied, and the request. Run the cases
     /// before deploying a change: they are the unit tests of your policies.
     #[command(after_help = TEST_EXAMPLES)]
     Test(TestArgs),
-    /// Decide one request and say why: allow or deny, the deciding policies
-    /// with file:line, and any evaluation errors.
+    /// Decide one request and say which policies decided it.
     ///
-    /// The request is described by flags: the requester's identifier and
+    /// Prints allow or deny, the deciding policies with their file:line, and
+    /// any evaluation errors. The request is described by flags: the requester's identifier and
     /// credential attributes, the service and the attributes its outlet
     /// declares, the action and the context (time, source address).
     /// Exit status 0 for both allow and deny (use --exit-code to get 1 for a
@@ -138,8 +149,10 @@ pub enum PolicyCommand {
     /// evaluated for this request (a node denies such requests).
     #[command(after_help = EXPLAIN_EXAMPLES)]
     Explain(ExplainArgs),
-    /// Print the Postern Cedar schema: the entity types, attributes, actions
-    /// and context fields policies may use, with comments.
+    /// Print the Cedar schema policies are checked against.
+    ///
+    /// The entity types, attributes, actions and context fields policies may
+    /// use, with comments.
     Schema,
 }
 
@@ -209,10 +222,11 @@ pub struct ExplainArgs {
 #[derive(Debug, Subcommand)]
 #[command(after_help = AUDIT_EXAMPLES)]
 pub enum AuditCommand {
-    /// Verify the hash chain of an audit log. Prints `ok: N records, …` and
-    /// the chain head, or the first line where the chain breaks and how
-    /// (modified, deleted lines, inserted, reordered, malformed, truncated),
-    /// with exit status 1.
+    /// Verify the hash chain of an audit log.
+    ///
+    /// Prints `ok: N records, …` and the chain head, or the first line where
+    /// the chain breaks and how (modified, deleted lines, inserted,
+    /// reordered, malformed, truncated), with exit status 1.
     #[command(after_help = AUDIT_EXAMPLES)]
     Verify {
         /// The audit log (JSON lines, as written by nodes with --audit-log FILE).
@@ -262,7 +276,13 @@ fn read_dir_sources(dir: &Path) -> Result<Vec<postern_policies::PolicySource>> {
             dir.display()
         );
     }
-    Ok(read_policy_dir(dir)?)
+    read_policy_dir(dir).map_err(flat)
+}
+
+/// A library error as a message. Their `Display` already includes the
+/// underlying I/O error, which `main`'s `{:#}` would print a second time.
+fn flat(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{e}")
 }
 
 /// Prints every diagnostic, each followed by a blank line.
@@ -318,7 +338,7 @@ fn load_engine(dir: &Path) -> Result<PolicyEngine> {
                 dir.display()
             ))
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(flat(e)),
     }
 }
 
@@ -332,7 +352,7 @@ fn validate(dir: &Path) -> Result<()> {
             print_diagnostics(&diagnostics);
             bail!("{}", invalid_summary(dir, files, &diagnostics));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(flat(e)),
     };
     // The same report the library's `validate` returns, printed in the
     // command's own words.
@@ -376,7 +396,7 @@ fn validate(dir: &Path) -> Result<()> {
 /// `postern policy test DIR --cases FILE`
 fn test(args: &TestArgs) -> Result<()> {
     let engine = load_engine(&args.dir)?;
-    let cases = CasesFile::load(&args.cases)?;
+    let cases = CasesFile::load(&args.cases).map_err(flat)?;
     let report = run_cases(&engine, &cases);
     for (case, outcome) in cases.cases.iter().zip(&report.outcomes) {
         let d = &outcome.decision;
@@ -549,7 +569,7 @@ fn verify(file: &Path, anchor: Option<&ChainHead>) -> Result<()> {
             };
             Err(anyhow!("{e}{intact}"))
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(flat(e)),
     }
 }
 

@@ -146,6 +146,15 @@ impl<W> Registry<W> {
         self.services.get(service)
     }
 
+    /// Tunnels being set up (token issued, not yet spliced) that involve
+    /// `node` as inlet or outlet.
+    pub fn pending_involving(&self, node: &Identifier) -> usize {
+        self.pending
+            .values()
+            .filter(|p| p.inlet.0 == *node || p.outlet.0 == *node)
+            .count()
+    }
+
     /// Forgets everything a session registered; returns the names released.
     pub fn remove_session(&mut self, session: SessionId) -> Vec<ServiceName> {
         let released: Vec<ServiceName> = self

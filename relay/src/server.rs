@@ -53,6 +53,9 @@ pub struct RelayConfig {
     /// `open` beyond it is refused with a reason; established tunnels are
     /// not disturbed.
     pub max_tunnels: usize,
+    /// Most tunnels (spliced, or being set up) one node may be an end of at
+    /// once, as inlet or outlet: one node cannot take the whole relay.
+    pub max_tunnels_per_node: usize,
     /// Buffer size of each direction of a splice.
     pub splice_buffer: usize,
     /// Most authenticated data connections one node may keep waiting for a
@@ -83,6 +86,7 @@ impl RelayConfig {
             max_pending_handshakes: 1_024,
             max_pending_per_source: 256,
             max_tunnels: 10_000,
+            max_tunnels_per_node: 1_024,
             splice_buffer: 64 * 1024,
             max_spares_per_node: 8,
             spare_idle_timeout: Duration::from_secs(120),
@@ -122,6 +126,49 @@ struct State {
     next_session: u64,
     /// Authenticated data connections waiting for a tunnel, per node key.
     spares: HashMap<[u8; 32], usize>,
+    /// Spliced tunnels per node (each tunnel counts for its inlet and its
+    /// outlet).
+    spliced: HashMap<Identifier, usize>,
+}
+
+impl State {
+    /// Tunnels `node` is an end of: spliced, or being set up.
+    fn tunnels_of(&self, node: &Identifier) -> usize {
+        self.spliced.get(node).copied().unwrap_or(0) + self.registry.pending_involving(node)
+    }
+}
+
+/// Counts a spliced tunnel for its two ends while it lives.
+struct SplicedGuard<'a> {
+    shared: &'a Shared,
+    ends: [Identifier; 2],
+}
+
+impl<'a> SplicedGuard<'a> {
+    fn new(shared: &'a Shared, inlet: Identifier, outlet: Identifier) -> Self {
+        let mut state = shared.state();
+        for end in [inlet, outlet] {
+            *state.spliced.entry(end).or_insert(0) += 1;
+        }
+        SplicedGuard {
+            shared,
+            ends: [inlet, outlet],
+        }
+    }
+}
+
+impl Drop for SplicedGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.shared.state();
+        for end in &self.ends {
+            if let Some(count) = state.spliced.get_mut(end) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    state.spliced.remove(end);
+                }
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -345,6 +392,7 @@ impl Relay {
                 sessions: HashMap::new(),
                 next_session: 1,
                 spares: HashMap::new(),
+                spliced: HashMap::new(),
             }),
             local,
             config,
@@ -709,6 +757,21 @@ fn handle_control(shared: &Shared, who: &Session, msg: Control) -> Option<Contro
         }
         Control::Open { request, service } => {
             let mut state = shared.state();
+            let max = shared.config.max_tunnels_per_node;
+            let outlet = state.registry.lookup(&service).map(|r| r.owner);
+            let busy = [(node, "this node")]
+                .into_iter()
+                .chain(outlet.map(|o| (o, "the outlet of this service")))
+                .find(|(who, _)| state.tunnels_of(who) >= max);
+            if let Some((who, what)) = busy {
+                if let Some(suppressed) = shared.open_refusals.permit() {
+                    warn!(inlet = %node, %service, node = %who, limit = max, suppressed, "open refused: per-node tunnel limit reached");
+                }
+                return Some(Control::OpenRefused {
+                    request,
+                    reason: format!("{what} is an end of {max} tunnels through this relay, its maximum per node (max_tunnels_per_node); try again when one closes"),
+                });
+            }
             let opened = state
                 .registry
                 .open(&service, (node, *node_static), Instant::now());
@@ -923,6 +986,7 @@ async fn attach(
         leftover: other_leftover,
     } = other;
     debug!(service = %claim.service, inlet = %claim.inlet, outlet = %claim.outlet, token = %claim.label, "tunnel spliced");
+    let _counted = SplicedGuard::new(shared, claim.inlet, claim.outlet);
     let spliced = async {
         if !leftover.is_empty() {
             other_stream.write_all(&leftover).await?;
