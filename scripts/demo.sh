@@ -11,13 +11,16 @@
 #   2. starts a throwaway PostgreSQL cluster on a random loopback port, with a
 #      small `demo` database (initdb refuses root, so as root the cluster is
 #      run by the `postgres` system user);
-#   3. creates four identities: relay, outlet, analyst, and an intruder that
-#      nobody has allowed;
-#   4. starts a relay on 127.0.0.1 (random port), an outlet beside the
-#      database that admits only the analyst, and the analyst's inlet on
+#   3. creates identities for the relay, the outlet, an authority and an
+#      intruder; starts the relay (127.0.0.1, random port) and the authority
+#      behind it; the admin issues a one-time enrollment ticket, and the
+#      analyst's machine enrolls with it (role=analyst, team=data);
+#   4. starts an outlet beside the database whose Cedar policy admits analysts
+#      of the service's team, with an audit log, and the analyst's inlet on
 #      127.0.0.1:15432 (another free port if that one is taken);
 #   5. runs a query through the tunnel with psql, shows that the outlet has no
-#      listening TCP socket, and shows the intruder being refused;
+#      listening TCP socket, shows the intruder being refused, and verifies
+#      the audit log's hash chain;
 #   6. leaves the tunnel up for your own psql until Ctrl-C (unless --no-wait,
 #      DEMO_NONINTERACTIVE=1, or CI=true), then stops everything.
 #
@@ -82,6 +85,7 @@ PG_STARTED=0
 RELAY_PID=""
 OUTLET_PID=""
 INLET_PID=""
+AUTHORITY_PID=""
 SLEEP_PID=""
 INTERRUPTED=0
 
@@ -133,6 +137,7 @@ cleanup() {
     [ -n "$SLEEP_PID" ] && kill "$SLEEP_PID" 2>/dev/null
     stop_process "$INLET_PID" inlet
     stop_process "$OUTLET_PID" outlet
+    stop_process "$AUTHORITY_PID" authority
     stop_process "$RELAY_PID" relay
     if [ "$PG_STARTED" -eq 1 ]; then
         as_postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w -t 20 stop >/dev/null 2>&1 ||
@@ -140,7 +145,7 @@ cleanup() {
     fi
     if [ -n "$DEMO_DIR" ] && [ -d "$DEMO_DIR" ]; then
         rm -rf -- "$DEMO_DIR"
-        info "stopped the inlet, outlet, relay and PostgreSQL; removed $DEMO_DIR"
+        info "stopped the inlet, outlet, authority, relay and PostgreSQL; removed $DEMO_DIR"
     fi
     exit "$status"
 }
@@ -274,26 +279,62 @@ step "Creating identities (POSTERN_HOME=$DEMO_DIR/home)"
 export POSTERN_HOME="$DEMO_DIR/home"
 unset POSTERN_IDENTITY POSTERN_LOG
 declare -A ID
-for name in relay outlet analyst intruder; do
+for name in relay outlet authority intruder; do
     ID[$name]=$("$POSTERN" identity create --name "$name" 2>/dev/null) || die "postern identity create --name $name failed"
     info "$(printf '%-9s %s' "$name" "${ID[$name]}")"
 done
 
-# ----- 4. relay, outlet, inlet --------------------------------------------------------
+# ----- 4. relay, authority, enrollment -------------------------------------------------
 
-step "Starting the relay, the outlet and the inlet"
+step "Starting the relay and the authority; the analyst enrolls with a ticket"
 "$POSTERN" relay --identity relay --listen 127.0.0.1:0 \
     </dev/null >"$DEMO_DIR/logs/relay.log" 2>&1 &
 RELAY_PID=$!
 RELAY_PORT=$(wait_listening "$RELAY_PID" relay)
 RELAY="127.0.0.1:$RELAY_PORT"
-ok "relay    pid $RELAY_PID, listening on $RELAY"
+ok "relay     pid $RELAY_PID, listening on $RELAY"
 
+"$POSTERN" authority run --relay "$RELAY" --relay-identity "${ID[relay]}" \
+    </dev/null >"$DEMO_DIR/logs/authority.log" 2>&1 &
+AUTHORITY_PID=$!
+for _ in $(seq 150); do
+    grep -q "authority registered at relay" "$DEMO_DIR/logs/authority.log" 2>/dev/null && break
+    kill -0 "$AUTHORITY_PID" 2>/dev/null || die "the authority exited during start-up (see its log below)"
+    sleep 0.1
+done
+grep -q "authority registered at relay" "$DEMO_DIR/logs/authority.log" ||
+    die "the authority did not register at the relay within 15 s"
+ok "authority pid $AUTHORITY_PID, reached through the relay (no port of its own)"
+
+info "\$ postern authority ticket --attr role=analyst --attr team=data --ttl 15m --uses 1 ..."
+TICKET=$("$POSTERN" -q authority ticket --attr role=analyst --attr team=data --ttl 15m --uses 1 \
+    --relay "$RELAY" --relay-identity "${ID[relay]}" 2>"$DEMO_DIR/logs/ticket.log") ||
+    die "postern authority ticket failed: $(cat "$DEMO_DIR/logs/ticket.log")"
+info "│ ${TICKET:0:48}…"
+info "\$ postern enroll <ticket> --identity analyst     # on the analyst's laptop"
+enrolled=$("$POSTERN" -q enroll "$TICKET" --identity analyst 2>&1) || die "postern enroll failed: $enrolled"
+printf '%s\n' "$enrolled" | indent
+ID[analyst]=$("$POSTERN" identity show --name analyst 2>/dev/null) ||
+    die "the analyst has no identity after enrolling"
+ok "the analyst ${ID[analyst]} holds a credential signed by the authority"
+
+step "Starting the outlet (a Cedar policy decides, with an audit log) and the analyst's inlet"
+mkdir -p "$DEMO_DIR/policies"
+cat >"$DEMO_DIR/policies/analysts.cedar" <<'CEDAR'
+// Analysts may reach the services of their own team.
+@id("analysts-of-the-team")
+permit(principal, action == Action::"connect", resource)
+when { principal has role && principal.role == "analyst"
+       && principal has team && resource has team && principal.team == resource.team };
+CEDAR
+indent <"$DEMO_DIR/policies/analysts.cedar"
 "$POSTERN" outlet --identity outlet --relay "$RELAY" --relay-identity "${ID[relay]}" \
-    --service "$SERVICE" --target "127.0.0.1:$PG_PORT" --allow "${ID[analyst]}" \
+    --service "$SERVICE" --target "127.0.0.1:$PG_PORT" --service-attr team=data \
+    --trust-authority "${ID[authority]}" --policies "$DEMO_DIR/policies" \
+    --audit-log "$DEMO_DIR/audit.jsonl" \
     </dev/null >"$DEMO_DIR/logs/outlet.log" 2>&1 &
 OUTLET_PID=$!
-ok "outlet   pid $OUTLET_PID, serves \"$SERVICE\" -> 127.0.0.1:$PG_PORT, admits only the analyst"
+ok "outlet    pid $OUTLET_PID, serves \"$SERVICE\" (team=data) -> 127.0.0.1:$PG_PORT; the policy decides every tunnel"
 
 INLET_LISTEN="127.0.0.1:$PREFERRED_INLET_PORT"
 if port_busy "$PREFERRED_INLET_PORT"; then
@@ -302,6 +343,7 @@ fi
 start_inlet() {
     "$POSTERN" inlet --identity analyst --relay "$RELAY" --relay-identity "${ID[relay]}" \
         --service "$SERVICE" --outlet-identity "${ID[outlet]}" --listen "$INLET_LISTEN" \
+        --trust-authority "${ID[authority]}" \
         </dev/null >"$DEMO_DIR/logs/inlet.log" 2>&1 &
     INLET_PID=$!
 }
@@ -314,7 +356,7 @@ if [ "$INLET_LISTEN" != "127.0.0.1:0" ] && ! kill -0 "$INLET_PID" 2>/dev/null; t
     start_inlet
 fi
 INLET_PORT=$(wait_listening "$INLET_PID" inlet)
-ok "inlet    pid $INLET_PID, listening on 127.0.0.1:$INLET_PORT (as the analyst)"
+ok "inlet     pid $INLET_PID, listening on 127.0.0.1:$INLET_PORT (as the analyst)"
 if [ "$INLET_PORT" != "$PREFERRED_INLET_PORT" ]; then
     info "note: port $PREFERRED_INLET_PORT is already in use on this machine, so the inlet listens on $INLET_PORT instead"
 fi
@@ -324,7 +366,7 @@ check_output=""
 for _ in $(seq 150); do
     if check_output=$(timeout 20 "$POSTERN" -q inlet --identity analyst --relay "$RELAY" \
         --relay-identity "${ID[relay]}" --service "$SERVICE" --outlet-identity "${ID[outlet]}" \
-        --check 2>&1); then
+        --trust-authority "${ID[authority]}" --check 2>&1); then
         break
     fi
     kill -0 "$OUTLET_PID" 2>/dev/null || die "the outlet exited during start-up (see its log below)"
@@ -373,7 +415,7 @@ info "For contrast, the listening sockets of the relay (pid $RELAY_PID) and the 
 { listening_of "$RELAY_PID" | sed 's/^/relay  /'; listening_of "$INLET_PID" | sed 's/^/inlet  /'; } | indent
 ok "only the relay accepts connections from other machines; the database host needs no open port"
 
-step "An identity that nobody allowed is refused"
+step "An identity without the analyst credential is refused by the policy"
 info "\$ postern inlet --identity intruder ... --check"
 set +e
 denied=$(timeout 30 "$POSTERN" -q inlet --identity intruder --relay "$RELAY" \
@@ -388,6 +430,13 @@ fi
 printf '%s\n' "$denied" | grep -q "denied" || die "the intruder failed for another reason than an access denial"
 ok "refused by the outlet (exit status $denied_status), which logged:"
 grep -F "${ID[intruder]}" "$DEMO_DIR/logs/outlet.log" | grep -i "denied" | tail -n 1 | indent || true
+
+step "Every decision is in the audit log, a hash chain"
+info "\$ postern audit verify $DEMO_DIR/audit.jsonl"
+sleep 0.5 # the last records are written off the request path
+verified=$("$POSTERN" audit verify "$DEMO_DIR/audit.jsonl" 2>&1) || die "the audit log does not verify: $verified"
+printf '%s\n' "$verified" | indent
+ok "$(grep -c '"event":"connect"' "$DEMO_DIR/audit.jsonl") access decisions recorded; editing, deleting or reordering a line breaks the chain"
 
 # ----- 6. hand over to the user --------------------------------------------------------
 
@@ -404,6 +453,7 @@ cat <<EOF
 
     ${DIM}Relay $RELAY   service "$SERVICE"   PostgreSQL 127.0.0.1:$PG_PORT
     Logs:   tail -f $DEMO_DIR/logs/{relay,outlet,inlet}.log
+    Audit:  $POSTERN audit verify $DEMO_DIR/audit.jsonl
     Try:    POSTERN_HOME=$POSTERN_HOME $POSTERN inlet --identity intruder \\
               --relay $RELAY --relay-identity ${ID[relay]} \\
               --service $SERVICE --outlet-identity ${ID[outlet]} --check${RESET}
@@ -414,7 +464,7 @@ while true; do
     SLEEP_PID=$!
     wait "$SLEEP_PID" || true
     SLEEP_PID=""
-    for pair in "relay:$RELAY_PID" "outlet:$OUTLET_PID" "inlet:$INLET_PID"; do
+    for pair in "relay:$RELAY_PID" "authority:$AUTHORITY_PID" "outlet:$OUTLET_PID" "inlet:$INLET_PID"; do
         if ! kill -0 "${pair#*:}" 2>/dev/null; then
             die "the ${pair%%:*} (pid ${pair#*:}) stopped unexpectedly"
         fi
