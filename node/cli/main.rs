@@ -111,6 +111,17 @@ fn drain_on_signals(node: &postern_node::NodeHandle) -> Result<()> {
     Ok(())
 }
 
+/// The address to dial this machine's own listener at: a wildcard bind
+/// (`0.0.0.0`, `::`) is reached through loopback.
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, addr.port())
+}
+
 /// Renews the node's credential (if it has one) before it expires, through
 /// `relay`, saving each new one to `file`; see `postern_node::renewal`.
 fn renew_in_background(
@@ -144,14 +155,42 @@ async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Identity { command } => identity(&home, command),
         Command::Relay(args) => {
-            let cfg = config::relay(args)?;
+            let mut cfg = config::relay(args)?;
             let identity = load_identity(&home, &cfg.identity)?;
+            // Revocations from the trusted authorities, heard through this
+            // relay itself (the authorities are services behind it).
+            let revocations = std::sync::Arc::new(postern_node::Trust::new(
+                cfg.relay.authorities.iter().copied().collect(),
+            ));
+            if !cfg.relay.authorities.is_empty() {
+                cfg.relay.revocations = Some(postern_relay::Revocations(revocations.clone()));
+            }
+            let authorities: Vec<_> = cfg.relay.authorities.iter().copied().collect();
             let relay = Relay::bind(identity, cfg.relay).await?;
             let addr = relay
                 .local_addr()
                 .context("cannot read the bound address")?;
             eprintln!("relay {} listening on {addr}", relay.identifier());
             let stop = on_signal()?;
+            let own =
+                postern_node::RelayEndpoint::new(reachable(addr).to_string(), relay.identifier());
+            for authority in authorities {
+                let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
+                    load_identity(&home, &cfg.identity)?,
+                )?);
+                let route = postern_node::authority::AuthorityRoute {
+                    relay: own.clone(),
+                    authority,
+                    service: postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse()?,
+                };
+                tokio::spawn(postern_node::authority::follow_revocations(
+                    local,
+                    route,
+                    std::sync::Arc::clone(&revocations),
+                    postern_node::Timeouts::default(),
+                    stop.child_token(),
+                ));
+            }
             relay.run(stop).await;
             Ok(())
         }

@@ -127,6 +127,21 @@ impl Trust {
     }
 }
 
+/// The revocations a node has heard of, for code that checks credentials
+/// itself (a relay following an authority's feed).
+impl credential::RevocationCheck for Trust {
+    fn revocation(
+        &self,
+        id: &credential::CredentialId,
+        subject: &Identifier,
+    ) -> Option<credential::Revocation> {
+        self.revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .revocation(id, subject)
+    }
+}
+
 /// An attribute an outlet requires, from `--allow-attr NAME=VALUE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttributeRule {

@@ -10,7 +10,9 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use postern_identity::credential::{self, RevocationList, SignedCredential, VerifiedCredential};
+use postern_identity::credential::{
+    self, RevocationCheck, RevocationList, SignedCredential, VerifiedCredential,
+};
 use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
@@ -40,12 +42,17 @@ impl NodeCredential {
         let Some(presented) = presented else {
             return NodeCredential(Ok(None));
         };
+        let none = RevocationList::new();
+        let revocations: &dyn RevocationCheck = match &config.revocations {
+            Some(r) => r.0.as_ref(),
+            None => &none,
+        };
         let verified = credential::verify(
             presented,
             &config.authorities,
             node,
             unix_now(),
-            &RevocationList::new(),
+            revocations,
         )
         .map(Some)
         .map_err(|e| e.to_string());
@@ -53,6 +60,23 @@ impl NodeCredential {
             warn!(%node, %reason, "node presented an invalid credential; it may not register services");
         }
         NodeCredential(verified)
+    }
+
+    /// Why a credential accepted earlier no longer holds (revoked or
+    /// expired), if it does not.
+    pub(crate) fn ended(&self, config: &RelayConfig) -> Option<String> {
+        let Ok(Some(verified)) = &self.0 else {
+            return None;
+        };
+        let none = RevocationList::new();
+        let revocations: &dyn RevocationCheck = match &config.revocations {
+            Some(r) => r.0.as_ref(),
+            None => &none,
+        };
+        verified
+            .check_still_valid(unix_now(), revocations)
+            .err()
+            .map(|e| format!("credential no longer valid: {e}"))
     }
 }
 

@@ -19,4 +19,4 @@ mod access;
 pub mod registry;
 mod server;
 
-pub use server::{Relay, RelayConfig, RelayError};
+pub use server::{Relay, RelayConfig, RelayError, Revocations};

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use postern_identity::credential::TrustedAuthorities;
+use postern_identity::credential::{RevocationCheck, TrustedAuthorities};
 use postern_identity::handshake::{AttachResponder, ChannelKind, LocalParty};
 use postern_identity::link::{
     self, ControlReceiver, ControlSender, FramedReader, LinkError, CONTROL_READ_BUFFER,
@@ -72,6 +72,21 @@ pub struct RelayConfig {
     pub policies: Option<Arc<LivePolicies>>,
     /// Where registration decisions are audited, if anywhere.
     pub audit: Option<Arc<AuditLog>>,
+    /// Revocations heard from the trusted authorities (the `postern`
+    /// binary follows their feeds): a node whose credential is revoked
+    /// loses its hop channel, and with it its registrations, within a
+    /// second, and its credential is refused when it reconnects.
+    pub revocations: Option<Revocations>,
+}
+
+/// A shared, live source of revocations.
+#[derive(Clone)]
+pub struct Revocations(pub Arc<dyn RevocationCheck + Send + Sync>);
+
+impl std::fmt::Debug for Revocations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revocations(..)")
+    }
 }
 
 impl RelayConfig {
@@ -93,6 +108,7 @@ impl RelayConfig {
             authorities: TrustedAuthorities::new(),
             policies: None,
             audit: None,
+            revocations: None,
         }
     }
 }
@@ -657,9 +673,16 @@ async fn hop_session(
     let who = Session { id: session, ..who };
     info!(%node, %peer_addr, session = session.0, "node connected");
     let idle = shared.config.idle_timeout;
+    let mut recheck = tokio::time::interval(Duration::from_secs(1));
     let reason = loop {
         tokio::select! {
             () = shutdown.cancelled() => break "relay shutting down".to_owned(),
+            _ = recheck.tick() => {
+                if let Some(ended) = who.credential.ended(&shared.config) {
+                    warn!(%node, reason = %ended, "closing the hop channel of a node whose credential ended; its services are unregistered");
+                    break ended;
+                }
+            }
             out = rx.recv() => {
                 let Some(msg) = out else { break "session replaced".to_owned() };
                 if let Err(e) = outbox.send(&msg).await {
