@@ -7,7 +7,8 @@
 # On this machine, everything in a temporary directory that is removed again
 # at the end:
 #   1. installs what is missing (scripts/setup.sh: PostgreSQL, iproute2, ...)
-#      and builds the `postern` binary (cargo build --release --locked);
+#      and builds the `postern` binary (cargo build --release --locked), or
+#      uses the one POSTERN_BIN names;
 #   2. starts a throwaway PostgreSQL cluster on a random loopback port, with a
 #      small `demo` database (initdb refuses root, so as root the cluster is
 #      run by the `postgres` system user);
@@ -199,13 +200,20 @@ step "Checking prerequisites (scripts/setup.sh) and building postern"
 bash "$ROOT/scripts/setup.sh" || die "scripts/setup.sh failed; see above"
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) and try again"
 
-info "cargo build --release --locked (the first build takes a few minutes)"
-cargo build --release --locked --quiet --bin postern || die "the build failed; see above"
-target_dir=$(cargo metadata --format-version 1 --no-deps --locked 2>/dev/null |
-    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-POSTERN="${target_dir:-${CARGO_TARGET_DIR:-$ROOT/target}}/release/postern"
-[ -x "$POSTERN" ] || die "built binary not found at $POSTERN"
-ok "built $POSTERN"
+if [ -n "${POSTERN_BIN:-}" ]; then
+    # A binary built already (scripts/test.sh passes its test build).
+    POSTERN=$POSTERN_BIN
+    [ -x "$POSTERN" ] || die "POSTERN_BIN=$POSTERN is not an executable"
+    ok "using $POSTERN (POSTERN_BIN)"
+else
+    info "cargo build --release --locked (the first build takes a few minutes)"
+    cargo build --release --locked --quiet --bin postern || die "the build failed; see above"
+    target_dir=$(cargo metadata --format-version 1 --no-deps --locked 2>/dev/null |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+    POSTERN="${target_dir:-${CARGO_TARGET_DIR:-$ROOT/target}}/release/postern"
+    [ -x "$POSTERN" ] || die "built binary not found at $POSTERN"
+    ok "built $POSTERN"
+fi
 
 # The newest /usr/lib/postgresql/<ver>/bin, else pg_config --bindir, else PATH.
 # shellcheck disable=SC2012 # version directories have plain names
