@@ -170,3 +170,106 @@ async fn enroll_with_ticket_admit_by_attribute_and_revoke_live() -> Result<()> {
         .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_add_and_remove_members_and_withdraw_tickets() -> Result<()> {
+    let home = PosternHome::new()?;
+    home.create_identity("relay")?;
+    let authority_id = home.create_identity("authority")?.to_string();
+    let member_id = home.create_identity("svc")?.to_string();
+    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
+    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
+    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
+    let mut authority = home.spawn(&[
+        "authority",
+        "run",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+    ])?;
+    authority
+        .wait_for_stderr("authority registered at relay", STARTUP)
+        .await?;
+    let renew = |home: &PosternHome| {
+        home.run(&[
+            "enroll",
+            "--renew",
+            "--identity",
+            "svc",
+            "--relay",
+            &relay_addr,
+            "--relay-identity",
+            &relay_id,
+            "--authority",
+            &authority_id,
+        ])
+    };
+
+    // Not a member yet: no credential.
+    let out = renew(&home)?;
+    ensure!(!out.status.success(), "a stranger got a credential");
+
+    // An admin vouches for the service directly; it fetches its credential.
+    let out = home.run(&[
+        "authority",
+        "member",
+        "add",
+        &member_id,
+        "--attr",
+        "role=db-outlet",
+        "--service-member",
+    ])?;
+    ensure!(out.status.success(), "member add: {}", stderr_of(&out));
+    let out = renew(&home)?;
+    ensure!(out.status.success(), "renew: {}", stderr_of(&out));
+    let text = format!("{}{}", stdout_of(&out), stderr_of(&out));
+    ensure!(text.contains("role=db-outlet"), "{text}");
+    let listed = stdout_of(&home.run(&["authority", "list"])?);
+    ensure!(listed.contains(&member_id), "{listed}");
+
+    // Removed: no new credential, with a clear refusal.
+    let out = home.run(&["authority", "member", "remove", &member_id])?;
+    ensure!(out.status.success(), "member remove: {}", stderr_of(&out));
+    let out = renew(&home)?;
+    ensure!(!out.status.success(), "a removed member got a credential");
+    let out = home.run(&["authority", "member", "remove", &member_id])?;
+    ensure!(
+        !out.status.success() && stderr_of(&out).contains("not a member"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // A withdrawn ticket enrolls nobody.
+    let out = home.run(&[
+        "authority",
+        "ticket",
+        "--attr",
+        "role=analyst",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+    ])?;
+    ensure!(out.status.success(), "ticket: {}", stderr_of(&out));
+    let ticket = stdout_of(&out).trim().to_owned();
+    let id = stderr_of(&out)
+        .split_whitespace()
+        .skip_while(|w| *w != "ticket")
+        .nth(1)
+        .context("no ticket id in the ticket command's output")?
+        .to_owned();
+    let out = home.run(&["authority", "ticket-remove", &id])?;
+    ensure!(
+        out.status.success(),
+        "ticket-remove {id}: {}",
+        stderr_of(&out)
+    );
+    let out = home.run(&["enroll", &ticket, "--identity", "laptop"])?;
+    ensure!(
+        !out.status.success(),
+        "a withdrawn ticket enrolled a machine"
+    );
+    println!("withdrawn ticket refused: {}", stderr_of(&out).trim());
+    Ok(())
+}

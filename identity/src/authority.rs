@@ -15,6 +15,16 @@
 //! records the member, so a single-use ticket cannot enroll two machines even
 //! when both arrive at once.
 //!
+//! Members who log in with OpenID Connect ([`Authority::enroll_oidc`]) get
+//! an [`OidcSession`] beside their membership: the provider's issuer and
+//! subject, and the provider's refresh token. Such a member's credential is
+//! renewed only after the provider has been asked again
+//! ([`Authority::renew_oidc`], after `OidcVerifier::refresh`), so a person
+//! disabled at the provider gets no new credential; [`Authority::issue_for_member`]
+//! refuses them ([`AuthorityError::OidcLoginRequired`]). The refresh token is
+//! stored as the store stores everything (the redb file is mode `0600`) and is
+//! never logged.
+//!
 //! Store methods are blocking (redb does file I/O); async callers should use
 //! `spawn_blocking` or accept short stalls.
 
@@ -30,6 +40,7 @@ use crate::credential::{
     Revocation, RevocationEntry, RevocationList, RevocationTarget, SignedCredential,
     CREDENTIAL_VERSION, MAX_CREDENTIAL_LEN,
 };
+use crate::oidc::{OidcError, SecretString, VerifiedLogin};
 use crate::ticket::{self, CodeHash, Ticket, TicketCode};
 use crate::wire::ServiceName;
 use crate::{Attributes, Identifier, Identity, PublicIdentity};
@@ -111,6 +122,26 @@ pub enum AuthorityError {
         /// The revocation.
         revocation: Revocation,
     },
+    /// The subject enrolled by logging in at an OpenID provider, and its
+    /// login cannot be re-checked there, so no credential is issued without a
+    /// new login. Client-caused.
+    #[error("{subject} enrolled by logging in at the OpenID provider, and the authority cannot re-check that login ({reason}): log in again with `postern enroll --oidc`")]
+    OidcLoginRequired {
+        /// Who asked.
+        subject: Identifier,
+        /// Why the login cannot be re-checked.
+        reason: String,
+    },
+    /// The OpenID Connect login or its re-check at the provider failed (a
+    /// refused, expired or forged token, a user disabled at the provider, an
+    /// e-mail domain not admitted, the provider unreachable or refusing the
+    /// authority's client, …).
+    #[error("OpenID Connect login refused: {0}")]
+    Oidc(#[from] OidcError),
+    /// OpenID Connect login was asked for, and the authority has no
+    /// provider configured.
+    #[error("this authority offers no OpenID Connect login (it runs without --oidc-config): enroll with a ticket from its admin, or ask the admin to configure the identity provider")]
+    OidcUnavailable,
     /// An admin request was invalid (zero uses, too-long TTL, oversized
     /// attributes, unknown ticket prefix, …). Local user.
     #[error("{0}")]
@@ -125,22 +156,38 @@ pub enum AuthorityError {
 
 impl AuthorityError {
     /// Whether the requester caused this (bad, stale or used ticket; not a
-    /// member; revoked), as opposed to the authority itself failing.
+    /// member; revoked; a login that must be done again; a refused or
+    /// forged OpenID login), as opposed to the authority, its configuration
+    /// or its OpenID provider failing.
     pub fn is_client_error(&self) -> bool {
-        matches!(
-            self,
+        match self {
             AuthorityError::TicketUnknown
-                | AuthorityError::TicketExpired { .. }
-                | AuthorityError::TicketUsedUp { .. }
-                | AuthorityError::NotAMember { .. }
-                | AuthorityError::Revoked { .. }
-        )
+            | AuthorityError::TicketExpired { .. }
+            | AuthorityError::TicketUsedUp { .. }
+            | AuthorityError::NotAMember { .. }
+            | AuthorityError::Revoked { .. }
+            | AuthorityError::OidcLoginRequired { .. } => true,
+            AuthorityError::Oidc(e) => {
+                !e.is_config_error()
+                    && !e.is_provider_error()
+                    && !matches!(e, OidcError::Internal(_))
+            }
+            _ => false,
+        }
     }
 
-    /// What to tell the requesting node: the full message for client errors,
-    /// a generic one (no paths or internals) otherwise.
+    /// What to tell the requesting node: the full message for client errors
+    /// and for OpenID Connect failures (whose messages never hold tokens or
+    /// secrets, and which the person needs to see: a disabled account, a
+    /// domain not admitted, a misconfigured client), a generic one (no paths
+    /// or internals) otherwise.
     pub fn client_message(&self) -> String {
-        if self.is_client_error() {
+        let shown = match self {
+            AuthorityError::Oidc(OidcError::Internal(_)) => false,
+            AuthorityError::Oidc(_) | AuthorityError::OidcUnavailable => true,
+            other => other.is_client_error(),
+        };
+        if shown {
             self.to_string()
         } else {
             "the authority could not complete the request (internal error; its admin can see the details in its log): try again later".into()
@@ -222,6 +269,42 @@ pub enum IssuedVia {
     Ticket(CodeHash),
     /// Issuance (first or renewal) for an existing member.
     Member,
+    /// Enrollment by an OpenID Connect login.
+    Oidc,
+    /// Renewal of an OpenID Connect member after the provider accepted its
+    /// refresh token again.
+    OidcRefresh,
+}
+
+/// The attribute that carries an OpenID Connect member's human-readable
+/// name (from the configured name claim), unless `[oidc.claims]` maps an
+/// attribute of that name itself.
+pub const NAME_ATTRIBUTE: &str = "name";
+
+/// What the authority keeps of a member's OpenID Connect login, to re-check
+/// it at the provider when the member asks for a new credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OidcSession {
+    /// The member's identity.
+    pub identifier: Identifier,
+    /// The provider's issuer URL.
+    pub issuer: String,
+    /// The provider's `sub` claim.
+    pub subject: String,
+    /// The human-readable name at the last login or refresh.
+    pub name: String,
+    /// The provider's refresh token (`None`: the provider issued none, so
+    /// the login cannot be re-checked). Secret: redacted in `Debug`.
+    pub refresh_token: Option<SecretString>,
+    /// When the person logged in (unix seconds).
+    pub logged_in_at: u64,
+    /// When the provider last confirmed the login (login or refresh).
+    pub checked_at: u64,
+    /// When the provider refused the refresh token (the person was disabled
+    /// or signed out there); the token is then gone and only a new login
+    /// helps.
+    #[serde(default)]
+    pub refresh_refused_at: Option<u64>,
 }
 
 /// One entry of the issued-credential log.
@@ -290,6 +373,13 @@ pub trait AuthorityStore: Send + Sync + fmt::Debug {
     /// Deletes tickets and issued-log entries that expired before `before`;
     /// returns how many records went.
     fn prune_expired(&self, before: u64) -> Result<usize, StoreError>;
+
+    /// The OpenID Connect login kept for a member.
+    fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError>;
+    /// Adds or replaces a member's OpenID Connect login.
+    fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError>;
+    /// Forgets a member's OpenID Connect login; whether there was one.
+    fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError>;
 }
 
 /// Takes one use of a ticket at time `now`: refuses a used-up ticket
@@ -504,17 +594,145 @@ impl Authority {
 
     /// Issues a fresh credential to an existing member (first credential
     /// after an admin added it, or a renewal).
+    ///
+    /// A member that enrolled with OpenID Connect is refused
+    /// ([`AuthorityError::OidcLoginRequired`]): its login must be re-checked
+    /// at the provider first, and [`Authority::renew_oidc`] issues then.
     pub fn issue_for_member(
         &self,
         subject: Identifier,
         now: u64,
     ) -> Result<SignedCredential, AuthorityError> {
-        self.refuse_if_revoked(&subject)?;
-        let member = self
-            .store
-            .member(&subject)?
-            .ok_or(AuthorityError::NotAMember { subject })?;
+        let member = self.renewable_member(subject)?;
+        if matches!(member.source, MemberSource::Oidc { .. }) {
+            return Err(AuthorityError::OidcLoginRequired {
+                subject,
+                reason: "its credentials are renewed only after the OpenID provider confirms the login again".into(),
+            });
+        }
         self.sign_for(&member, now, IssuedVia::Member)
+    }
+
+    /// The member `subject`, if it may get a credential now: refuses a
+    /// revoked identity and a non-member.
+    pub fn renewable_member(&self, subject: Identifier) -> Result<Member, AuthorityError> {
+        self.refuse_if_revoked(&subject)?;
+        self.store
+            .member(&subject)?
+            .ok_or(AuthorityError::NotAMember { subject })
+    }
+
+    /// The member with this identifier, if any.
+    pub fn member(&self, identifier: &Identifier) -> Result<Option<Member>, AuthorityError> {
+        Ok(self.store.member(identifier)?)
+    }
+
+    /// Enrolls `subject` (the identity authenticated on the channel the
+    /// login arrived on) after an OpenID Connect login the caller verified
+    /// (`OidcVerifier::exchange_code` or `finish_device_login`): makes it a
+    /// person member with the mapped attributes plus [`NAME_ATTRIBUTE`],
+    /// keeps the login (and its refresh token) for renewals, and issues the
+    /// first credential. A previous membership of `subject` is replaced.
+    pub fn enroll_oidc(
+        &self,
+        subject: Identifier,
+        login: &VerifiedLogin,
+        refresh_token: Option<SecretString>,
+        now: u64,
+    ) -> Result<SignedCredential, AuthorityError> {
+        self.refuse_if_revoked(&subject)?;
+        let member = Member {
+            identifier: subject,
+            kind: Kind::Person,
+            attributes: oidc_attributes(login)?,
+            added_at: now,
+            source: MemberSource::Oidc {
+                issuer: login.issuer.clone(),
+                subject: login.subject.clone(),
+            },
+        };
+        self.store.put_oidc_session(&OidcSession {
+            identifier: subject,
+            issuer: login.issuer.clone(),
+            subject: login.subject.clone(),
+            name: login.name.clone(),
+            refresh_token,
+            logged_in_at: now,
+            checked_at: now,
+            refresh_refused_at: None,
+        })?;
+        self.store.put_member(&member)?;
+        self.sign_for(&member, now, IssuedVia::Oidc)
+    }
+
+    /// The OpenID Connect login kept for `subject`, if any.
+    pub fn oidc_session(
+        &self,
+        subject: &Identifier,
+    ) -> Result<Option<OidcSession>, AuthorityError> {
+        Ok(self.store.oidc_session(subject)?)
+    }
+
+    /// Renews the credential of an OpenID Connect member after the provider
+    /// accepted its refresh token again (`OidcVerifier::refresh`): the
+    /// member's attributes become those of the fresh ID token (group changes
+    /// at the provider take effect), `rotated` replaces the stored refresh
+    /// token when the provider issued a new one, and a credential is issued.
+    /// The login must be for the member's provider and subject.
+    pub fn renew_oidc(
+        &self,
+        subject: Identifier,
+        login: &VerifiedLogin,
+        rotated: Option<SecretString>,
+        now: u64,
+    ) -> Result<SignedCredential, AuthorityError> {
+        let mut member = self.renewable_member(subject)?;
+        let same = matches!(&member.source, MemberSource::Oidc { issuer, subject: sub }
+            if *issuer == login.issuer && *sub == login.subject);
+        if !same {
+            return Err(AuthorityError::OidcLoginRequired {
+                subject,
+                reason: format!(
+                    "the refreshed login is for {} at {}, not this member's login",
+                    login.subject, login.issuer
+                ),
+            });
+        }
+        let mut session = self.store.oidc_session(&subject)?.ok_or_else(|| {
+            AuthorityError::OidcLoginRequired {
+                subject,
+                reason: "the authority holds no login for it".into(),
+            }
+        })?;
+        member.attributes = oidc_attributes(login)?;
+        if let Some(token) = rotated {
+            session.refresh_token = Some(token);
+        }
+        session.name = login.name.clone();
+        session.checked_at = now;
+        self.store.put_oidc_session(&session)?;
+        self.store.put_member(&member)?;
+        self.sign_for(&member, now, IssuedVia::OidcRefresh)
+    }
+
+    /// Records that the provider refused the refresh token of `subject`'s
+    /// OpenID Connect login at `now`, and forgets the token (it will not
+    /// work again), so that later renewals are refused without asking the
+    /// provider. Whether there was a login.
+    pub fn oidc_refresh_refused(
+        &self,
+        subject: &Identifier,
+        now: u64,
+    ) -> Result<bool, AuthorityError> {
+        match self.store.oidc_session(subject)? {
+            Some(mut session) => {
+                session.refresh_token = None;
+                session.refresh_refused_at = Some(now);
+                self.store.put_oidc_session(&session)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Adds (or replaces) a member. Refuses a revoked identity.
@@ -543,6 +761,7 @@ impl Authority {
     /// issued stay valid until they expire (revoke to end them at once).
     /// Returns whether it was a member.
     pub fn remove_member(&self, identifier: &Identifier) -> Result<bool, AuthorityError> {
+        self.store.remove_oidc_session(identifier)?;
         Ok(self.store.remove_member(identifier)?)
     }
 
@@ -651,7 +870,7 @@ impl Authority {
             expires_at: now.saturating_add(self.config.lifetime(member.kind).as_secs()),
         };
         let signed = credential::issue(&self.identity, &body)?;
-        let enrolling = matches!(via, IssuedVia::Ticket(_));
+        let enrolling = matches!(via, IssuedVia::Ticket(_) | IssuedVia::Oidc);
         let logged = self.store.record_issued(&IssuedRecord {
             id: body.id,
             subject: body.subject,
@@ -673,6 +892,17 @@ impl Authority {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A login's attributes for its member: the mapped claims, plus
+/// [`NAME_ATTRIBUTE`] with the login's name unless a claim is mapped to it.
+fn oidc_attributes(login: &VerifiedLogin) -> Result<Attributes, AuthorityError> {
+    let mut attributes = login.attributes.clone();
+    attributes
+        .entry(NAME_ATTRIBUTE.to_string())
+        .or_insert_with(|| crate::AttrValue::One(login.name.clone()));
+    check_attributes(&attributes)?;
+    Ok(attributes)
 }
 
 /// Checks admin-supplied attributes: names of 1 to 128 printable characters,
@@ -737,6 +967,7 @@ struct MemoryState {
     tickets: BTreeMap<CodeHash, TicketRecord>,
     issued: Vec<IssuedRecord>,
     revocations: Vec<RevocationEntry>,
+    oidc_sessions: BTreeMap<Identifier, OidcSession>,
 }
 
 impl MemoryStore {
@@ -851,5 +1082,191 @@ impl AuthorityStore for MemoryStore {
         state.tickets.retain(|_, t| t.expires_at >= before);
         state.issued.retain(|r| r.expires_at >= before);
         Ok(t - state.tickets.len() + i - state.issued.len())
+    }
+    fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError> {
+        Ok(self.state().oidc_sessions.get(id).cloned())
+    }
+    fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError> {
+        self.state()
+            .oidc_sessions
+            .insert(session.identifier, session.clone());
+        Ok(())
+    }
+    fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError> {
+        Ok(self.state().oidc_sessions.remove(id).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn login(subject: &str, groups: &[&str]) -> VerifiedLogin {
+        let mut attributes = Attributes::new();
+        attributes.insert(
+            "groups".into(),
+            crate::AttrValue::Many(groups.iter().map(|g| g.to_string()).collect()),
+        );
+        VerifiedLogin {
+            issuer: "https://id.example.com".into(),
+            subject: subject.into(),
+            name: format!("{subject}@example.com"),
+            attributes,
+            issued_at: NOW,
+            expires_at: NOW + 600,
+        }
+    }
+
+    fn authority(store: Box<dyn AuthorityStore>) -> Authority {
+        Authority::new(Identity::generate(), store, AuthorityConfig::default()).expect("authority")
+    }
+
+    fn oidc_lifecycle(authority: &Authority) {
+        let node = Identity::generate().identifier();
+        let first = authority
+            .enroll_oidc(
+                node,
+                &login("alice", &["analysts"]),
+                Some(SecretString::new("rt-1")),
+                NOW,
+            )
+            .expect("enrolled");
+        let body = first.inspect_unverified().expect("body");
+        assert_eq!(body.kind, Kind::Person);
+        assert_eq!(
+            body.attributes.get(NAME_ATTRIBUTE),
+            Some(&crate::AttrValue::One("alice@example.com".into()))
+        );
+        let member = authority.member(&node).expect("read").expect("member");
+        assert_eq!(
+            member.source,
+            MemberSource::Oidc {
+                issuer: "https://id.example.com".into(),
+                subject: "alice".into()
+            }
+        );
+        let session = authority
+            .oidc_session(&node)
+            .expect("read")
+            .expect("session");
+        assert_eq!(
+            session.refresh_token.as_ref().map(SecretString::expose),
+            Some("rt-1")
+        );
+        assert!(!format!("{session:?}").contains("rt-1"), "token redacted");
+
+        // The plain member path does not renew an OIDC member.
+        let err = authority.issue_for_member(node, NOW + 10).unwrap_err();
+        assert!(matches!(err, AuthorityError::OidcLoginRequired { .. }));
+        assert!(err.is_client_error() && err.client_message().contains("postern enroll --oidc"));
+
+        // A refresh for another person is refused.
+        let err = authority
+            .renew_oidc(node, &login("mallory", &["admins"]), None, NOW + 20)
+            .unwrap_err();
+        assert!(
+            matches!(err, AuthorityError::OidcLoginRequired { .. }),
+            "{err}"
+        );
+
+        // The provider's answer sets the attributes and rotates the token.
+        let renewed = authority
+            .renew_oidc(
+                node,
+                &login("alice", &["analysts", "oncall"]),
+                Some(SecretString::new("rt-2")),
+                NOW + 30,
+            )
+            .expect("renewed");
+        let body = renewed.inspect_unverified().expect("body");
+        assert_eq!(
+            body.attributes.get("groups"),
+            Some(&crate::AttrValue::Many(vec![
+                "analysts".into(),
+                "oncall".into()
+            ]))
+        );
+        let session = authority
+            .oidc_session(&node)
+            .expect("read")
+            .expect("session");
+        assert_eq!(
+            session.refresh_token.as_ref().map(SecretString::expose),
+            Some("rt-2")
+        );
+        assert_eq!(session.checked_at, NOW + 30);
+        let via: Vec<IssuedVia> = authority
+            .issued(Some(&node))
+            .expect("log")
+            .into_iter()
+            .map(|r| r.via)
+            .collect();
+        assert_eq!(via, [IssuedVia::Oidc, IssuedVia::OidcRefresh]);
+
+        // Refused at the provider: the token is gone, the time kept.
+        assert!(authority
+            .oidc_refresh_refused(&node, NOW + 40)
+            .expect("saved"));
+        let session = authority
+            .oidc_session(&node)
+            .expect("read")
+            .expect("session");
+        assert!(session.refresh_token.is_none());
+        assert_eq!(session.refresh_refused_at, Some(NOW + 40));
+
+        // Revoked: no login brings it back.
+        authority
+            .revoke(RevocationTarget::Identity(node), NOW + 50)
+            .expect("revoked");
+        assert!(matches!(
+            authority.enroll_oidc(node, &login("alice", &[]), None, NOW + 60),
+            Err(AuthorityError::Revoked { .. })
+        ));
+        // Removing the member forgets the login.
+        assert!(authority.remove_member(&node).expect("removed"));
+        assert!(authority.oidc_session(&node).expect("read").is_none());
+    }
+
+    #[test]
+    fn oidc_members_in_memory() {
+        oidc_lifecycle(&authority(Box::new(MemoryStore::new())));
+    }
+
+    #[test]
+    fn oidc_members_in_redb_persist() {
+        let dir = std::env::temp_dir().join(format!(
+            "postern-authority-oidc-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let path = dir.join("authority.redb");
+        oidc_lifecycle(&authority(Box::new(RedbStore::open(&path).expect("open"))));
+
+        let node = Identity::generate().identifier();
+        {
+            let a = authority(Box::new(RedbStore::open(&path).expect("open")));
+            a.enroll_oidc(node, &login("bob", &["engineers"]), None, NOW)
+                .expect("enrolled");
+        }
+        let store = RedbStore::open(&path).expect("reopen");
+        let session = store.oidc_session(&node).expect("read").expect("kept");
+        assert_eq!(session.subject, "bob");
+        assert!(session.refresh_token.is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn oidc_errors_shown_to_the_client() {
+        let e = AuthorityError::Oidc(OidcError::Internal("secret detail".into()));
+        assert!(!e.client_message().contains("secret detail"));
+        let e = AuthorityError::Oidc(OidcError::Config("bad client".into()));
+        assert!(e.client_message().contains("bad client") && !e.is_client_error());
+        let e = AuthorityError::Oidc(OidcError::NonceMismatch);
+        assert!(e.is_client_error() && e.client_message().contains("nonce"));
+        assert!(AuthorityError::OidcUnavailable
+            .client_message()
+            .contains("--oidc-config"));
     }
 }

@@ -59,8 +59,10 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::authority::AuthorityCommand,
     },
-    /// Enroll this machine with a ticket from an authority's admin: creates
-    /// the identity if needed and stores the credential the authority issues.
+    /// Enroll this machine: with a ticket from an authority's admin, or by
+    /// logging in at the identity provider (--oidc, --device); --renew gets
+    /// a fresh credential. Creates the identity if needed and stores the
+    /// credential the authority issues.
     Enroll(crate::authority::EnrollArgs),
     /// Check, test and explain Cedar access policies (offline; nothing is
     /// contacted).

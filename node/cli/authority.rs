@@ -1,5 +1,7 @@
 //! `postern authority …` and `postern enroll`: running an authority behind a
-//! relay, administering it, and enrolling a machine with a ticket.
+//! relay (with an OpenID provider and an audit log if configured),
+//! administering it, and enrolling a machine with a ticket or by logging in
+//! at the identity provider (`postern enroll --oidc`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,17 +11,20 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use postern_identity::authority::{
     Authority, AuthorityConfig, AuthorityError, AuthorityStore, EnrollmentRoute, IssuedRecord,
-    Member, RedbStore, StoreError, TicketRecord, TicketSpec,
+    Member, MemberSource, OidcSession, RedbStore, StoreError, TicketRecord, TicketSpec,
 };
 use postern_identity::credential::{
-    CredentialId, Kind, Revocation, RevocationEntry, RevocationTarget, SignedCredential,
+    format_timestamp, CredentialId, Kind, Revocation, RevocationEntry, RevocationTarget,
+    SignedCredential,
 };
 use postern_identity::handshake::LocalParty;
+use postern_identity::oidc::{OidcConfig, OidcVerifier};
 use postern_identity::ticket::{CodeHash, Ticket, DEFAULT_AUTHORITY_SERVICE};
 use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier, Identity};
-use postern_node::authority;
+use postern_node::authority::{self, AuthorityRoute, AuthorityService};
+use postern_policies::audit::AuditLog;
 
 use crate::args::parse_duration;
 use postern_node::{RelayEndpoint, Timeouts};
@@ -41,11 +46,66 @@ pub enum AuthorityCommand {
         /// What to revoke.
         #[arg(value_name = "P…|CREDENTIAL-ID")]
         target: RevocationTarget,
+        /// Also record the revocation in this audit log. A running
+        /// `postern authority run --audit-log` records every revocation in
+        /// its own log within a second, so use this only while no authority
+        /// runs, and never with the file a running process writes (one
+        /// process per audit log).
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
     },
     /// List members, open tickets and revocations.
     List {
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Add or remove members directly, without a ticket.
+    ///
+    /// An added member gets its credential with `postern enroll --renew
+    /// --relay … --relay-identity … --authority …` on its own machine. A
+    /// removed member gets no new credential; the one it holds stays valid
+    /// until it expires (use `postern authority revoke` to end it at once).
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
+    /// Withdraw an enrollment ticket before it is used, by the id that
+    /// `postern authority list` shows (at least 8 hex digits).
+    TicketRemove {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The ticket's id (or its first 8+ hex digits).
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+/// `postern authority member …`
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Vouch for an identity with these attributes (replaces an existing
+    /// member's attributes), e.g.
+    /// `postern authority member add P1a2b… --attr role=db-outlet --service-member`.
+    Add {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The identity (printed by `postern identity show` on its machine).
+        #[arg(value_name = "P…")]
+        identifier: Identifier,
+        /// An attribute NAME=VALUE (repeatable; repeat a name for a list).
+        #[arg(long = "attr", value_name = "NAME=VALUE")]
+        attrs: Vec<String>,
+        /// A service (credential life 24 h) rather than a person (8 h).
+        #[arg(long)]
+        service_member: bool,
+    },
+    /// Stop vouching for an identity.
+    Remove {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The identity.
+        #[arg(value_name = "P…")]
+        identifier: Identifier,
     },
 }
 
@@ -74,6 +134,17 @@ pub struct RunArgs {
     /// Service name to register under.
     #[arg(long, default_value = DEFAULT_AUTHORITY_SERVICE, value_name = "NAME")]
     pub service: ServiceName,
+    /// Let people enroll by logging in at your OpenID Connect provider
+    /// (`postern enroll --oidc`): a TOML file with issuer_url, client_id,
+    /// scopes, [claims] and the other settings the README lists (top level
+    /// or under [oidc]). The provider is contacted at start-up.
+    #[arg(long, value_name = "FILE")]
+    pub oidc_config: Option<PathBuf>,
+    /// Append every enrollment attempt (allowed or refused, with the reason),
+    /// renewal, issued credential and revocation to this hash-chained audit
+    /// log; check it with `postern audit verify FILE`.
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// `postern authority ticket`
@@ -108,12 +179,42 @@ pub struct TicketArgs {
     pub note: Option<String>,
 }
 
+/// Examples shown by `postern enroll --help`.
+const ENROLL_HELP: &str = "\
+Three ways to get a credential:
+
+  With a ticket from your admin (pstn-ticket:…, it names the relay and the authority):
+    postern enroll 'pstn-ticket:o2F2AWRjb2Rl…'
+
+  By logging in at your organisation's identity provider (OpenID Connect) in a browser.
+  Postern listens on 127.0.0.1 for the provider's redirect and opens your browser (with
+  --no-browser, or without a desktop, it prints the address to open on this machine):
+    postern enroll --oidc --relay relay.example:4000 --relay-identity P3f2a… --authority P77c1…
+
+  On a machine without a browser (a server, a container), the device flow: open the printed
+  address on any device (your phone, your laptop) and type the printed code:
+    postern enroll --oidc --device --relay relay.example:4000 --relay-identity P3f2a… \\
+        --authority P77c1…
+
+The identity (--identity, default \"default\") is created if it does not exist, and the
+credential is stored at <home>/credentials/<identity>.cred, where inlets and outlets find it.
+The authority, not this machine, verifies the provider's ID token and keeps the provider's
+refresh token, so the credential can be renewed without a browser for as long as the provider
+still accepts you:
+    postern enroll --renew --relay relay.example:4000 --relay-identity P3f2a…";
+
 /// `postern enroll`
 #[derive(Debug, Args)]
+#[command(after_help = ENROLL_HELP)]
 pub struct EnrollArgs {
     /// The ticket printed by `postern authority ticket` (pstn-ticket:…).
-    #[arg(value_name = "TICKET")]
-    pub ticket: String,
+    /// Not with --oidc or --renew.
+    #[arg(
+        value_name = "TICKET",
+        required_unless_present_any = ["oidc", "renew"],
+        conflicts_with_all = ["oidc", "renew"]
+    )]
+    pub ticket: Option<String>,
     /// Identity to enroll (created if it does not exist yet). [default: default]
     #[arg(
         long,
@@ -122,6 +223,39 @@ pub struct EnrollArgs {
         value_name = "NAME|PATH"
     )]
     pub identity: String,
+    /// Log in at the authority's OpenID Connect identity provider instead of
+    /// using a ticket (needs --relay, --relay-identity and --authority).
+    #[arg(long, requires_all = ["relay", "relay_identity", "authority"])]
+    pub oidc: bool,
+    /// With --oidc: the device flow, for a machine without a browser. Prints
+    /// an address and a code to enter on any other device.
+    #[arg(long, requires = "oidc")]
+    pub device: bool,
+    /// With --oidc: print the login address instead of opening a browser.
+    #[arg(long, requires = "oidc", conflicts_with = "device")]
+    pub no_browser: bool,
+    /// With --oidc: how long to wait for the browser login (30s, 5m, …).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "oidc", conflicts_with = "device")]
+    pub login_timeout: Option<Duration>,
+    /// Get a fresh credential for an identity that is already enrolled (a
+    /// member enrolled with --oidc must still be accepted by the provider).
+    /// Needs --relay and --relay-identity; the authority defaults to the
+    /// issuer of the stored credential.
+    #[arg(long, requires_all = ["relay", "relay_identity"], conflicts_with = "oidc")]
+    pub renew: bool,
+    /// With --oidc or --renew: the relay the authority is registered at,
+    /// host:port.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub relay: Option<String>,
+    /// With --oidc or --renew: that relay's identifier.
+    #[arg(long, value_name = "P…")]
+    pub relay_identity: Option<Identifier>,
+    /// With --oidc or --renew: the authority's identifier (ask its admin).
+    #[arg(long, value_name = "P…")]
+    pub authority: Option<Identifier>,
+    /// The authority's service name at the relay.
+    #[arg(long, default_value = DEFAULT_AUTHORITY_SERVICE, value_name = "NAME")]
+    pub authority_service: ServiceName,
 }
 
 /// Parses repeated `NAME=VALUE` into attributes; a repeated name makes a list.
@@ -235,6 +369,15 @@ impl AuthorityStore for SharedStore {
     fn prune_expired(&self, before: u64) -> Result<usize, StoreError> {
         self.with(|s| s.prune_expired(before))
     }
+    fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError> {
+        self.with(|s| s.oidc_session(id))
+    }
+    fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError> {
+        self.with(|s| s.put_oidc_session(session))
+    }
+    fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError> {
+        self.with(|s| s.remove_oidc_session(id))
+    }
 }
 
 fn open_authority(home: &Path, args: &StoreArgs, identity: Identity) -> Result<Authority> {
@@ -265,16 +408,48 @@ pub async fn run(
             let serving = load_identity(&args.store.identity)?;
             let authority = Arc::new(open_authority(home, &args.store, identity)?);
             let local = Arc::new(LocalParty::new(serving)?);
+            let mut service = AuthorityService::new(Arc::clone(&authority));
+            if let Some(path) = &args.audit_log {
+                let log = AuditLog::open(path).context("--audit-log")?;
+                service = service.with_audit(Arc::new(log));
+            }
+            let oidc = match &args.oidc_config {
+                Some(path) => {
+                    let config = read_oidc_config(path)?;
+                    let verifier = OidcVerifier::discover(config)
+                        .await
+                        .with_context(|| format!("--oidc-config {}", path.display()))?;
+                    Some(Arc::new(verifier))
+                }
+                None => None,
+            };
             eprintln!(
                 "authority {} serving \"{}\" at relay {}",
                 authority.identifier(),
                 args.service,
                 args.relay
             );
+            if let Some(verifier) = oidc {
+                let config = verifier.config();
+                eprintln!(
+                    "OpenID Connect login (postern enroll --oidc) at {} as client {:?} ({}); device flow (--device) {}",
+                    verifier.issuer(),
+                    config.client_id(),
+                    if config.is_confidential() { "with a client secret" } else { "public client with PKCE" },
+                    if verifier.supports_device_flow() { "available" } else { "not offered by the provider" },
+                );
+                service = service.with_oidc(verifier);
+            }
+            if let Some(path) = &args.audit_log {
+                eprintln!(
+                    "auditing enrollments, credentials and revocations to {}",
+                    path.display()
+                );
+            }
             let relay = RelayEndpoint::new(args.relay, args.relay_identity);
             authority::serve(
                 local,
-                authority,
+                service,
                 relay,
                 args.service,
                 Timeouts::default(),
@@ -313,13 +488,94 @@ pub async fn run(
             );
             Ok(())
         }
-        AuthorityCommand::Revoke { store, target } => {
+        AuthorityCommand::Revoke {
+            store,
+            target,
+            audit_log,
+        } => {
             let identity = load_identity(&store.identity)?;
+            let audit = match &audit_log {
+                Some(path) => Some(AuditLog::open(path).context("--audit-log")?),
+                None => None,
+            };
             let authority = open_authority(home, &store, identity)?;
+            let already = authority.store().revocation(&target)?.is_some();
             let entry = authority.revoke(target, unix_now())?;
+            if already {
+                println!(
+                    "{} was already revoked (revocation #{})",
+                    entry.revocation.target, entry.seq
+                );
+                return Ok(());
+            }
             println!(
                 "revoked {} (revocation #{})",
                 entry.revocation.target, entry.seq
+            );
+            if let Some(log) = audit {
+                let reason = format!(
+                    "revoked with `postern authority revoke` (revocation #{})",
+                    entry.seq
+                );
+                log.record(&authority::revoke_event(&authority, &entry, reason))
+                    .context("the revocation is in force, but the audit record failed")?;
+            }
+            Ok(())
+        }
+        AuthorityCommand::Member {
+            command:
+                MemberCommand::Add {
+                    store,
+                    identifier,
+                    attrs,
+                    service_member,
+                },
+        } => {
+            let attributes = parse_attributes(&attrs)?;
+            let identity = load_identity(&store.identity)?;
+            let authority = open_authority(home, &store, identity)?;
+            let kind = if service_member {
+                Kind::Service
+            } else {
+                Kind::Person
+            };
+            let member = authority.add_member(
+                identifier,
+                kind,
+                attributes,
+                MemberSource::Admin,
+                unix_now(),
+            )?;
+            println!(
+                "member {} ({:?}): {}; it gets its credential with `postern enroll --renew`",
+                member.identifier,
+                member.kind,
+                format_attributes(&member.attributes)
+            );
+            Ok(())
+        }
+        AuthorityCommand::Member {
+            command: MemberCommand::Remove { store, identifier },
+        } => {
+            let identity = load_identity(&store.identity)?;
+            let authority = open_authority(home, &store, identity)?;
+            if authority.remove_member(&identifier)? {
+                println!("removed member {identifier}: no new credentials; revoke it to end the current one at once");
+                Ok(())
+            } else {
+                Err(anyhow!(
+                    "{identifier} is not a member of this authority (see `postern authority list`)"
+                ))
+            }
+        }
+        AuthorityCommand::TicketRemove { store, id } => {
+            let identity = load_identity(&store.identity)?;
+            let authority = open_authority(home, &store, identity)?;
+            let removed = authority.remove_ticket(&id)?;
+            println!(
+                "removed ticket {} ({} use(s) left); it can no longer enroll anyone",
+                removed.code_hash.short(),
+                removed.uses_left
             );
             Ok(())
         }
@@ -329,7 +585,13 @@ pub async fn run(
             println!("authority {}", authority.identifier());
             println!("members:");
             for m in authority.members()? {
-                println!("  {} {:?} {:?}", m.identifier, m.kind, m.attributes);
+                println!(
+                    "  {} {:?} {} (via {})",
+                    m.identifier,
+                    m.kind,
+                    format_attributes(&m.attributes),
+                    m.source
+                );
             }
             println!("tickets:");
             for t in authority.tickets()? {
@@ -349,38 +611,250 @@ pub async fn run(
     }
 }
 
-/// Runs `postern enroll`: creates the identity if needed, redeems the
-/// ticket through the relay, stores the credential.
+/// Reads `--oidc-config`: the `[oidc]` settings at the top level of the
+/// file or under an `[oidc]` table. Errors quote no line of the file, since
+/// it may hold a client secret.
+fn read_oidc_config(path: &Path) -> Result<OidcConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --oidc-config {}", path.display()))?;
+    let where_ = |e: &toml::de::Error| {
+        e.span().map_or_else(String::new, |span| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        })
+    };
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        anyhow!(
+            "--oidc-config {} is not valid TOML{}: {}",
+            path.display(),
+            where_(&e),
+            e.message()
+        )
+    })?;
+    let settings = match table.get("oidc") {
+        Some(toml::Value::Table(inner)) if table.len() == 1 => inner.clone(),
+        _ => table,
+    };
+    let config: OidcConfig = settings.try_into().map_err(|e: toml::de::Error| {
+        let message = e.message();
+        let message = if message.starts_with("invalid [oidc] configuration") {
+            message.to_string()
+        } else {
+            format!("invalid [oidc] configuration: {message}")
+        };
+        anyhow!("--oidc-config {}: {message}", path.display())
+    })?;
+    if config.is_confidential() {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "--oidc-config {} holds a client_secret and is readable by other users (mode {mode:o}): fix with chmod 600 {}",
+                    path.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// `NAME=VALUE, NAME=[A, B]`, in name order.
+fn format_attributes(attributes: &Attributes) -> String {
+    if attributes.is_empty() {
+        return "(no attributes)".into();
+    }
+    attributes
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The identity to enroll: loaded, or created when it does not exist.
+fn identity_for_enrollment(home: &Path, name: &str) -> Result<Identity> {
+    let key_path = postern_identity::keyfile::resolve(home, name)?;
+    if key_path.exists() {
+        return Ok(crate::keys::load(home, name, None)?.0);
+    }
+    let identity = postern_identity::keyfile::create(&key_path)?;
+    eprintln!(
+        "created identity {} at {}",
+        identity.identifier(),
+        key_path.display()
+    );
+    Ok(identity)
+}
+
+/// Stores a new credential where inlets and outlets look for it, and says
+/// what it grants.
+fn store_and_report(
+    home: &Path,
+    identity: &str,
+    credential: &SignedCredential,
+    headline: &str,
+) -> Result<PathBuf> {
+    let path = crate::config::credential_path(home, identity);
+    save_credential(&path, credential)?;
+    let body = credential.inspect_unverified()?;
+    println!("{headline}");
+    println!(
+        "credential {} stored at {}, valid until {}",
+        body.id,
+        path.display(),
+        format_timestamp(body.expires_at)
+    );
+    println!("attributes: {}", format_attributes(&body.attributes));
+    Ok(path)
+}
+
+/// Runs `postern enroll`: with a ticket, by an OpenID Connect login
+/// (`--oidc`), or renews (`--renew`); stores the credential.
 pub async fn enroll(home: &Path, args: EnrollArgs) -> Result<()> {
-    let ticket = Ticket::parse(&args.ticket)?;
+    if args.renew {
+        return renew(home, args).await;
+    }
+    if args.oidc {
+        return enroll_oidc(home, args).await;
+    }
+    let text = args
+        .ticket
+        .as_deref()
+        .ok_or_else(|| anyhow!("give the ticket from your admin, or use --oidc"))?;
+    let ticket = Ticket::parse(text)?;
     ticket
         .check_not_expired(unix_now())
         .context("ask the authority's admin for a new ticket")?;
-    let key_path = postern_identity::keyfile::resolve(home, &args.identity)?;
-    let identity = if key_path.exists() {
-        crate::keys::load(home, &args.identity, None)?.0
-    } else {
-        let identity = postern_identity::keyfile::create(&key_path)?;
-        eprintln!(
-            "created identity {} at {}",
-            identity.identifier(),
-            key_path.display()
-        );
-        identity
-    };
+    let identity = identity_for_enrollment(home, &args.identity)?;
     let subject = identity.identifier();
     let local = Arc::new(LocalParty::new(identity)?);
     let credential = authority::enroll(&local, &ticket, &Timeouts::default()).await?;
-    let path = crate::config::credential_path(home, &args.identity);
-    save_credential(&path, &credential)?;
-    let body = credential.inspect_unverified()?;
-    println!("enrolled {subject} with authority {}", ticket.authority);
-    println!("credential {} stored at {}", body.id, path.display());
-    println!("attributes: {:?}", body.attributes);
+    store_and_report(
+        home,
+        &args.identity,
+        &credential,
+        &format!("enrolled {subject} with authority {}", ticket.authority),
+    )?;
     println!(
         "use it with: --relay {} --relay-identity {} --trust-authority {}",
         ticket.relay_addr, ticket.relay, ticket.authority
     );
+    Ok(())
+}
+
+/// The relay and authority of `--oidc` and `--renew`.
+fn route_from(args: &EnrollArgs, authority: Option<Identifier>) -> Result<AuthorityRoute> {
+    let (Some(relay), Some(relay_identity)) = (&args.relay, args.relay_identity) else {
+        return Err(anyhow!("give --relay HOST:PORT and --relay-identity P…"));
+    };
+    let authority = args.authority.or(authority).ok_or_else(|| {
+        anyhow!("give --authority P… (the authority's identifier; ask its admin)")
+    })?;
+    Ok(AuthorityRoute {
+        relay: RelayEndpoint::new(relay.clone(), relay_identity),
+        authority,
+        service: args.authority_service.clone(),
+    })
+}
+
+/// Whether a browser can be opened here: macOS, or a graphical session.
+fn browser_available() -> bool {
+    cfg!(target_os = "macos")
+        || ["DISPLAY", "WAYLAND_DISPLAY"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+}
+
+/// `postern enroll --oidc [--device]`.
+async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
+    let route = route_from(&args, None)?;
+    let identity = identity_for_enrollment(home, &args.identity)?;
+    let subject = identity.identifier();
+    let local = Arc::new(LocalParty::new(identity)?);
+    let timeouts = Timeouts::default();
+    eprintln!(
+        "enrolling {subject} with authority {} by logging in at its identity provider{}",
+        route.authority,
+        if args.device { " (device flow)" } else { "" }
+    );
+    let credential = if args.device {
+        authority::enroll_oidc_device(&local, &route, &timeouts, |prompt| {
+            postern_identity::oidc::show_device_prompt(prompt)
+        })
+        .await
+    } else {
+        let open_browser = !args.no_browser && browser_available();
+        let timeout = args
+            .login_timeout
+            .unwrap_or(postern_identity::oidc::LOGIN_PAGE_TIMEOUT);
+        authority::enroll_oidc_browser(&local, &route, &timeouts, timeout, |url| {
+            postern_identity::oidc::show_login_url(url, open_browser);
+            eprintln!(
+                "Waiting up to {} for the login…",
+                postern_identity::credential::format_duration(timeout.as_secs())
+            );
+        })
+        .await
+    }
+    .context("OpenID Connect enrollment failed")?;
+    let name = credential
+        .inspect_unverified()
+        .ok()
+        .and_then(|b| {
+            match b
+                .attributes
+                .get(postern_identity::authority::NAME_ATTRIBUTE)
+            {
+                Some(AttrValue::One(name)) => Some(name.clone()),
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| "(no name)".into());
+    store_and_report(
+        home,
+        &args.identity,
+        &credential,
+        &format!(
+            "enrolled {subject} with authority {} as {name} (OpenID Connect login)",
+            route.authority
+        ),
+    )?;
+    println!(
+        "use it with: --relay {} --relay-identity {} --trust-authority {}",
+        route.relay.address, route.relay.identifier, route.authority
+    );
+    println!(
+        "renew it with: postern enroll --renew --relay {} --relay-identity {}",
+        route.relay.address, route.relay.identifier
+    );
+    Ok(())
+}
+
+/// `postern enroll --renew`.
+async fn renew(home: &Path, args: EnrollArgs) -> Result<()> {
+    let (identity, _) = crate::keys::load(home, &args.identity, None)?;
+    let subject = identity.identifier();
+    let path = crate::config::credential_path(home, &args.identity);
+    // The authority defaults to the issuer of the credential held now.
+    let issuer = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| SignedCredential::decode(&bytes).ok())
+        .map(|c| c.claimed_issuer());
+    let route = route_from(&args, issuer)?;
+    let local = Arc::new(LocalParty::new(identity)?);
+    let credential = authority::renew(&local, &route, &Timeouts::default())
+        .await
+        .context("renewal failed")?;
+    store_and_report(
+        home,
+        &args.identity,
+        &credential,
+        &format!(
+            "renewed the credential of {subject} from authority {}",
+            route.authority
+        ),
+    )?;
     Ok(())
 }
 

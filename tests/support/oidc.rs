@@ -494,3 +494,27 @@ fn decode_entities(s: &str) -> String {
 fn excerpt(text: &str) -> String {
     text.chars().take(2000).collect()
 }
+
+/// The login address that `postern enroll --oidc --no-browser` printed on
+/// stderr (`show_login_url`: an indented line holding the authorization
+/// request), if it did yet.
+pub fn login_url_in(stderr: &str) -> Option<String> {
+    stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("http") && l.contains("code_challenge="))
+        .map(str::to_string)
+}
+
+/// The verification URI and user code that `postern enroll --oidc --device`
+/// printed on stderr (`show_device_prompt`), if it did yet.
+pub fn device_prompt_in(stderr: &str) -> Option<(String, String)> {
+    let mut lines = stderr.lines();
+    let uri = lines.by_ref().find_map(|l| {
+        l.strip_prefix("To log in, open ")?
+            .strip_suffix(" in a browser on any device and enter the code")
+            .map(str::to_string)
+    })?;
+    let code = lines.map(str::trim).find(|l| !l.is_empty())?.to_string();
+    Some((uri, code))
+}

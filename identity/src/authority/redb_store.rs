@@ -10,6 +10,10 @@
 //! | `issued`      | credential id (16 bytes)              | [`IssuedRecord`]   |
 //! | `revocations` | sequence number (`u64`)               | [`Revocation`]     |
 //! | `revoked`     | `c` + credential id, or `i` + identifier | sequence number |
+//! | `oidc_sessions` | identifier (20 bytes)               | [`OidcSession`] (holds the provider's refresh token) |
+//!
+//! `oidc_sessions` came after the first release of schema 1; it is created
+//! when a database without it is opened, and older versions ignore it.
 //!
 //! redb serializes write transactions, so the read-check-write of
 //! [`AuthorityStore::redeem_ticket`] and [`AuthorityStore::revoke`] is
@@ -26,7 +30,7 @@ use serde::Serialize;
 
 use super::{
     member_from_ticket, take_ticket_use, AuthorityError, AuthorityStore, IssuedRecord, Member,
-    StoreError, TicketRecord,
+    OidcSession, StoreError, TicketRecord,
 };
 use crate::credential::{CredentialId, Revocation, RevocationEntry, RevocationTarget};
 use crate::ticket::CodeHash;
@@ -39,6 +43,7 @@ const TICKETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tickets");
 const ISSUED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("issued");
 const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
 const REVOKED: TableDefinition<&[u8], u64> = TableDefinition::new("revoked");
+const OIDC_SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("oidc_sessions");
 
 /// The embedded authority store: one `redb` file, mode `0600`.
 pub struct RedbStore {
@@ -140,6 +145,7 @@ impl RedbStore {
             txn.open_table(ISSUED).map_err(backend)?;
             txn.open_table(REVOCATIONS).map_err(backend)?;
             txn.open_table(REVOKED).map_err(backend)?;
+            txn.open_table(OIDC_SESSIONS).map_err(backend)?;
         }
         txn.commit().map_err(backend)
     }
@@ -367,5 +373,21 @@ impl AuthorityStore for RedbStore {
         }
         txn.commit().map_err(backend)?;
         Ok(removed)
+    }
+
+    fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError> {
+        self.get(OIDC_SESSIONS, id.as_bytes())
+    }
+
+    fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError> {
+        self.put(
+            OIDC_SESSIONS,
+            session.identifier.as_bytes(),
+            &encode(session)?,
+        )
+    }
+
+    fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError> {
+        self.delete(OIDC_SESSIONS, id.as_bytes())
     }
 }

@@ -601,6 +601,13 @@ impl OidcVerifier {
         }
     }
 
+    /// Forgets a login started with [`OidcVerifier::new_login`] that will
+    /// not finish (the client went away), so that it stops counting towards
+    /// [`MAX_PENDING_LOGINS`]. Whether it was pending.
+    pub fn cancel_login(&self, nonce: &str) -> bool {
+        lock(&self.pending).remove(nonce).is_some()
+    }
+
     /// Uses up a login's nonce.
     fn take_login(&self, nonce: &str, now: u64) -> Result<(), OidcError> {
         match lock(&self.pending).remove(nonce) {
@@ -942,6 +949,14 @@ mod tests {
         ));
         assert!(matches!(
             v.take_login("made-up", now),
+            Err(OidcError::UnknownLogin)
+        ));
+        // A cancelled login is gone.
+        let c = v.new_login(now).expect("login");
+        assert!(v.cancel_login(&c.nonce));
+        assert!(!v.cancel_login(&c.nonce));
+        assert!(matches!(
+            v.take_login(&c.nonce, now),
             Err(OidcError::UnknownLogin)
         ));
         for _ in 0..MAX_PENDING_LOGINS {
