@@ -26,6 +26,16 @@ use tokio::net::TcpStream;
 /// A credential for `subject` that expires (skew included) `left` seconds
 /// from now.
 fn credential(authority: &Identity, subject: Identifier, left: u64) -> SignedCredential {
+    credential_as(authority, subject, left, "analyst")
+}
+
+/// Like [`credential`], with `role` as the role attribute.
+fn credential_as(
+    authority: &Identity,
+    subject: Identifier,
+    left: u64,
+    role: &str,
+) -> SignedCredential {
     let now = unix_now();
     let expires_at = (now + left).saturating_sub(CLOCK_SKEW_SECS);
     let body = CredentialBody {
@@ -34,7 +44,7 @@ fn credential(authority: &Identity, subject: Identifier, left: u64) -> SignedCre
         subject,
         issuer: authority.identifier(),
         kind: Kind::Person,
-        attributes: [("role".to_owned(), AttrValue::One("analyst".into()))]
+        attributes: [("role".to_owned(), AttrValue::One(role.into()))]
             .into_iter()
             .collect(),
         issued_at: expires_at.saturating_sub(3600),
@@ -77,7 +87,7 @@ async fn renewed_credentials_keep_tunnels_and_expired_ones_close_them() -> Resul
 
     // Two analysts whose credentials run out in about four seconds.
     let mut inlets = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let identity = Identity::generate();
         let subject = identity.identifier();
         let trust = Arc::new(trusted().with_credential(credential(&authority, subject, 4)));
@@ -90,11 +100,17 @@ async fn renewed_credentials_keep_tunnels_and_expired_ones_close_them() -> Resul
         echo_round(&mut stream, b"hello").await?;
         inlets.push((node, trust, subject, stream));
     }
-    let [(_renewing_node, renewing_trust, renewing_id, renewing), (_expiring_node, _, _, expiring)] =
+    let [(_renewing_node, renewing_trust, renewing_id, renewing), (_expiring_node, _, _, expiring), (_demoted_node, demoted_trust, demoted_id, demoted)] =
         inlets.as_mut_slice()
     else {
         unreachable!()
     };
+    // The third renews into a credential the outlet's rule does not admit.
+    demoted_trust.set_credential(credential_as(&authority, *demoted_id, 3600, "intern"));
+    let closed = closed_within(demoted, Duration::from_secs(5))
+        .await
+        .context("a renewal that no longer qualifies kept the tunnel open")?;
+    println!("the demoted credential's tunnel closed after {closed:?}");
 
     // The first renews (a fresh credential, valid for an hour); the second
     // does not.

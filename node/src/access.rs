@@ -210,6 +210,19 @@ pub(crate) async fn watch(
             }
         });
         let mut ended = ended;
+        // Without policies, a renewed credential must still satisfy the
+        // attribute rules, unless the identity is on the allow list.
+        if let (None, true, None, Some(verified)) = (&ended, renewed, &cfg.policies, &credential) {
+            renewed = false;
+            let listed = cfg.allow.decide_connect(&inlet, &cfg.service).is_allowed();
+            if !listed && !cfg.allow_attributes.is_empty() {
+                ended = match_attributes(verified, &cfg.allow_attributes)
+                    .err()
+                    .map(|e| {
+                        format!("access withdrawn: the renewed credential no longer qualifies: {e}")
+                    });
+            }
+        }
         if let (None, Some(policies), Some(request)) = (&ended, &cfg.policies, request.as_mut()) {
             let now = policies.generation();
             if Some(now) != generation || ticks % POLICY_RECHECK_EVERY == 0 || renewed {
