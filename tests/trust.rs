@@ -273,3 +273,119 @@ async fn admins_add_and_remove_members_and_withdraw_tickets() -> Result<()> {
     println!("withdrawn ticket refused: {}", stderr_of(&out).trim());
     Ok(())
 }
+
+/// The refresh case: credentials live 5 seconds; the inlet renews
+/// its own at the authority and pushes it into the open tunnel while a long
+/// query runs, and the outlet (which checks expiry every second) keeps the
+/// tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_second_credentials_are_renewed_during_a_long_query() -> Result<()> {
+    let pg = TempPg::start_async().await?;
+    let home = PosternHome::new()?;
+    home.create_identity("relay")?;
+    let authority_id = home.create_identity("authority")?.to_string();
+    let outlet_id = home.create_identity("outlet")?.to_string();
+    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
+    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
+    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
+    let mut authority = home.spawn(&[
+        "authority",
+        "run",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+        "--person-lifetime",
+        "5s",
+    ])?;
+    authority
+        .wait_for_stderr("authority registered at relay", STARTUP)
+        .await?;
+    let out = home.run(&[
+        "authority",
+        "ticket",
+        "--attr",
+        "role=analyst",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+    ])?;
+    ensure!(out.status.success(), "ticket: {}", stderr_of(&out));
+    let ticket = stdout_of(&out).trim().to_owned();
+    let out = home.run(&["enroll", &ticket, "--identity", "analyst"])?;
+    ensure!(out.status.success(), "enroll: {}", stderr_of(&out));
+
+    let mut outlet = home.spawn(&[
+        "outlet",
+        "--identity",
+        "outlet",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+        "--service",
+        "db",
+        "--target",
+        &pg.addr().to_string(),
+        "--trust-authority",
+        &authority_id,
+        "--allow-attr",
+        "role=analyst",
+    ])?;
+    outlet
+        .wait_for_stderr("service registered at relay", STARTUP)
+        .await?;
+    let mut inlet = home.spawn(&[
+        "inlet",
+        "--identity",
+        "analyst",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+        "--service",
+        "db",
+        "--outlet-identity",
+        &outlet_id,
+        "--trust-authority",
+        &authority_id,
+        "--listen",
+        "127.0.0.1:0",
+    ])?;
+    let inlet_addr = inlet.wait_for_addr("listening on").await?;
+    inlet
+        .wait_for_stderr("INFO connected to relay", STARTUP)
+        .await?;
+    let client = TempPg::connect_to("127.0.0.1", inlet_addr.port()).await?;
+
+    // Three lifetimes of the first credential (with the 60 s clock-skew
+    // allowance the outlet grants, the first one alone would end at 65 s;
+    // the renewals are what the test checks, in the logs of both ends).
+    let started = Instant::now();
+    let slept: i32 = client
+        .query_one("select 7 from pg_sleep(15)", &[])
+        .await
+        .context("the long query failed while credentials were renewed")?
+        .get(0);
+    ensure!(slept == 7);
+    println!("15 s query survived; took {:?}", started.elapsed());
+    let renewals = inlet.stderr().matches("credential renewed").count();
+    ensure!(
+        renewals >= 3,
+        "the inlet renewed only {renewals} times in 15 s of 5 s credentials:\n{}",
+        inlet.stderr()
+    );
+    let pushed = outlet
+        .stderr()
+        .matches("inlet renewed its credential")
+        .count();
+    ensure!(
+        pushed >= 3,
+        "the outlet saw {pushed} renewals through the tunnel:\n{}",
+        outlet.stderr()
+    );
+    let one: i32 = client.query_one("select 1", &[]).await?.get(0);
+    ensure!(one == 1);
+    Ok(())
+}

@@ -145,6 +145,13 @@ pub struct RunArgs {
     /// log; check it with `postern audit verify FILE`.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// How long credentials issued to people are valid (e.g. 8h, 30m).
+    /// Nodes renew at two thirds of it. [default: 8h]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub person_lifetime: Option<Duration>,
+    /// How long credentials issued to services are valid. [default: 24h]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub service_lifetime: Option<Duration>,
 }
 
 /// `postern authority ticket`
@@ -381,6 +388,16 @@ impl AuthorityStore for SharedStore {
 }
 
 fn open_authority(home: &Path, args: &StoreArgs, identity: Identity) -> Result<Authority> {
+    open_authority_with(home, args, identity, AuthorityConfig::default())
+}
+
+/// [`open_authority`] with credential lifetimes other than the defaults.
+fn open_authority_with(
+    home: &Path,
+    args: &StoreArgs,
+    identity: Identity,
+    config: AuthorityConfig,
+) -> Result<Authority> {
     let path = store_path(home, args);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -388,11 +405,7 @@ fn open_authority(home: &Path, args: &StoreArgs, identity: Identity) -> Result<A
     let store = SharedStore { path };
     // Create the database now so that errors show up here, not at the first request.
     store.with(|_| Ok::<(), StoreError>(()))?;
-    Ok(Authority::new(
-        identity,
-        Box::new(store),
-        AuthorityConfig::default(),
-    )?)
+    Ok(Authority::new(identity, Box::new(store), config)?)
 }
 
 /// Runs `postern authority …`.
@@ -406,7 +419,17 @@ pub async fn run(
         AuthorityCommand::Run(args) => {
             let identity = load_identity(&args.store.identity)?;
             let serving = load_identity(&args.store.identity)?;
-            let authority = Arc::new(open_authority(home, &args.store, identity)?);
+            let mut config = AuthorityConfig::default();
+            if let Some(life) = args.person_lifetime {
+                config.person_lifetime = life;
+            }
+            if let Some(life) = args.service_lifetime {
+                config.service_lifetime = life;
+            }
+            config
+                .validate()
+                .context("--person-lifetime / --service-lifetime")?;
+            let authority = Arc::new(open_authority_with(home, &args.store, identity, config)?);
             let local = Arc::new(LocalParty::new(serving)?);
             let mut service = AuthorityService::new(Arc::clone(&authority));
             if let Some(path) = &args.audit_log {
