@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use support::net::{relay_identifier_from, PosternHome};
+use support::net::{relay_identifier_from, PosternHome, PosternProcess};
 use support::pg::TempPg;
 
 const STARTUP: Duration = Duration::from_secs(20);
@@ -22,6 +22,32 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A relay and an authority behind it (`authority run` with `extra` flags),
+/// both running from `home`; returns them with the relay's address and
+/// identifier.
+async fn relay_and_authority(
+    home: &PosternHome,
+    extra: &[&str],
+) -> Result<(PosternProcess, PosternProcess, String, String)> {
+    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
+    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
+    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
+    let mut args = vec![
+        "authority",
+        "run",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+    ];
+    args.extend_from_slice(extra);
+    let mut authority = home.spawn(&args)?;
+    authority
+        .wait_for_stderr("authority registered at relay", STARTUP)
+        .await?;
+    Ok((relay, authority, relay_addr, relay_id))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_with_ticket_admit_by_attribute_and_revoke_live() -> Result<()> {
     let pg = TempPg::start_async().await?;
@@ -30,21 +56,7 @@ async fn enroll_with_ticket_admit_by_attribute_and_revoke_live() -> Result<()> {
     let authority_id = home.create_identity("authority")?;
     let outlet_id = home.create_identity("outlet")?;
 
-    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
-    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
-    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
-
-    let mut authority = home.spawn(&[
-        "authority",
-        "run",
-        "--relay",
-        &relay_addr,
-        "--relay-identity",
-        &relay_id,
-    ])?;
-    authority
-        .wait_for_stderr("authority registered at relay", STARTUP)
-        .await?;
+    let (_relay, _authority, relay_addr, relay_id) = relay_and_authority(&home, &[]).await?;
 
     // An admin issues a ticket for one analyst; the laptop enrolls with it.
     let ticket_args = |uses: &str| {
@@ -177,20 +189,7 @@ async fn admins_add_and_remove_members_and_withdraw_tickets() -> Result<()> {
     home.create_identity("relay")?;
     let authority_id = home.create_identity("authority")?.to_string();
     let member_id = home.create_identity("svc")?.to_string();
-    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
-    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
-    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
-    let mut authority = home.spawn(&[
-        "authority",
-        "run",
-        "--relay",
-        &relay_addr,
-        "--relay-identity",
-        &relay_id,
-    ])?;
-    authority
-        .wait_for_stderr("authority registered at relay", STARTUP)
-        .await?;
+    let (_relay, _authority, relay_addr, relay_id) = relay_and_authority(&home, &[]).await?;
     let renew = |home: &PosternHome| {
         home.run(&[
             "enroll",
@@ -285,22 +284,8 @@ async fn five_second_credentials_are_renewed_during_a_long_query() -> Result<()>
     home.create_identity("relay")?;
     let authority_id = home.create_identity("authority")?.to_string();
     let outlet_id = home.create_identity("outlet")?.to_string();
-    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
-    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
-    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
-    let mut authority = home.spawn(&[
-        "authority",
-        "run",
-        "--relay",
-        &relay_addr,
-        "--relay-identity",
-        &relay_id,
-        "--person-lifetime",
-        "5s",
-    ])?;
-    authority
-        .wait_for_stderr("authority registered at relay", STARTUP)
-        .await?;
+    let (_relay, _authority, relay_addr, relay_id) =
+        relay_and_authority(&home, &["--person-lifetime", "5s"]).await?;
     let out = home.run(&[
         "authority",
         "ticket",
