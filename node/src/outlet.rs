@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use postern_identity::handshake::{ChannelKind, LocalParty};
+use postern_identity::handshake::{ChannelKind, LocalParty, Peer};
 use postern_identity::link;
 use postern_identity::transport::Sealer;
 use postern_identity::wire::{CloseReason, Control, DataFrame, Hello, Side, TunnelToken};
@@ -213,11 +213,35 @@ async fn refuse_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken) {
         cfg.service, cfg.max_tunnels
     );
     warn!(tunnel = %label, limit = cfg.max_tunnels, "refusing tunnel: at the tunnel limit");
-    let Ok((mut reader, mut writer)) = hop
+    if let Some((_, mut channel)) = accept(shared, hop, token, &label).await {
+        send_close(
+            &mut channel.writer,
+            &mut channel.sealer,
+            CloseReason::TargetUnavailable { reason },
+        )
+        .await;
+    }
+}
+
+/// Attaches a data connection to the tunnel of `token` and answers the
+/// inlet's end-to-end handshake, claiming the service and presenting the
+/// outlet's credential. `None` (logged) when either fails.
+async fn accept(
+    shared: &Shared,
+    hop: &Hop,
+    token: TunnelToken,
+    label: &str,
+) -> Option<(Peer, hop::DataChannel)> {
+    let cfg = &shared.config;
+    let (mut reader, mut writer) = match hop
         .attach(&shared.local, &cfg.timeouts, Side::Outlet, token)
         .await
-    else {
-        return;
+    {
+        Ok(halves) => halves,
+        Err(e) => {
+            warn!(tunnel = %label, error = %e, "could not attach to tunnel");
+            return None;
+        }
     };
     let hello = Hello {
         service: Some(cfg.service.clone()),
@@ -230,16 +254,23 @@ async fn refuse_tunnel(shared: &Shared, hop: &Hop, token: TunnelToken) {
         ChannelKind::EndToEnd,
         &hello,
     );
-    if let Ok((_, transport)) =
-        link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await
-    {
-        let (mut sealer, _) = transport.split();
-        send_close(
-            &mut writer,
-            &mut sealer,
-            CloseReason::TargetUnavailable { reason },
-        )
-        .await;
+    match link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await {
+        Ok((peer, transport)) => {
+            let (sealer, opener) = transport.split();
+            Some((
+                peer,
+                ChannelHalves {
+                    reader,
+                    writer,
+                    sealer,
+                    opener,
+                },
+            ))
+        }
+        Err(e) => {
+            warn!(tunnel = %label, error = %e, "end-to-end handshake failed; closing tunnel");
+            None
+        }
     }
 }
 
@@ -265,37 +296,16 @@ async fn serve_tunnel(
     let cfg = &shared.config;
     let started = Instant::now();
     let label = token.label();
-    let (mut reader, mut writer) = match hop
-        .attach(&shared.local, &cfg.timeouts, Side::Outlet, token)
-        .await
-    {
-        Ok(halves) => halves,
-        Err(e) => {
-            warn!(tunnel = %label, error = %e, "could not attach to tunnel");
-            return;
-        }
+    let Some((peer, channel)) = accept(shared, hop, token, &label).await else {
+        return;
     };
-    let hello = Hello {
-        service: Some(cfg.service.clone()),
-        credential: cfg.trust.credential(),
-    };
-    let handshake = link::respond(
-        &mut reader,
-        &mut writer,
-        &shared.local,
-        ChannelKind::EndToEnd,
-        &hello,
-    );
-    let (peer, transport) =
-        match link::within(cfg.timeouts.handshake, "end-to-end handshake", handshake).await {
-            Ok(ok) => ok,
-            Err(e) => {
-                warn!(tunnel = %label, error = %e, "end-to-end handshake failed; closing tunnel");
-                return;
-            }
-        };
     let inlet = peer.identity.identifier();
-    let (mut sealer, opener) = transport.split();
+    let ChannelHalves {
+        reader,
+        mut writer,
+        mut sealer,
+        opener,
+    } = channel;
     if peer.hello.service.as_ref() != Some(&cfg.service) {
         let reason = format!(
             "this outlet serves \"{}\", not {:?}",

@@ -259,19 +259,38 @@ impl Eq for StopReason {}
 /// and cannot overflow an `Instant`).
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// The next value of a credential watch; `None` once it can change no more
-/// (then it is never polled again: the branch waits forever).
-async fn changed(
-    watch: &mut Option<watch::Receiver<Option<SignedCredential>>>,
-) -> Option<SignedCredential> {
-    let Some(rx) = watch else {
-        return std::future::pending().await;
-    };
-    if rx.changed().await.is_err() {
-        *watch = None;
-        return std::future::pending().await;
+/// Waits for the next change of a credential watch; hands the receiver back
+/// with the new value. `None` once it can change no more.
+async fn next_credential(
+    mut rx: watch::Receiver<Option<SignedCredential>>,
+) -> Option<(
+    watch::Receiver<Option<SignedCredential>>,
+    Option<SignedCredential>,
+)> {
+    rx.changed().await.ok()?;
+    let credential = rx.borrow_and_update().clone();
+    Some((rx, credential))
+}
+
+/// A credential-change wait that lives across loop iterations, so the data
+/// path re-polls one registered waiter instead of building a new one per
+/// chunk. Without a watch it never completes.
+type CredentialWait = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Option<(
+                    watch::Receiver<Option<SignedCredential>>,
+                    Option<SignedCredential>,
+                )>,
+            > + Send,
+    >,
+>;
+
+fn credential_wait(rx: Option<watch::Receiver<Option<SignedCredential>>>) -> CredentialWait {
+    match rx {
+        Some(rx) => Box::pin(next_credential(rx)),
+        None => Box::pin(std::future::pending()),
     }
-    rx.borrow_and_update().clone()
 }
 
 /// Moves bytes both ways until the tunnel ends. `stop` ends it early (node
@@ -331,13 +350,17 @@ where
         let mut close_open = true;
         let idle_timer = tokio::time::sleep(idle_timeout.unwrap_or(NEVER));
         tokio::pin!(idle_timer);
-        let mut own_credential = options.own_credential.clone();
-        let pushing = own_credential.is_some();
+        let mut credential_change = credential_wait(options.own_credential.clone());
         loop {
             tokio::select! {
                 biased;
-                changed = changed(&mut own_credential), if pushing => {
-                    if let Some(credential) = changed {
+                changed = &mut credential_change => {
+                    let Some((rx, credential)) = changed else {
+                        credential_change = credential_wait(None);
+                        continue;
+                    };
+                    credential_change = credential_wait(Some(rx));
+                    if let Some(credential) = credential {
                         if let Err(e) = send_frame(&mut writer, &mut sealer, &DataFrame::Credential(credential), &mut scratch, &mut out).await {
                             abort.cancel();
                             return UpEnd::Failed(TunnelEnd::LinkFailed(e));
