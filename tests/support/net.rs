@@ -577,12 +577,17 @@ pub struct PosternProcess {
 }
 
 impl PosternProcess {
-    fn spawn(mut cmd: Command, args: &[&str]) -> Result<Self> {
+    fn spawn(cmd: Command, args: &[&str]) -> Result<Self> {
+        Self::from_command(cmd, format!("postern {}", args.join(" ")))
+    }
+
+    /// Spawns `cmd` (described as `what` in errors), collecting its stderr.
+    pub fn from_command(mut cmd: Command, what: String) -> Result<Self> {
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("spawning postern {args:?}"))?;
+            .with_context(|| format!("spawning {what}"))?;
         let stderr = Arc::new(Mutex::new(String::new()));
         let pipe = child
             .stderr
@@ -600,7 +605,7 @@ impl PosternProcess {
         Ok(PosternProcess {
             child,
             stderr,
-            what: format!("postern {}", args.join(" ")),
+            what,
         })
     }
 
@@ -654,7 +659,16 @@ impl PosternProcess {
     /// that follows the last occurrence of `" on "` in it (as in
     /// "relay P… listening on 127.0.0.1:4000").
     pub async fn wait_for_addr(&mut self, marker: &str) -> Result<SocketAddr> {
-        let text = self.wait_for_stderr(marker, READY_TIMEOUT).await?;
+        self.wait_for_addr_within(marker, READY_TIMEOUT).await
+    }
+
+    /// [`PosternProcess::wait_for_addr`], waiting up to `timeout`.
+    pub async fn wait_for_addr_within(
+        &mut self,
+        marker: &str,
+        timeout: Duration,
+    ) -> Result<SocketAddr> {
+        let text = self.wait_for_stderr(marker, timeout).await?;
         let line = text
             .lines()
             .find(|l| l.contains(marker))

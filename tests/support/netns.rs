@@ -10,15 +10,15 @@
 //! Only addresses inside these namespaces are ever used. Needs root and
 //! `ip` (iproute2); [`Lab::unavailable`] says why a test must skip.
 
-use std::io::{BufRead, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::net::PosternHome;
+use super::net::{PosternHome, PosternProcess};
 
 /// Prefix of every namespace this module creates.
 const PREFIX: &str = "pstn";
@@ -278,7 +278,7 @@ impl Lab {
                 None => cmd.env_remove(key),
             };
         }
-        NsProcess::spawn(cmd, format!("postern {} (in {ns})", args.join(" ")))
+        PosternProcess::from_command(cmd, format!("postern {} (in {ns})", args.join(" ")))
     }
 }
 
@@ -290,99 +290,6 @@ impl Drop for Lab {
     }
 }
 
-/// A process started with `ip netns exec` (which execs the program, so this
-/// is the program's own pid); stderr is collected; killed on drop.
-#[derive(Debug)]
-pub struct NsProcess {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    what: String,
-}
-
-impl NsProcess {
-    fn spawn(mut cmd: Command, what: String) -> Result<Self> {
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {what}"))?;
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow!("stderr was not captured"))?;
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut s = lock(&sink);
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Ok(NsProcess {
-            child,
-            stderr,
-            what,
-        })
-    }
-
-    /// Everything written to stderr so far.
-    pub fn stderr(&self) -> String {
-        lock(&self.stderr).clone()
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Waits until stderr contains `needle`.
-    pub async fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.stderr();
-            if text.contains(needle) {
-                return Ok(text);
-            }
-            if !self.is_running() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                bail!(
-                    "{} exited before printing {needle:?}; stderr:\n{}",
-                    self.what,
-                    self.stderr()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{} did not print {needle:?} within {timeout:?}; stderr:\n{text}",
-                    self.what
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits for a line with `marker` and parses the address after its last
-    /// `" on "`.
-    pub async fn wait_for_addr(&mut self, marker: &str, timeout: Duration) -> Result<SocketAddr> {
-        let text = self.wait_for_stderr(marker, timeout).await?;
-        let line = text
-            .lines()
-            .find(|l| l.contains(marker))
-            .ok_or_else(|| anyhow!("no line with {marker:?}"))?;
-        line.rsplit(" on ")
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .ok_or_else(|| anyhow!("no address in {line:?}"))?
-            .parse()
-            .with_context(|| format!("parsing the address in {line:?}"))
-    }
-}
-
-impl Drop for NsProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A process started with `ip netns exec` (which execs the program, so its
+/// pid is the program's own): the same wrapper as for any `postern` process.
+pub type NsProcess = PosternProcess;
