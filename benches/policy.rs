@@ -1,11 +1,18 @@
 //! Policy decision latency: one [`PolicyEngine::decide`] call — building the
-//! Cedar entities from credential attributes, the context, and evaluating —
-//! against 100 policies of the kinds admins write (per-service grants,
-//! team-scoped rules, registrations, time windows, address restrictions,
-//! tag rules, break-glass), most of which do not match the request.
+//! Cedar entities from credential attributes, the context, evaluating, and
+//! writing the reasons — against 100 policies of the kinds admins write
+//! (per-service grants, team-scoped rules, registrations, time windows,
+//! address restrictions, tag rules, break-glass), most of which do not match
+//! the request.
+//!
+//! Two kinds of case: a principal–service pair decided before (the engine
+//! keeps the pair's entities and candidate policies: a tunnel's re-decisions,
+//! a user's next connection), and the first decision for a principal (every
+//! sample a new identity, so nothing is cached but the policies).
 //!
 //! ```text
 //! cargo bench --bench policy                 # 20 000 timed decisions per case
+//! cargo bench --bench policy -- repeat       # only the cases whose name has "repeat"
 //! ```
 //!
 //! Run without `--bench` (as `cargo test --all-targets` does) it is a smoke
@@ -107,9 +114,16 @@ fn policies() -> String {
 }
 
 fn request(service: &str, team: &str) -> AccessRequest {
+    request_from(7, service, team)
+}
+
+/// `request` for the principal with public key `key`.
+fn request_from(key: u64, service: &str, team: &str) -> AccessRequest {
     let many = |vs: &[&str]| AttrValue::Many(vs.iter().map(|v| v.to_string()).collect());
+    let mut public_key = [7; 32];
+    public_key[..8].copy_from_slice(&key.to_le_bytes());
     AccessRequest {
-        principal: Principal::new(Identifier::from_public_key(&[7; 32]))
+        principal: Principal::new(Identifier::from_public_key(&public_key))
             .with_attr("team", AttrValue::One(team.into()))
             .with_attr("role", AttrValue::One("analyst".into()))
             .with_attr("groups", many(&["group-2", "oncall", "everyone"]))
@@ -140,6 +154,11 @@ fn micros(d: Duration) -> f64 {
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` does not.
     let smoke = !std::env::args().any(|a| a == "--bench");
+    // Other arguments (not options) select cases by a part of their name.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
 
     let text = policies();
     let started = Instant::now();
@@ -147,23 +166,55 @@ fn main() {
     let load = started.elapsed();
     assert_eq!(engine.len(), 100);
 
-    let cases = [
-        // svc-12 is granted to team-2: one permit among 100 matches.
-        ("allow", Action::Connect, request("svc-12", "team-2"), true),
-        // Nothing grants team-x anything: default deny.
-        ("deny", Action::Connect, request("svc-12", "team-x"), false),
-        (
-            "register deny",
-            Action::Register,
-            request("svc-3", "team-2"),
-            false,
-        ),
-    ];
     let (samples, warmup) = if smoke {
         (SMOKE_SAMPLES, 0)
     } else {
         (SAMPLES, WARMUP)
     };
+    let selected =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    // A new principal for every decision, warm-up included (built only for
+    // selected cases: 22 000 requests take a while).
+    let fresh = |name: &str, service: &str, team: &str| -> Vec<AccessRequest> {
+        let count = if selected(name) { samples + warmup } else { 1 };
+        (0..count as u64)
+            .map(|key| request_from(1000 + key, service, team))
+            .collect()
+    };
+    let cases = [
+        // svc-12 is granted to team-2: one permit among 100 matches.
+        (
+            "allow, repeat pair",
+            Action::Connect,
+            vec![request("svc-12", "team-2")],
+            true,
+        ),
+        // Nothing grants team-x anything: default deny.
+        (
+            "deny, repeat pair",
+            Action::Connect,
+            vec![request("svc-12", "team-x")],
+            false,
+        ),
+        (
+            "register deny, repeat pair",
+            Action::Register,
+            vec![request("svc-3", "team-2")],
+            false,
+        ),
+        (
+            "allow, new principal",
+            Action::Connect,
+            fresh("allow, new principal", "svc-12", "team-2"),
+            true,
+        ),
+        (
+            "deny, new principal",
+            Action::Connect,
+            fresh("deny, new principal", "svc-12", "team-x"),
+            false,
+        ),
+    ];
 
     println!(
         "policy decisions, 100 policies (loaded and validated in {:.1} ms){}",
@@ -175,25 +226,35 @@ fn main() {
         }
     );
     let mut worst_p50 = Duration::ZERO;
-    for (name, action, req, expect) in &cases {
-        let d = engine.decide(*action, req);
+    for (name, action, reqs, expect) in &cases {
+        if !selected(name) {
+            continue;
+        }
+        // Checked on a clone of the engine's policies, so that the first
+        // timed "new principal" decision is a first decision too.
+        let check = PolicyEngine::from_text("bench.cedar", &text).expect("valid");
+        let d = check.decide(*action, &reqs[0]);
         assert_eq!(d.allow, *expect, "{name}: {}", d.audit_reason);
         assert!(d.errors.is_empty(), "{name}: {:?}", d.errors);
+        let mut next = reqs.iter().cycle();
         for _ in 0..warmup {
+            let req = next.next().expect("cycle of a non-empty list");
             black_box(engine.decide(*action, black_box(req)));
         }
         let mut times = Vec::with_capacity(samples);
         for _ in 0..samples {
+            let req = next.next().expect("cycle of a non-empty list");
             let t = Instant::now();
             let d = engine.decide(*action, black_box(req));
             times.push(t.elapsed());
+            assert_eq!(d.allow, *expect, "{name}");
             black_box(d);
         }
         times.sort_unstable();
         let (p50, p99) = (percentile(&times, 0.50), percentile(&times, 0.99));
         worst_p50 = worst_p50.max(p50);
         println!(
-            "  {name:<14} p50 {:>7.2} µs   p99 {:>7.2} µs   ({} samples)",
+            "  {name:<27} p50 {:>7.2} µs   p99 {:>7.2} µs   ({} samples)",
             micros(p50),
             micros(p99),
             samples

@@ -45,7 +45,11 @@ impl Identifier {
 
 impl fmt::Display for Identifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "P{}", hex::encode(self.0))
+        // Into a buffer on the stack: identifiers are printed in every log
+        // line and audit reason.
+        let mut text = [b'P'; 1 + 2 * IDENTIFIER_LEN];
+        hex::encode_to_slice(self.0, &mut text[1..]).map_err(|_| fmt::Error)?;
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 

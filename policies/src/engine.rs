@@ -11,15 +11,18 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cedar_policy::{
-    Authorizer, Effect, Entities, Policy, PolicyId, PolicySet, Request, RestrictedExpression,
-    Schema, ValidationMode, ValidationWarning, Validator,
+    Effect, Policy, PolicyId, PolicySet, Schema, ValidationMode, ValidationWarning, Validator,
 };
+use cedar_policy_core::ast::{EntityUIDEntry, Value};
+use cedar_policy_core::entities::{Entities, NoEntitiesSchema, TCComputation};
+use cedar_policy_core::extensions::Extensions;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::diagnostics::{Diagnostic, DiagnosticKind, Diagnostics};
+use crate::eval::{self, Compiled};
 use crate::prefilter::{self, Filter, Target};
-use crate::request::{self, AccessRequest, Action, ContextUse, Names, View};
+use crate::request::{self, AccessRequest, Action, ContextUse, Field, Names, Referenced, View};
 use crate::{scan, Decision};
 
 /// The Postern Cedar schema (Cedar schema syntax, no namespace).
@@ -87,30 +90,41 @@ pub enum PolicyError {
     Internal(String),
 }
 
-/// Principal–service entity pairs kept per engine.
-const ENTITY_CACHE: usize = 1024;
-/// Candidate policy sets kept per engine.
-const CANDIDATE_SET_CACHE: usize = 1024;
+/// Principal–service pairs whose entities and candidate policies are kept
+/// per engine.
+const PAIR_CACHE: usize = 1024;
 /// Source addresses whose Cedar value is kept per engine.
 const ADDRESS_CACHE: usize = 4096;
+/// Decision times whose Cedar `datetime` value is kept per engine.
+const DATETIME_CACHE: usize = 64;
 
 /// A small thread-safe map that forgets everything when full: bounded memory
 /// without bookkeeping. A poisoned lock just disables it.
 struct BoundedCache<K, V> {
-    map: Mutex<HashMap<K, V>>,
+    map: Mutex<HashMap<K, V, foldhash::fast::RandomState>>,
     capacity: usize,
 }
 
 impl<K: std::hash::Hash + Eq, V: Clone> BoundedCache<K, V> {
     fn new(capacity: usize) -> Self {
         BoundedCache {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(HashMap::default()),
             capacity,
         }
     }
 
     fn get(&self, key: &K) -> Option<V> {
         self.map.lock().ok()?.get(key).cloned()
+    }
+
+    /// The value of `key`, built with `make` and kept when absent.
+    fn get_or_try_insert<E>(&self, key: K, make: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
+        if let Some(value) = self.get(&key) {
+            return Ok(value);
+        }
+        let value = make()?;
+        self.insert(key, value.clone());
+        Ok(value)
     }
 
     fn insert(&self, key: K, value: V) {
@@ -157,7 +171,37 @@ impl ScopeIndex {
     }
 }
 
-/// What a cached entity pair was built from.
+/// Everything about a decision that depends only on the principal and the
+/// service, built on their first decision and kept ([`PAIR_CACHE`]): a
+/// tunnel's later decisions, and the next connections of the same user to
+/// the same service, only build the context and evaluate.
+struct Prepared {
+    /// What it was built from.
+    key: EntitiesKey,
+    /// The principal's identifier as text.
+    identifier: String,
+    /// `Identity::"…"` and `Service::"…"` for Cedar's request.
+    principal: EntityUIDEntry,
+    service: EntityUIDEntry,
+    /// The principal and service entities.
+    entities: Entities,
+    /// Remarks from translating the attributes.
+    notes: Vec<String>,
+    /// The principal's and service's attributes as JSON, for audit reasons.
+    principal_json: String,
+    service_json: String,
+    /// By action (connect, register): the policies that may apply.
+    candidates: [Candidates; 2],
+}
+
+/// The policies that may apply to one principal, action and service, and
+/// the context fields they read.
+struct Candidates {
+    policies: Box<[u32]>,
+    context: ContextUse,
+}
+
+/// What a cached principal–service pair was built from.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct EntitiesKey {
     principal: postern_identity::Identifier,
@@ -169,7 +213,7 @@ struct EntitiesKey {
 impl EntitiesKey {
     fn fingerprint(request: &AccessRequest) -> u64 {
         use std::hash::{BuildHasher, Hash, Hasher};
-        static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+        static KEYS: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
         let mut h = KEYS.get_or_init(Default::default).build_hasher();
         request.principal.identifier.hash(&mut h);
         request.principal.attrs.hash(&mut h);
@@ -277,27 +321,36 @@ impl PolicyDecision {
 /// Cheap to share (`Send + Sync`); reload by building a new engine and
 /// swapping it in, so a broken file never replaces working policies.
 pub struct PolicyEngine {
-    /// The policies by index, as in `infos`, for building candidate sets.
+    /// The policies by index, as in `infos` (for the reference evaluation
+    /// tests compare with).
+    #[cfg_attr(not(test), allow(dead_code))]
     cedar: Vec<Policy>,
+    /// The policies by index, ready to evaluate.
+    compiled: Vec<Compiled>,
     /// Pre-filters, by index.
     filters: Vec<Filter>,
+    /// Context fields each policy reads, by index.
+    context_use: Vec<ContextUse>,
+    /// Entity attributes and tags some policy reads.
+    referenced: Referenced,
     /// Indices of the policies whose scope admits each action, by service.
     index: [ScopeIndex; 2],
-    /// Principal and service → their Cedar entities.
-    entities: BoundedCache<u64, Arc<(EntitiesKey, Entities)>>,
-    /// Context fields some policy reads.
-    context_use: ContextUse,
-    /// Candidate policy indices → the policy set of just those.
-    sets: BoundedCache<Vec<u32>, Arc<PolicySet>>,
+    /// Principal and service → what their decisions share.
+    prepared: BoundedCache<u64, Arc<Prepared>>,
     /// Source address → its Cedar value.
-    addresses: BoundedCache<IpAddr, RestrictedExpression>,
+    addresses: BoundedCache<IpAddr, Value>,
+    /// Unix time → its Cedar `datetime` value.
+    datetimes: BoundedCache<u64, Value>,
+    /// The actions (connect, register) for Cedar's request.
+    actions: [EntityUIDEntry; 2],
     infos: Vec<PolicyInfo>,
+    /// How reasons name each policy, by index.
+    rendered: Vec<Rendered>,
     by_id: HashMap<String, usize>,
     warnings: Vec<Diagnostic>,
     files: usize,
     digest: String,
     names: Names,
-    authorizer: Authorizer,
 }
 
 impl fmt::Debug for PolicyEngine {
@@ -619,10 +672,16 @@ impl PolicyEngine {
         }
 
         let filters: Vec<Filter> = cedar.iter().map(Filter::new).collect();
-        let context_use = cedar
+        let context_use = cedar.iter().map(prefilter::context_use).collect();
+        let referenced = cedar
             .iter()
-            .map(prefilter::context_use)
-            .fold(ContextUse::NONE, ContextUse::union);
+            .map(prefilter::referenced)
+            .fold(Referenced::none(), Referenced::union);
+        let compiled = cedar.iter().map(Compiled::new).collect();
+        let actions = [
+            eval::known(names.action(Action::Connect)),
+            eval::known(names.action(Action::Register)),
+        ];
         let index = [
             ScopeIndex::new(&filters, Action::Connect),
             ScopeIndex::new(&filters, Action::Register),
@@ -635,20 +694,23 @@ impl PolicyEngine {
             }
         }
         Ok(PolicyEngine {
+            rendered: infos.iter().map(Rendered::new).collect(),
             infos,
             by_id,
             warnings,
             files: sources.len(),
             digest: hex::encode(hash.finalize()),
             names,
-            authorizer: Authorizer::new(),
             index,
-            entities: BoundedCache::new(ENTITY_CACHE),
+            prepared: BoundedCache::new(PAIR_CACHE),
             cedar,
+            compiled,
             filters,
             context_use,
-            sets: BoundedCache::new(CANDIDATE_SET_CACHE),
+            referenced,
             addresses: BoundedCache::new(ADDRESS_CACHE),
+            datetimes: BoundedCache::new(DATETIME_CACHE),
+            actions,
         })
     }
 
@@ -699,33 +761,40 @@ impl PolicyEngine {
     /// evaluating every policy. Never panics; any failure is a deny with the
     /// reason in `errors`.
     pub fn decide(&self, action: Action, request: &AccessRequest) -> PolicyDecision {
-        let mut notes = Vec::new();
         let service = request.service.name.as_str();
-        let outcome = self.evaluate(action, request, &mut notes);
-        let (allow, determining_policies, errors) = match outcome {
+        let prepared = self.prepare(request);
+        let outcome = match &prepared {
+            Ok(prepared) => self.evaluate(action, request, prepared),
+            Err(e) => Err(e.clone()),
+        };
+        let (allow, determining, errors) = match outcome {
             Ok((allowed, policies, errors)) => (allowed && errors.is_empty(), policies, errors),
             Err(error) => (false, Vec::new(), vec![error]),
         };
-        let quoted = |ids: &[String]| {
-            ids.iter()
-                .map(|id| format!("{id:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let rendered: Vec<&Rendered> = determining
+            .iter()
+            .filter_map(|&i| self.rendered.get(i as usize))
+            .collect();
+        let prepared = prepared.ok();
+        let notes = prepared
+            .as_ref()
+            .map(|p| p.notes.clone())
+            .unwrap_or_default();
+        let quoted = || join(rendered.iter().map(|r| r.quoted.as_str()));
         let plural = |n: usize| if n == 1 { "policy" } else { "policies" };
         let user_reason = if allow {
             format!(
                 "{action} to {service} permitted by {} {}",
-                plural(determining_policies.len()),
-                quoted(&determining_policies)
+                plural(rendered.len()),
+                quoted()
             )
         } else if !errors.is_empty() {
             format!("{action} to {service} denied: a policy could not be evaluated (the operator's log has the details)")
-        } else if !determining_policies.is_empty() {
+        } else if !rendered.is_empty() {
             format!(
                 "{action} to {service} forbidden by {} {}",
-                plural(determining_policies.len()),
-                quoted(&determining_policies)
+                plural(rendered.len()),
+                quoted()
             )
         } else if self.is_empty() {
             format!("{action} to {service} denied: no policies are loaded, so nothing is permitted (default deny)")
@@ -736,7 +805,8 @@ impl PolicyEngine {
             &user_reason,
             action,
             request,
-            &determining_policies,
+            prepared.as_deref(),
+            &rendered,
             &errors,
             &notes,
         );
@@ -744,7 +814,7 @@ impl PolicyEngine {
             allow,
             action,
             service: service.to_owned(),
-            determining_policies,
+            determining_policies: rendered.iter().map(|r| r.id.clone()).collect(),
             errors,
             notes,
             user_reason,
@@ -752,127 +822,140 @@ impl PolicyEngine {
         }
     }
 
-    /// Runs Cedar on the policies that may apply:
-    /// `(allowed, determining policy ids, errors)`.
-    fn evaluate(
-        &self,
-        action: Action,
-        request: &AccessRequest,
-        notes: &mut Vec<String>,
-    ) -> Result<(bool, Vec<String>, Vec<String>), String> {
+    /// What the decisions of the request's principal and service share: from
+    /// the cache, or built and cached.
+    fn prepare(&self, request: &AccessRequest) -> Result<Arc<Prepared>, String> {
+        let fingerprint = EntitiesKey::fingerprint(request);
+        if let Some(prepared) = self.prepared.get(&fingerprint) {
+            if prepared.key.matches(request) {
+                return Ok(prepared);
+            }
+        }
         let identifier = request.principal.identifier.to_string();
-        let principal = View::principal(&request.principal, identifier.clone(), notes);
-        let service = View::service(&request.service, notes);
-        let target = Target {
+        let mut notes = Vec::new();
+        let principal = View::principal(&request.principal, identifier.clone(), &mut notes);
+        let service = View::service(&request.service, &mut notes);
+        let principal_uid = self.names.principal_uid(&identifier);
+        let service_uid = self.names.service_uid(&request.service.name);
+        let target = |action: Action| Target {
             principal: (request::IDENTITY_TYPE, &identifier),
             action: action.as_str(),
             resource: (request::SERVICE_TYPE, request.service.name.as_str()),
             principal_view: &principal,
             resource_view: &service,
         };
+        let candidates = [Action::Connect, Action::Register]
+            .map(|action| self.candidates(action, &target(action)));
+        // The entities are built from the request's typed values to match
+        // the schema by construction (a test checks them against the schema
+        // through Cedar's checked API), so Cedar's schema checks are skipped.
+        let entities = Entities::from_entities(
+            [
+                principal.core_entity(principal_uid.clone().into(), &self.referenced),
+                service.core_entity(service_uid.clone().into(), &self.referenced),
+            ],
+            None::<&NoEntitiesSchema>,
+            TCComputation::AssumeAlreadyComputed,
+            Extensions::none(),
+        )
+        .map_err(|e| format!("entities: {e}"))?;
+        let prepared = Arc::new(Prepared {
+            key: EntitiesKey {
+                principal: request.principal.identifier,
+                principal_attrs: request.principal.attrs.clone(),
+                service: request.service.name.clone(),
+                service_attrs: request.service.attrs.clone(),
+            },
+            principal_json: json(&request.principal.attrs),
+            service_json: json(&request.service.attrs),
+            identifier,
+            principal: eval::known(&principal_uid),
+            service: eval::known(&service_uid),
+            entities,
+            notes,
+            candidates,
+        });
+        self.prepared.insert(fingerprint, Arc::clone(&prepared));
+        Ok(prepared)
+    }
+
+    /// The policies that may apply to `target` (see the crate docs, "Cost").
+    fn candidates(&self, action: Action, target: &Target<'_>) -> Candidates {
         let index = match action {
             Action::Connect => &self.index[0],
             Action::Register => &self.index[1],
         };
-        let mut candidates = index.candidates(request.service.name.as_str());
-        candidates.retain(|&i| {
+        let mut policies = index.candidates(target.resource.1);
+        policies.retain(|&i| {
             self.filters
                 .get(i as usize)
-                .is_none_or(|f| f.may_apply(&target))
+                .is_none_or(|f| f.may_apply(target))
         });
-        if candidates.is_empty() {
+        let context = policies
+            .iter()
+            .filter_map(|&i| self.context_use.get(i as usize))
+            .fold(ContextUse::NONE, |a, b| a.union(*b));
+        Candidates {
+            policies: policies.into(),
+            context,
+        }
+    }
+
+    /// Runs Cedar on the policies that may apply:
+    /// `(allowed, determining policy indices, errors)`.
+    fn evaluate(
+        &self,
+        action: Action,
+        request: &AccessRequest,
+        prepared: &Prepared,
+    ) -> Result<(bool, Vec<u32>, Vec<String>), String> {
+        let (candidates, action_uid) = match action {
+            Action::Connect => (&prepared.candidates[0], &self.actions[0]),
+            Action::Register => (&prepared.candidates[1], &self.actions[1]),
+        };
+        if candidates.policies.is_empty() {
             // Nothing could be satisfied or fail: the default deny.
             return Ok((false, Vec::new(), Vec::new()));
         }
-        let set = match self.sets.get(&candidates) {
-            Some(set) => set,
-            None => {
-                let mut set = PolicySet::new();
-                for &i in &candidates {
-                    let policy = self
-                        .cedar
-                        .get(i as usize)
-                        .ok_or("policy index out of range")?;
-                    set.add(policy.clone()).map_err(|e| e.to_string())?;
-                }
-                let set = Arc::new(set);
-                self.sets.insert(candidates, Arc::clone(&set));
-                set
-            }
-        };
-        let principal_uid = self.names.principal_uid(&identifier);
-        let service_uid = self.names.service_uid(&request.service.name);
-        // The entities and context are built from the request's typed values
-        // to match the schema by construction (a test checks them against the
-        // schema), so Cedar's per-request schema checks are skipped.
-        let fingerprint = EntitiesKey::fingerprint(request);
-        let entities = match self.entities.get(&fingerprint) {
-            Some(pair) if pair.0.matches(request) => pair,
-            _ => {
-                let entities = Entities::from_entities(
-                    [
-                        principal.entity(principal_uid.clone())?,
-                        service.entity(service_uid.clone())?,
-                    ],
-                    None,
-                )
-                .map_err(|e| format!("entities: {e}"))?;
-                let key = EntitiesKey {
-                    principal: request.principal.identifier,
-                    principal_attrs: request.principal.attrs.clone(),
-                    service: request.service.name.clone(),
-                    service_attrs: request.service.attrs.clone(),
-                };
-                let pair = Arc::new((key, entities));
-                self.entities.insert(fingerprint, Arc::clone(&pair));
-                pair
-            }
-        };
-        let context = request::context(&request.context, self.context_use, |ip| {
-            self.addresses.get(&ip).unwrap_or_else(|| {
-                let value = RestrictedExpression::new_ip(ip.to_string());
-                self.addresses.insert(ip, value.clone());
-                value
-            })
-        })?;
-        let cedar_request = Request::new(
-            principal_uid,
-            self.names.action(action).clone(),
-            service_uid,
-            context,
-            None,
-        )
-        .map_err(|e| format!("request: {e}"))?;
-        Ok(self.run(&cedar_request, &set, &entities.1))
+        // Only the fields the candidates read: nothing else can observe the
+        // others, and extension values are the costly ones to build.
+        let mut context = Vec::with_capacity(4);
+        for (name, field) in request::context_fields(&request.context, candidates.context)? {
+            context.push((name, self.value(field)?));
+        }
+        let cedar_request = eval::request(
+            &prepared.principal,
+            action_uid,
+            &prepared.service,
+            eval::context(context),
+        );
+        let outcome = eval::evaluate(
+            &self.compiled,
+            &candidates.policies,
+            cedar_request,
+            &prepared.entities,
+        );
+        Ok((
+            outcome.allowed(),
+            outcome.determining().to_vec(),
+            outcome.errors,
+        ))
     }
 
-    fn run(
-        &self,
-        request: &Request,
-        set: &PolicySet,
-        entities: &Entities,
-    ) -> (bool, Vec<String>, Vec<String>) {
-        let response = self.authorizer.is_authorized(request, set, entities);
-        let mut policies: Vec<String> = response
-            .diagnostics()
-            .reason()
-            .map(ToString::to_string)
-            .collect();
-        policies.sort_by_key(|id| self.by_id.get(id).copied());
-        let errors = response
-            .diagnostics()
-            .errors()
-            .map(ToString::to_string)
-            .collect();
-        (
-            response.decision() == cedar_policy::Decision::Allow,
-            policies,
-            errors,
-        )
+    /// A context field as a Cedar value; extension values are cached.
+    fn value(&self, field: Field) -> Result<Value, String> {
+        let build = || eval::value_of(field.expression());
+        match field {
+            Field::Long(v) => Ok(Value::from(v)),
+            Field::Str(ref v) => Ok(Value::from(v.as_str())),
+            Field::Ip(ip) => self.addresses.get_or_try_insert(ip, build),
+            Field::DateTime(t) => self.datetimes.get_or_try_insert(t, build),
+        }
     }
 
-    /// Cedar over every policy with schema-checked entities, context and
-    /// request: what [`PolicyEngine::decide`]'s shortcuts must agree with.
+    /// Cedar's public authorizer over every policy, with schema-checked
+    /// entities, context and request built through Cedar's public API: what
+    /// [`PolicyEngine::decide`]'s shortcuts must agree with.
     #[cfg(test)]
     pub(crate) fn evaluate_reference(
         &self,
@@ -890,7 +973,7 @@ impl PolicyEngine {
         let service = View::service(&request.service, &mut notes);
         let principal_uid = self.names.principal_uid(&identifier);
         let service_uid = self.names.service_uid(&request.service.name);
-        let entities = Entities::from_entities(
+        let entities = cedar_policy::Entities::from_entities(
             [
                 principal.entity(principal_uid.clone())?,
                 service.entity(service_uid.clone())?,
@@ -898,10 +981,8 @@ impl PolicyEngine {
             Some(schema),
         )
         .map_err(|e| format!("entities do not fit the schema: {e}"))?;
-        let context = request::context(&request.context, ContextUse::ALL, |ip| {
-            RestrictedExpression::new_ip(ip.to_string())
-        })?;
-        let cedar_request = Request::new(
+        let context = request::context(&request.context, ContextUse::ALL)?;
+        let cedar_request = cedar_policy::Request::new(
             principal_uid,
             self.names.action(action).clone(),
             service_uid,
@@ -909,28 +990,61 @@ impl PolicyEngine {
             Some(schema),
         )
         .map_err(|e| format!("request does not fit the schema: {e}"))?;
-        Ok(self.run(&cedar_request, &all, &entities))
+        let response =
+            cedar_policy::Authorizer::new().is_authorized(&cedar_request, &all, &entities);
+        let mut policies: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(ToString::to_string)
+            .collect();
+        policies.sort_by_key(|id| self.by_id.get(id).copied());
+        let errors = response
+            .diagnostics()
+            .errors()
+            .map(ToString::to_string)
+            .collect();
+        Ok((
+            response.decision() == cedar_policy::Decision::Allow,
+            policies,
+            errors,
+        ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn audit_reason(
         &self,
         user_reason: &str,
         action: Action,
         request: &AccessRequest,
-        policies: &[String],
+        prepared: Option<&Prepared>,
+        policies: &[&Rendered],
         errors: &[String],
         notes: &[String],
     ) -> String {
         use std::fmt::Write as _;
         let ctx = &request.context;
-        let mut out = format!(
-            "{user_reason}; principal {} attrs {}; service {} attrs {}; context time={}",
-            request.principal.identifier,
-            json(&request.principal.attrs),
-            request.service.name,
-            json(&request.service.attrs),
-            ctx.time,
-        );
+        let mut out = String::with_capacity(512);
+        let _ = write!(out, "{user_reason}; principal ");
+        match prepared {
+            Some(p) => {
+                let _ = write!(
+                    out,
+                    "{} attrs {}; service {} attrs {}",
+                    p.identifier, p.principal_json, request.service.name, p.service_json
+                );
+            }
+            None => {
+                let _ = write!(
+                    out,
+                    "{} attrs {}; service {} attrs {}",
+                    request.principal.identifier,
+                    json(&request.principal.attrs),
+                    request.service.name,
+                    json(&request.service.attrs)
+                );
+            }
+        }
+        let _ = write!(out, "; context time={}", ctx.time);
         if let Some(ip) = ctx.source_ip {
             let _ = write!(out, " source_ip={ip} (relay-asserted)");
         }
@@ -942,14 +1056,11 @@ impl PolicyEngine {
         }
         let _ = write!(out, "; action {action}");
         if !policies.is_empty() {
-            let placed: Vec<String> = policies
-                .iter()
-                .map(|id| match self.policy(id) {
-                    Some(p) => format!("{} {id:?} ({}:{})", p.effect, p.file, p.line),
-                    None => format!("{id:?}"),
-                })
-                .collect();
-            let _ = write!(out, "; determined by {}", placed.join(", "));
+            let _ = write!(
+                out,
+                "; determined by {}",
+                join(policies.iter().map(|r| r.placed.as_str()))
+            );
         }
         if !errors.is_empty() {
             let _ = write!(out, "; errors: {}", json(errors));
@@ -959,6 +1070,40 @@ impl PolicyEngine {
         }
         let _ = write!(out, "; policy set {}", &self.digest[..16]);
         out
+    }
+}
+
+/// `parts` separated by ", ".
+fn join<'a>(parts: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for (n, part) in parts.enumerate() {
+        if n > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(part);
+    }
+    out
+}
+
+/// A policy as decision reasons name it, written once at load.
+#[derive(Debug)]
+struct Rendered {
+    /// Its id.
+    id: String,
+    /// Its id quoted (as the requesting user sees it).
+    quoted: String,
+    /// Effect, quoted id and place (as the audit record has it).
+    placed: String,
+}
+
+impl Rendered {
+    fn new(info: &PolicyInfo) -> Self {
+        let quoted = format!("{:?}", info.id);
+        Rendered {
+            id: info.id.clone(),
+            placed: format!("{} {quoted} ({}:{})", info.effect, info.file, info.line),
+            quoted,
+        }
     }
 }
 

@@ -537,7 +537,11 @@ when { principal has email && context.now.toTime() > duration("20h") };
         PolicySource::new("extra.cedar", extra),
     ])
     .unwrap();
-    assert!(engine.context_use.now && engine.context_use.source_ip && !engine.context_use.relay);
+    let uses = engine
+        .context_use
+        .iter()
+        .fold(ContextUse::NONE, |a, b| a.union(*b));
+    assert!(uses.now && uses.source_ip && !uses.relay);
 
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut pick = |n: usize| {
@@ -660,4 +664,43 @@ fn built_values_conform_to_the_schema() {
     for action in [Action::Connect, Action::Register] {
         engine.evaluate_reference(action, &req).unwrap();
     }
+
+    // The engine builds entities and context as Cedar values directly; they
+    // equal what Cedar's checked public API builds from the same request.
+    let mut notes = Vec::new();
+    let identifier = req.principal.identifier.to_string();
+    let views = [
+        View::principal(&req.principal, identifier.clone(), &mut notes),
+        View::service(&req.service, &mut notes),
+    ];
+    let uids = [
+        engine.names.principal_uid(&identifier),
+        engine.names.service_uid(&req.service.name),
+    ];
+    for (view, uid) in views.iter().zip(uids) {
+        let direct = view.core_entity(uid.clone().into(), &Referenced::all());
+        let checked = view.entity(uid).unwrap();
+        assert!(direct.deep_eq(checked.as_ref()), "{direct:?}\n{checked:?}");
+    }
+    let fields = request::context_fields(&req.context, ContextUse::ALL).unwrap();
+    assert_eq!(fields.len(), 7, "{fields:?}");
+    let direct = eval::context(
+        fields
+            .into_iter()
+            .map(|(name, field)| (name, engine.value(field).unwrap()))
+            .collect(),
+    );
+    let checked = request::context(&req.context, ContextUse::ALL).unwrap();
+    assert_eq!(&direct, checked.as_ref());
+    // Cached extension values are the same values.
+    let again = engine
+        .value(Field::Ip("2001:db8::1".parse().unwrap()))
+        .unwrap();
+    assert_eq!(
+        Some(&again),
+        match checked.as_ref() {
+            cedar_policy_core::ast::Context::Value(map) => map.get("source_ip"),
+            _ => None,
+        }
+    );
 }

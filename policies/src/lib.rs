@@ -61,6 +61,7 @@ pub mod audit;
 mod cases;
 mod diagnostics;
 mod engine;
+mod eval;
 mod live;
 mod prefilter;
 mod request;

@@ -30,7 +30,7 @@ use cedar_policy::{
 };
 use serde_json::Value;
 
-use crate::request::{AttrRef, ContextUse, View};
+use crate::request::{AttrRef, ContextUse, Referenced, View};
 
 /// An entity a condition talks about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,6 +363,60 @@ fn walk(v: &Value, uses: &mut ContextUse) {
     }
 }
 
+/// The attribute names and tag keys a policy can read (a superset: every
+/// name after `.` or `has`, on any entity or record; every literal tag key;
+/// all tags when a key is not a literal).
+pub(crate) fn referenced(policy: &Policy) -> Referenced {
+    let Ok(est) = policy.to_json() else {
+        return Referenced::all();
+    };
+    let mut found = Referenced::none();
+    collect_names(&est, &mut found);
+    found
+}
+
+fn collect_names(v: &Value, found: &mut Referenced) {
+    match v {
+        Value::Object(obj) => {
+            for key in [".", "has"] {
+                let Some(attr) = op(v, key).and_then(|body| body.get("attr")) else {
+                    continue;
+                };
+                match attr {
+                    Value::String(name) => found.attr(name),
+                    // `has a.b.c`
+                    Value::Array(names) => {
+                        for name in names {
+                            match name.as_str() {
+                                Some(name) => found.attr(name),
+                                None => *found = Referenced::all(),
+                            }
+                        }
+                    }
+                    _ => *found = Referenced::all(),
+                }
+            }
+            for key in ["getTag", "hasTag"] {
+                if let Some(body) = op(v, key) {
+                    match body.get("right").and_then(string_literal) {
+                        Some(tag) => found.tag(&tag),
+                        None => found.all_tags(),
+                    }
+                }
+            }
+            for child in obj.values() {
+                collect_names(child, found);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                collect_names(item, found);
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,6 +467,27 @@ mod tests {
             checks_of("permit(principal, action, resource) when { principal has team } when { principal has role };").len(),
             2
         );
+    }
+
+    #[test]
+    fn finds_attributes_and_tags_read() {
+        let of = |text: &str| referenced(&Policy::from_str(text).unwrap());
+        let r = of(r#"permit(principal, action, resource) when {
+            principal has team && principal.role == "x" && resource["env"] == "y"
+            && principal.getTag("dept").contains("z") && !resource.hasTag("class")
+            && context has source_ip && Identity::"P1".email == "e"
+        };"#);
+        for name in ["team", "role", "env", "source_ip", "email"] {
+            assert!(r.has_attr(name), "{name}");
+        }
+        assert!(!r.has_attr("groups") && !r.has_attr("dept"));
+        assert!(r.has_tag("dept") && r.has_tag("class") && !r.has_tag("team"));
+        let dynamic = of(r#"permit(principal, action, resource) when {
+            principal has role && principal.hasTag(principal.role)
+        };"#);
+        assert!(dynamic.has_tag("anything") && !dynamic.has_attr("team"));
+        let nothing = of("permit(principal, action, resource);");
+        assert!(!nothing.has_attr("team") && !nothing.has_tag("team"));
     }
 
     #[test]

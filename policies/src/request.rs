@@ -6,15 +6,19 @@
 //! spliced into Cedar source text, so attribute values with quotes, newlines
 //! or any other characters cannot change the meaning of a policy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use cedar_policy::{Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
+use std::collections::HashSet;
+
+use cedar_policy::{EntityId, EntityTypeName, EntityUid, RestrictedExpression};
+use cedar_policy_core::ast::{self, PartialValue, Value};
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier};
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 use crate::time;
 
@@ -221,8 +225,88 @@ fn string(v: &str) -> RestrictedExpression {
     RestrictedExpression::new_string(v.to_owned())
 }
 
+#[cfg(test)]
 fn string_set<'a>(values: impl IntoIterator<Item = &'a str>) -> RestrictedExpression {
     RestrictedExpression::new_set(values.into_iter().map(string))
+}
+
+/// The attribute names and tag keys the loaded policies can read. Cedar has
+/// no way to list an entity's attributes or tags, so the others are left out
+/// of the entities: they cannot change a decision, and credentials may carry
+/// many (long group lists, each also a tag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Referenced {
+    attrs: BTreeSet<String>,
+    tags: BTreeSet<String>,
+    all_attrs: bool,
+    all_tags: bool,
+}
+
+impl Referenced {
+    /// Every attribute and tag.
+    pub(crate) fn all() -> Self {
+        Referenced {
+            attrs: BTreeSet::new(),
+            tags: BTreeSet::new(),
+            all_attrs: true,
+            all_tags: true,
+        }
+    }
+
+    /// Nothing.
+    pub(crate) fn none() -> Self {
+        Referenced {
+            attrs: BTreeSet::new(),
+            tags: BTreeSet::new(),
+            all_attrs: false,
+            all_tags: false,
+        }
+    }
+
+    /// Marks attribute `name` as read.
+    pub(crate) fn attr(&mut self, name: &str) {
+        if !self.all_attrs {
+            self.attrs.insert(name.to_owned());
+        }
+    }
+
+    /// Marks tag `key` as read.
+    pub(crate) fn tag(&mut self, key: &str) {
+        if !self.all_tags {
+            self.tags.insert(key.to_owned());
+        }
+    }
+
+    /// Marks every tag as read.
+    pub(crate) fn all_tags(&mut self) {
+        self.all_tags = true;
+        self.tags.clear();
+    }
+
+    /// What either reads.
+    pub(crate) fn union(mut self, other: Referenced) -> Referenced {
+        self.all_attrs |= other.all_attrs;
+        self.all_tags |= other.all_tags;
+        if self.all_attrs {
+            self.attrs.clear();
+        } else {
+            self.attrs.extend(other.attrs);
+        }
+        if self.all_tags {
+            self.tags.clear();
+        } else {
+            self.tags.extend(other.tags);
+        }
+        self
+    }
+
+    pub(crate) fn has_attr(&self, name: &str) -> bool {
+        self.all_attrs || self.attrs.contains(name)
+    }
+
+    pub(crate) fn has_tag(&self, key: &str) -> bool {
+        self.all_tags || self.tags.contains(key)
+    }
 }
 
 /// A declared attribute's value as the entity will hold it.
@@ -347,33 +431,79 @@ impl<'a> View<'a> {
         self.source.get(key)
     }
 
-    /// The Cedar entity with this view.
-    pub(crate) fn entity(&self, uid: EntityUid) -> Result<Entity, String> {
-        let mut attrs: Vec<(String, RestrictedExpression)> = self
-            .declared
+    /// The entity's attributes: the declared ones present, then the
+    /// reserved one.
+    fn attrs(&self) -> impl Iterator<Item = (&str, AttrRef<'_>)> {
+        self.declared
             .iter()
             .map(|(name, value)| {
-                let expr = match value {
-                    Declared::Str(v) => string(v),
-                    Declared::Set(vs) => string_set(vs.iter().copied()),
+                let value = match value {
+                    Declared::Str(v) => AttrRef::Str(v),
+                    Declared::Set(vs) => AttrRef::Set(vs),
                 };
-                ((*name).to_owned(), expr)
+                (*name, value)
             })
-            .collect();
-        attrs.push((self.reserved.0.to_owned(), string(&self.reserved.1)));
-        let tags = self
-            .source
+            .chain(std::iter::once((
+                self.reserved.0,
+                AttrRef::Str(self.reserved.1.as_str()),
+            )))
+    }
+
+    /// The entity's tags: every attribute but the reserved one, as a set.
+    fn tags(&self) -> impl Iterator<Item = (&'a String, &'a AttrValue)> + '_ {
+        self.source
             .iter()
             .filter(|(name, _)| *name != self.reserved.0)
-            .map(|(name, value)| (name.clone(), string_set(value.values())));
-        Entity::new_with_tags(uid, attrs, [], tags).map_err(|e| format!("entity: {e}"))
     }
-}
 
-fn long(what: &str, v: u64) -> Result<RestrictedExpression, String> {
-    i64::try_from(v)
-        .map(RestrictedExpression::new_long)
-        .map_err(|_| format!("{what} {v} is out of range"))
+    /// The Cedar entity with this view, built as Cedar values (what the
+    /// engine evaluates with), with the attributes and tags `read`.
+    pub(crate) fn core_entity(&self, uid: ast::EntityUID, read: &Referenced) -> ast::Entity {
+        let str_value = |v: &str| Value::from(v);
+        let set_value = |vs: &mut dyn Iterator<Item = &str>| Value::set(vs.map(Value::from), None);
+        let attrs = self
+            .attrs()
+            .filter(|(name, _)| read.has_attr(name))
+            .map(|(name, value)| {
+                let value = match value {
+                    AttrRef::Str(v) => str_value(v),
+                    AttrRef::Set(vs) => set_value(&mut vs.iter().copied()),
+                };
+                (SmolStr::from(name), PartialValue::Value(value))
+            });
+        let tags = self
+            .tags()
+            .filter(|(name, _)| read.has_tag(name))
+            .map(|(name, value)| {
+                (
+                    SmolStr::from(name.as_str()),
+                    PartialValue::Value(set_value(&mut value.values())),
+                )
+            });
+        ast::Entity::new_with_attr_partial_value(uid, attrs, HashSet::new(), HashSet::new(), tags)
+    }
+
+    /// The Cedar entity with this view, built through Cedar's public API
+    /// from restricted expressions: the reference [`View::core_entity`] must
+    /// equal.
+    #[cfg(test)]
+    pub(crate) fn entity(&self, uid: EntityUid) -> Result<cedar_policy::Entity, String> {
+        let attrs: Vec<(String, RestrictedExpression)> = self
+            .attrs()
+            .map(|(name, value)| {
+                let expr = match value {
+                    AttrRef::Str(v) => string(v),
+                    AttrRef::Set(vs) => string_set(vs.iter().copied()),
+                };
+                (name.to_owned(), expr)
+            })
+            .collect();
+        let tags = self
+            .tags()
+            .map(|(name, value)| (name.clone(), string_set(value.values())));
+        cedar_policy::Entity::new_with_tags(uid, attrs, [], tags)
+            .map_err(|e| format!("entity: {e}"))
+    }
 }
 
 /// Which context fields the loaded policies read. Fields no policy reads
@@ -442,50 +572,84 @@ impl ContextUse {
     }
 }
 
-/// The Cedar context record. `ip` turns an address into its Cedar value
-/// (the engine caches them).
-pub(crate) fn context(
+/// One context field's value, before it becomes a Cedar value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Field {
+    /// A `Long`.
+    Long(i64),
+    /// A `String`.
+    Str(String),
+    /// An `ipaddr` extension value.
+    Ip(IpAddr),
+    /// A `datetime` extension value: RFC 3339 text of this Unix time.
+    DateTime(u64),
+}
+
+impl Field {
+    /// As a Cedar restricted expression (Cedar's public API).
+    pub(crate) fn expression(&self) -> RestrictedExpression {
+        match self {
+            Field::Long(v) => RestrictedExpression::new_long(*v),
+            Field::Str(v) => string(v),
+            Field::Ip(ip) => RestrictedExpression::new_ip(ip.to_string()),
+            Field::DateTime(t) => {
+                RestrictedExpression::new_datetime(time::rfc3339(*t).unwrap_or_default())
+            }
+        }
+    }
+}
+
+fn long(what: &str, v: u64) -> Result<Field, String> {
+    i64::try_from(v)
+        .map(Field::Long)
+        .map_err(|_| format!("{what} {v} is out of range"))
+}
+
+/// The fields of the Cedar context record that `uses` asks for.
+pub(crate) fn context_fields(
     ctx: &RequestContext,
     uses: ContextUse,
-    ip: impl FnOnce(IpAddr) -> RestrictedExpression,
-) -> Result<Context, String> {
+) -> Result<Vec<(&'static str, Field)>, String> {
     if ctx.time > time::MAX_UNIX_SECONDS {
         return Err(format!(
             "time {} is out of range (after 9999-12-31T23:59:59Z)",
             ctx.time
         ));
     }
-    let mut pairs = Vec::with_capacity(7);
+    let mut fields = Vec::with_capacity(7);
     if uses.time {
-        pairs.push(("time".to_owned(), long("time", ctx.time)?));
+        fields.push(("time", long("time", ctx.time)?));
     }
     if uses.now {
-        let now = time::rfc3339(ctx.time).unwrap_or_default();
-        pairs.push(("now".to_owned(), RestrictedExpression::new_datetime(now)));
+        fields.push(("now", Field::DateTime(ctx.time)));
     }
     if uses.hour_utc {
-        pairs.push((
-            "hour_utc".to_owned(),
-            long("hour", time::hour_utc(ctx.time))?,
-        ));
+        fields.push(("hour_utc", long("hour", time::hour_utc(ctx.time))?));
     }
     if uses.weekday {
-        pairs.push((
-            "weekday".to_owned(),
-            long("weekday", time::iso_weekday(ctx.time))?,
-        ));
+        fields.push(("weekday", long("weekday", time::iso_weekday(ctx.time))?));
     }
     if let Some(addr) = ctx.source_ip.filter(|_| uses.source_ip) {
-        pairs.push(("source_ip".to_owned(), ip(addr)));
+        fields.push(("source_ip", Field::Ip(addr)));
     }
     if let Some(relay) = ctx.relay.filter(|_| uses.relay) {
-        pairs.push(("relay".to_owned(), string(&relay.to_string())));
+        fields.push(("relay", Field::Str(relay.to_string())));
     }
     if let Some(exp) = ctx.credential_expires.filter(|_| uses.credential_expires) {
-        pairs.push((
-            "credential_expires".to_owned(),
-            long("credential expiry", exp)?,
-        ));
+        fields.push(("credential_expires", long("credential expiry", exp)?));
     }
-    Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))
+    Ok(fields)
+}
+
+/// The Cedar context record, through Cedar's public API: the reference the
+/// engine's directly built context must equal.
+#[cfg(test)]
+pub(crate) fn context(
+    ctx: &RequestContext,
+    uses: ContextUse,
+) -> Result<cedar_policy::Context, String> {
+    let pairs = context_fields(ctx, uses)?
+        .into_iter()
+        .map(|(name, field)| (name.to_owned(), field.expression()));
+    cedar_policy::Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))
 }
