@@ -13,16 +13,20 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cedar_policy::{
     Effect, Policy, PolicyId, PolicySet, Schema, ValidationMode, ValidationWarning, Validator,
 };
-use cedar_policy_core::ast::{EntityUIDEntry, Value};
+use cedar_policy_core::ast::{self, EntityUIDEntry, Value};
 use cedar_policy_core::entities::{Entities, NoEntitiesSchema, TCComputation};
 use cedar_policy_core::extensions::Extensions;
+use postern_identity::wire::ServiceName;
+use postern_identity::Attributes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::diagnostics::{Diagnostic, DiagnosticKind, Diagnostics};
 use crate::eval::{self, Compiled};
 use crate::prefilter::{self, Filter, Target};
-use crate::request::{self, AccessRequest, Action, ContextUse, Field, Names, Referenced, View};
+use crate::request::{
+    self, AccessRequest, Action, ContextUse, Field, Names, Referenced, Service, View,
+};
 use crate::{scan, Decision};
 
 /// The Postern Cedar schema (Cedar schema syntax, no namespace).
@@ -93,6 +97,8 @@ pub enum PolicyError {
 /// Principal–service pairs whose entities and candidate policies are kept
 /// per engine.
 const PAIR_CACHE: usize = 1024;
+/// Services whose entity is kept per engine.
+const SERVICE_CACHE: usize = 64;
 /// Source addresses whose Cedar value is kept per engine.
 const ADDRESS_CACHE: usize = 4096;
 /// Decision times whose Cedar `datetime` value is kept per engine.
@@ -163,10 +169,20 @@ impl ScopeIndex {
     /// Indices of the policies that may concern `service`, ascending.
     fn candidates(&self, service: &str) -> Vec<u32> {
         let named = self.by_service.get(service).map_or(&[][..], Vec::as_slice);
+        // Both are ascending: merge them.
         let mut all = Vec::with_capacity(self.any_service.len() + named.len());
-        all.extend_from_slice(&self.any_service);
-        all.extend_from_slice(named);
-        all.sort_unstable();
+        let (mut a, mut b) = (self.any_service.as_slice(), named);
+        while let (Some(&x), Some(&y)) = (a.first(), b.first()) {
+            if x < y {
+                all.push(x);
+                a = &a[1..];
+            } else {
+                all.push(y);
+                b = &b[1..];
+            }
+        }
+        all.extend_from_slice(a);
+        all.extend_from_slice(b);
         all
     }
 }
@@ -176,22 +192,56 @@ impl ScopeIndex {
 /// tunnel's later decisions, and the next connections of the same user to
 /// the same service, only build the context and evaluate.
 struct Prepared {
-    /// What it was built from.
-    key: EntitiesKey,
+    /// The principal it was built for.
+    principal: postern_identity::Identifier,
+    principal_attrs: Attributes,
+    /// The service it was built for.
+    service: Arc<ServicePart>,
     /// The principal's identifier as text.
     identifier: String,
-    /// `Identity::"…"` and `Service::"…"` for Cedar's request.
-    principal: EntityUIDEntry,
-    service: EntityUIDEntry,
+    /// `Identity::"…"` for Cedar's request.
+    principal_uid: EntityUIDEntry,
     /// The principal and service entities.
     entities: Entities,
+    /// Remarks from translating the attributes (the principal's, then the
+    /// service's).
+    notes: Vec<String>,
+    /// The principal's attributes as JSON, for audit reasons.
+    principal_json: String,
+    /// By action (connect, register): the policies that may apply, found on
+    /// the pair's first decision of that action (a node normally decides
+    /// only one of them).
+    candidates: [OnceLock<Candidates>; 2],
+}
+
+impl Prepared {
+    fn matches(&self, request: &AccessRequest) -> bool {
+        self.principal == request.principal.identifier
+            && self.principal_attrs == request.principal.attrs
+            && self.service.matches(&request.service)
+    }
+}
+
+/// What the decisions about one service share, kept per engine
+/// ([`SERVICE_CACHE`]): an outlet decides about one service, a relay about a
+/// few, so a new principal's first decision reuses it.
+struct ServicePart {
+    name: ServiceName,
+    attrs: Attributes,
+    /// `Service::"…"` for Cedar's request.
+    uid: EntityUIDEntry,
+    /// The service entity.
+    entity: Arc<ast::Entity>,
     /// Remarks from translating the attributes.
     notes: Vec<String>,
-    /// The principal's and service's attributes as JSON, for audit reasons.
-    principal_json: String,
-    service_json: String,
-    /// By action (connect, register): the policies that may apply.
-    candidates: [Candidates; 2],
+    /// The attributes as JSON, for audit reasons.
+    json: String,
+}
+
+impl ServicePart {
+    fn matches(&self, service: &Service) -> bool {
+        self.name == service.name && self.attrs == service.attrs
+    }
 }
 
 /// The policies that may apply to one principal, action and service, and
@@ -201,33 +251,12 @@ struct Candidates {
     context: ContextUse,
 }
 
-/// What a cached principal–service pair was built from.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct EntitiesKey {
-    principal: postern_identity::Identifier,
-    principal_attrs: postern_identity::Attributes,
-    service: postern_identity::wire::ServiceName,
-    service_attrs: postern_identity::Attributes,
-}
-
-impl EntitiesKey {
-    fn fingerprint(request: &AccessRequest) -> u64 {
-        use std::hash::{BuildHasher, Hash, Hasher};
-        static KEYS: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
-        let mut h = KEYS.get_or_init(Default::default).build_hasher();
-        request.principal.identifier.hash(&mut h);
-        request.principal.attrs.hash(&mut h);
-        request.service.name.hash(&mut h);
-        request.service.attrs.hash(&mut h);
-        h.finish()
-    }
-
-    fn matches(&self, request: &AccessRequest) -> bool {
-        self.principal == request.principal.identifier
-            && self.principal_attrs == request.principal.attrs
-            && self.service == request.service.name
-            && self.service_attrs == request.service.attrs
-    }
+/// A hash of `value` for the caches' keys (entries are compared in full
+/// before use, so a collision only costs a rebuild).
+fn fingerprint(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::BuildHasher;
+    static KEYS: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    KEYS.get_or_init(Default::default).hash_one(value)
 }
 
 /// The parsed schema, once per process.
@@ -337,6 +366,8 @@ pub struct PolicyEngine {
     index: [ScopeIndex; 2],
     /// Principal and service → what their decisions share.
     prepared: BoundedCache<u64, Arc<Prepared>>,
+    /// Service → what its decisions share.
+    services: BoundedCache<u64, Arc<ServicePart>>,
     /// Source address → its Cedar value.
     addresses: BoundedCache<IpAddr, Value>,
     /// Unix time → its Cedar `datetime` value.
@@ -703,6 +734,7 @@ impl PolicyEngine {
             names,
             index,
             prepared: BoundedCache::new(PAIR_CACHE),
+            services: BoundedCache::new(SERVICE_CACHE),
             cedar,
             compiled,
             filters,
@@ -762,7 +794,7 @@ impl PolicyEngine {
     /// reason in `errors`.
     pub fn decide(&self, action: Action, request: &AccessRequest) -> PolicyDecision {
         let service = request.service.name.as_str();
-        let prepared = self.prepare(request);
+        let prepared = self.prepare(action, request);
         let outcome = match &prepared {
             Ok(prepared) => self.evaluate(action, request, prepared),
             Err(e) => Err(e.clone()),
@@ -822,69 +854,98 @@ impl PolicyEngine {
         }
     }
 
-    /// What the decisions of the request's principal and service share: from
-    /// the cache, or built and cached.
-    fn prepare(&self, request: &AccessRequest) -> Result<Arc<Prepared>, String> {
-        let fingerprint = EntitiesKey::fingerprint(request);
-        if let Some(prepared) = self.prepared.get(&fingerprint) {
-            if prepared.key.matches(request) {
+    /// What the decisions of the request's principal and service share, with
+    /// the candidates for `action`: from the cache, or built and cached.
+    fn prepare(&self, action: Action, request: &AccessRequest) -> Result<Arc<Prepared>, String> {
+        let service_key = fingerprint(&(&request.service.name, &request.service.attrs));
+        let pair_key = fingerprint(&(
+            &request.principal.identifier,
+            &request.principal.attrs,
+            service_key,
+        ));
+        if let Some(prepared) = self.prepared.get(&pair_key) {
+            if prepared.matches(request) {
+                prepared.candidates[action_index(action)].get_or_init(|| {
+                    let identifier = request.principal.identifier.to_string();
+                    let mut notes = Vec::new();
+                    let principal =
+                        View::principal(&request.principal, identifier.clone(), &mut notes);
+                    let service = View::service(&request.service, &mut notes);
+                    self.candidates(
+                        action,
+                        &target(action, request, &identifier, &principal, &service),
+                    )
+                });
                 return Ok(prepared);
             }
         }
+        let service_part = match self.services.get(&service_key) {
+            Some(part) if part.matches(&request.service) => part,
+            _ => {
+                let part = Arc::new(self.service_part(&request.service));
+                self.services.insert(service_key, Arc::clone(&part));
+                part
+            }
+        };
         let identifier = request.principal.identifier.to_string();
         let mut notes = Vec::new();
         let principal = View::principal(&request.principal, identifier.clone(), &mut notes);
-        let service = View::service(&request.service, &mut notes);
+        notes.extend(service_part.notes.iter().cloned());
+        let service = View::service(&request.service, &mut Vec::new());
+        let candidates = [OnceLock::new(), OnceLock::new()];
+        // Cannot already be set.
+        let _ = candidates[action_index(action)].set(self.candidates(
+            action,
+            &target(action, request, &identifier, &principal, &service),
+        ));
         let principal_uid = self.names.principal_uid(&identifier);
-        let service_uid = self.names.service_uid(&request.service.name);
-        let target = |action: Action| Target {
-            principal: (request::IDENTITY_TYPE, &identifier),
-            action: action.as_str(),
-            resource: (request::SERVICE_TYPE, request.service.name.as_str()),
-            principal_view: &principal,
-            resource_view: &service,
-        };
-        let candidates = [Action::Connect, Action::Register]
-            .map(|action| self.candidates(action, &target(action)));
         // The entities are built from the request's typed values to match
         // the schema by construction (a test checks them against the schema
         // through Cedar's checked API), so Cedar's schema checks are skipped.
-        let entities = Entities::from_entities(
-            [
-                principal.core_entity(principal_uid.clone().into(), &self.referenced),
-                service.core_entity(service_uid.clone().into(), &self.referenced),
-            ],
-            None::<&NoEntitiesSchema>,
-            TCComputation::AssumeAlreadyComputed,
-            Extensions::none(),
-        )
-        .map_err(|e| format!("entities: {e}"))?;
+        let entities = Entities::new()
+            .add_entities(
+                [
+                    Arc::new(principal.core_entity(principal_uid.clone().into(), &self.referenced)),
+                    Arc::clone(&service_part.entity),
+                ],
+                None::<&NoEntitiesSchema>,
+                TCComputation::AssumeAlreadyComputed,
+                Extensions::none(),
+            )
+            .map_err(|e| format!("entities: {e}"))?;
         let prepared = Arc::new(Prepared {
-            key: EntitiesKey {
-                principal: request.principal.identifier,
-                principal_attrs: request.principal.attrs.clone(),
-                service: request.service.name.clone(),
-                service_attrs: request.service.attrs.clone(),
-            },
+            principal: request.principal.identifier,
+            principal_attrs: request.principal.attrs.clone(),
+            service: service_part,
             principal_json: json(&request.principal.attrs),
-            service_json: json(&request.service.attrs),
             identifier,
-            principal: eval::known(&principal_uid),
-            service: eval::known(&service_uid),
+            principal_uid: eval::known(&principal_uid),
             entities,
             notes,
             candidates,
         });
-        self.prepared.insert(fingerprint, Arc::clone(&prepared));
+        self.prepared.insert(pair_key, Arc::clone(&prepared));
         Ok(prepared)
+    }
+
+    /// What the decisions about `service` share.
+    fn service_part(&self, service: &Service) -> ServicePart {
+        let mut notes = Vec::new();
+        let view = View::service(service, &mut notes);
+        let uid = self.names.service_uid(&service.name);
+        ServicePart {
+            name: service.name.clone(),
+            attrs: service.attrs.clone(),
+            entity: Arc::new(view.core_entity(uid.clone().into(), &self.referenced)),
+            uid: eval::known(&uid),
+            notes,
+            json: json(&service.attrs),
+        }
     }
 
     /// The policies that may apply to `target` (see the crate docs, "Cost").
     fn candidates(&self, action: Action, target: &Target<'_>) -> Candidates {
-        let index = match action {
-            Action::Connect => &self.index[0],
-            Action::Register => &self.index[1],
-        };
+        let index = &self.index[action_index(action)];
         let mut policies = index.candidates(target.resource.1);
         policies.retain(|&i| {
             self.filters
@@ -909,9 +970,10 @@ impl PolicyEngine {
         request: &AccessRequest,
         prepared: &Prepared,
     ) -> Result<(bool, Vec<u32>, Vec<String>), String> {
-        let (candidates, action_uid) = match action {
-            Action::Connect => (&prepared.candidates[0], &self.actions[0]),
-            Action::Register => (&prepared.candidates[1], &self.actions[1]),
+        let index = action_index(action);
+        let action_uid = &self.actions[index];
+        let Some(candidates) = prepared.candidates[index].get() else {
+            return Err("internal error: no candidate policies for the action".into());
         };
         if candidates.policies.is_empty() {
             // Nothing could be satisfied or fail: the default deny.
@@ -924,9 +986,9 @@ impl PolicyEngine {
             context.push((name, self.value(field)?));
         }
         let cedar_request = eval::request(
-            &prepared.principal,
+            &prepared.principal_uid,
             action_uid,
-            &prepared.service,
+            &prepared.service.uid,
             eval::context(context),
         );
         let outcome = eval::evaluate(
@@ -1023,14 +1085,19 @@ impl PolicyEngine {
     ) -> String {
         use std::fmt::Write as _;
         let ctx = &request.context;
-        let mut out = String::with_capacity(512);
+        let mut out = String::with_capacity(
+            384 + user_reason.len()
+                + prepared.map_or(0, |p| p.principal_json.len() + p.service.json.len())
+                + errors.iter().chain(notes).map(String::len).sum::<usize>()
+                + 64 * policies.len(),
+        );
         let _ = write!(out, "{user_reason}; principal ");
         match prepared {
             Some(p) => {
                 let _ = write!(
                     out,
                     "{} attrs {}; service {} attrs {}",
-                    p.identifier, p.principal_json, request.service.name, p.service_json
+                    p.identifier, p.principal_json, request.service.name, p.service.json
                 );
             }
             None => {
@@ -1070,6 +1137,31 @@ impl PolicyEngine {
         }
         let _ = write!(out, "; policy set {}", &self.digest[..16]);
         out
+    }
+}
+
+/// Where per-action arrays keep `action`.
+fn action_index(action: Action) -> usize {
+    match action {
+        Action::Connect => 0,
+        Action::Register => 1,
+    }
+}
+
+/// The request as the pre-filter sees it.
+fn target<'a>(
+    action: Action,
+    request: &'a AccessRequest,
+    identifier: &'a str,
+    principal: &'a View<'a>,
+    service: &'a View<'a>,
+) -> Target<'a> {
+    Target {
+        principal: (request::IDENTITY_TYPE, identifier),
+        action: action.as_str(),
+        resource: (request::SERVICE_TYPE, request.service.name.as_str()),
+        principal_view: principal,
+        resource_view: service,
     }
 }
 

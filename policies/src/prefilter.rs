@@ -30,7 +30,7 @@ use cedar_policy::{
 };
 use serde_json::Value;
 
-use crate::request::{AttrRef, ContextUse, Referenced, View};
+use crate::request::{AttrName, AttrRef, ContextUse, Referenced, View};
 
 /// An entity a condition talks about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,11 +43,11 @@ enum Subject {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Check {
     /// `subject has attr`
-    Has(Subject, String),
+    Has(Subject, AttrName),
     /// `subject.attr == "lit"`, or `!=` when the flag is false
-    Eq(Subject, String, String, bool),
+    Eq(Subject, AttrName, String, bool),
     /// `subject.attr.contains("lit")`
-    Contains(Subject, String, String),
+    Contains(Subject, AttrName, String),
     /// `subject.hasTag("key")`
     HasTag(Subject, String),
     /// `subject.getTag("key").contains("lit")`
@@ -188,12 +188,12 @@ fn evaluate(check: &Check, t: &Target<'_>) -> Option<bool> {
         Subject::Resource => t.resource_view,
     };
     match check {
-        Check::Has(s, attr) => Some(view(s).attr(attr).is_some()),
-        Check::Eq(s, attr, lit, equal) => match view(s).attr(attr)? {
+        Check::Has(s, attr) => Some(view(s).attr_at(attr).is_some()),
+        Check::Eq(s, attr, lit, equal) => match view(s).attr_at(attr)? {
             AttrRef::Str(v) => Some((v == lit) == *equal),
             AttrRef::Set(_) => None,
         },
-        Check::Contains(s, attr, lit) => match view(s).attr(attr)? {
+        Check::Contains(s, attr, lit) => match view(s).attr_at(attr)? {
             AttrRef::Set(vs) => Some(vs.contains(&lit.as_str())),
             AttrRef::Str(_) => None,
         },
@@ -225,11 +225,11 @@ fn string_literal(expr: &Value) -> Option<String> {
 }
 
 /// `subject.attr`
-fn get_attr(expr: &Value) -> Option<(Subject, String)> {
+fn get_attr(expr: &Value) -> Option<(Subject, AttrName)> {
     let body = op(expr, ".")?;
     Some((
         subject(body.get("left")?)?,
-        body.get("attr")?.as_str()?.to_owned(),
+        AttrName::new(body.get("attr")?.as_str()?),
     ))
 }
 
@@ -246,7 +246,7 @@ fn check(expr: &Value) -> Option<Check> {
     if let Some(body) = op(expr, "has") {
         return Some(Check::Has(
             subject(body.get("left")?)?,
-            body.get("attr")?.as_str()?.to_owned(),
+            AttrName::new(body.get("attr")?.as_str()?),
         ));
     }
     for (name, equal) in [("==", true), ("!=", false)] {

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::collections::HashSet;
 
 use cedar_policy::{EntityId, EntityTypeName, EntityUid, RestrictedExpression};
-use cedar_policy_core::ast::{self, PartialValue, Value};
+use cedar_policy_core::ast::{self, Literal, PartialValue, Value};
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier};
 use serde::{Deserialize, Serialize};
@@ -309,6 +309,56 @@ impl Referenced {
     }
 }
 
+/// Attribute names the schema declares, on either entity type (and the
+/// reserved ones): [`View::attr_at`] finds them by position in this list,
+/// without comparing names.
+const SLOTTED: [&str; 10] = [
+    "identifier",
+    "team",
+    "role",
+    "groups",
+    "name",
+    "email",
+    "env",
+    "owner",
+    "tier",
+    "region",
+];
+
+/// Where no attribute is, in [`View`]'s slots.
+const EMPTY_SLOT: u8 = u8::MAX;
+/// The reserved attribute, in [`View`]'s slots.
+const RESERVED_SLOT: u8 = u8::MAX - 1;
+
+/// An attribute name with its position in [`SLOTTED`], when it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AttrName {
+    pub(crate) name: String,
+    slot: Option<u8>,
+}
+
+impl AttrName {
+    pub(crate) fn new(name: &str) -> Self {
+        AttrName {
+            slot: slot_of(name),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl From<&str> for AttrName {
+    fn from(name: &str) -> Self {
+        AttrName::new(name)
+    }
+}
+
+fn slot_of(name: &str) -> Option<u8> {
+    SLOTTED
+        .iter()
+        .position(|n| *n == name)
+        .and_then(|i| u8::try_from(i).ok())
+}
+
 /// A declared attribute's value as the entity will hold it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Declared<'a> {
@@ -316,6 +366,15 @@ pub(crate) enum Declared<'a> {
     Str(&'a str),
     /// A `Set<String>` attribute.
     Set(Vec<&'a str>),
+}
+
+impl Declared<'_> {
+    fn as_ref(&self) -> AttrRef<'_> {
+        match self {
+            Declared::Str(s) => AttrRef::Str(s),
+            Declared::Set(vs) => AttrRef::Set(vs),
+        }
+    }
 }
 
 /// A borrowed attribute value ([`View::attr`]).
@@ -336,6 +395,9 @@ pub(crate) struct View<'a> {
     reserved: (&'static str, String),
     /// Declared attributes that are present.
     declared: Vec<(&'a str, Declared<'a>)>,
+    /// For each name of [`SLOTTED`]: where in `declared` it is, or
+    /// [`RESERVED_SLOT`] or [`EMPTY_SLOT`].
+    slots: [u8; SLOTTED.len()],
     /// All attributes but the reserved one, each a tag holding a set.
     source: &'a Attributes,
 }
@@ -373,14 +435,25 @@ impl<'a> View<'a> {
                 declared.push((name.as_str(), Declared::Set(value.values().collect())));
             }
         }
+        let mut slots = [EMPTY_SLOT; SLOTTED.len()];
+        for (position, (name, _)) in declared.iter().enumerate() {
+            if let (Some(slot), Ok(position)) = (slot_of(name), u8::try_from(position)) {
+                if position < RESERVED_SLOT {
+                    slots[usize::from(slot)] = position;
+                }
+            }
+        }
+        if let Some(slot) = slot_of(reserved.0) {
+            slots[usize::from(slot)] = RESERVED_SLOT;
+        }
         View {
             reserved,
             declared,
+            slots,
             source: attrs,
         }
     }
 
-    /// The principal's view.
     /// The principal's view; `identifier` is its identifier as text.
     pub(crate) fn principal(
         principal: &'a Principal,
@@ -417,10 +490,22 @@ impl<'a> View<'a> {
         self.declared
             .iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| match v {
-                Declared::Str(s) => AttrRef::Str(s),
-                Declared::Set(vs) => AttrRef::Set(vs),
-            })
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// [`View::attr`], by slot when the name has one.
+    pub(crate) fn attr_at(&self, name: &AttrName) -> Option<AttrRef<'_>> {
+        let Some(slot) = name.slot else {
+            return self.attr(&name.name);
+        };
+        match *self.slots.get(usize::from(slot))? {
+            EMPTY_SLOT => None,
+            RESERVED_SLOT => Some(AttrRef::Str(&self.reserved.1)),
+            position => self
+                .declared
+                .get(usize::from(position))
+                .map(|(_, v)| v.as_ref()),
+        }
     }
 
     /// The values of tag `key`, if the entity has it.
@@ -436,13 +521,7 @@ impl<'a> View<'a> {
     fn attrs(&self) -> impl Iterator<Item = (&str, AttrRef<'_>)> {
         self.declared
             .iter()
-            .map(|(name, value)| {
-                let value = match value {
-                    Declared::Str(v) => AttrRef::Str(v),
-                    Declared::Set(vs) => AttrRef::Set(vs),
-                };
-                (*name, value)
-            })
+            .map(|(name, value)| (*name, value.as_ref()))
             .chain(std::iter::once((
                 self.reserved.0,
                 AttrRef::Str(self.reserved.1.as_str()),
@@ -460,7 +539,8 @@ impl<'a> View<'a> {
     /// engine evaluates with), with the attributes and tags `read`.
     pub(crate) fn core_entity(&self, uid: ast::EntityUID, read: &Referenced) -> ast::Entity {
         let str_value = |v: &str| Value::from(v);
-        let set_value = |vs: &mut dyn Iterator<Item = &str>| Value::set(vs.map(Value::from), None);
+        let set_value =
+            |vs: &mut dyn Iterator<Item = &str>| Value::set_of_lits(vs.map(Literal::from), None);
         let attrs = self
             .attrs()
             .filter(|(name, _)| read.has_attr(name))
