@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::diagnostics::{Diagnostic, DiagnosticKind, Diagnostics};
 use crate::eval::{self, Compiled};
-use crate::prefilter::{self, Filter, Target};
+use crate::prefilter::{self, Assessment, Filter, Target};
 use crate::request::{
     self, AccessRequest, Action, ContextUse, Field, Names, Referenced, Service, View,
 };
@@ -244,9 +244,11 @@ impl ServicePart {
     }
 }
 
-/// The policies that may apply to one principal, action and service, and
-/// the context fields they read.
+/// The policies that may apply to one principal, action and service: those
+/// the pre-filter found satisfied, those only Cedar can decide, and the
+/// context fields the latter read.
 struct Candidates {
+    satisfied: Box<[u32]>,
     policies: Box<[u32]>,
     context: ContextUse,
 }
@@ -946,17 +948,20 @@ impl PolicyEngine {
     /// The policies that may apply to `target` (see the crate docs, "Cost").
     fn candidates(&self, action: Action, target: &Target<'_>) -> Candidates {
         let index = &self.index[action_index(action)];
-        let mut policies = index.candidates(target.resource.1);
-        policies.retain(|&i| {
-            self.filters
-                .get(i as usize)
-                .is_none_or(|f| f.may_apply(target))
-        });
+        let (mut satisfied, mut policies) = (Vec::new(), Vec::new());
+        for i in index.candidates(target.resource.1) {
+            match self.filters.get(i as usize).map(|f| f.assess(target)) {
+                Some(Assessment::Unsatisfied) => {}
+                Some(Assessment::Satisfied) => satisfied.push(i),
+                Some(Assessment::Evaluate) | None => policies.push(i),
+            }
+        }
         let context = policies
             .iter()
             .filter_map(|&i| self.context_use.get(i as usize))
             .fold(ContextUse::NONE, |a, b| a.union(*b));
         Candidates {
+            satisfied: satisfied.into(),
             policies: policies.into(),
             context,
         }
@@ -976,8 +981,13 @@ impl PolicyEngine {
             return Err("internal error: no candidate policies for the action".into());
         };
         if candidates.policies.is_empty() {
-            // Nothing could be satisfied or fail: the default deny.
-            return Ok((false, Vec::new(), Vec::new()));
+            // Decided without Cedar: nothing left could be satisfied or fail.
+            let outcome = eval::Outcome::of_satisfied(&self.compiled, &candidates.satisfied);
+            return Ok((
+                outcome.allowed(),
+                outcome.determining().to_vec(),
+                outcome.errors,
+            ));
         }
         // Only the fields the candidates read: nothing else can observe the
         // others, and extension values are the costly ones to build.
@@ -993,6 +1003,7 @@ impl PolicyEngine {
         );
         let outcome = eval::evaluate(
             &self.compiled,
+            &candidates.satisfied,
             &candidates.policies,
             cedar_request,
             &prepared.entities,

@@ -62,6 +62,22 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
+    /// The outcome of `satisfied` (policy indices, ascending), known to be
+    /// satisfied without evaluating them.
+    pub(crate) fn of_satisfied(policies: &[Compiled], satisfied: &[u32]) -> Self {
+        let mut outcome = Outcome::default();
+        for &i in satisfied {
+            match policies.get(i as usize) {
+                Some(p) if p.forbid => outcome.forbids.push(i),
+                Some(_) => outcome.permits.push(i),
+                None => outcome
+                    .errors
+                    .push(format!("internal error: policy index {i} out of range")),
+            }
+        }
+        outcome
+    }
+
     /// Cedar's decision: no satisfied forbid and at least one satisfied
     /// permit. (The engine also denies on any error.)
     pub(crate) fn allowed(&self) -> bool {
@@ -100,16 +116,18 @@ pub(crate) fn known(uid: &cedar_policy::EntityUid) -> EntityUIDEntry {
 }
 
 /// Evaluates `policies[i]` for each `i` of `candidates` (ascending, in
-/// range; an index out of range is reported as an error). The scope of each
-/// candidate must admit the request: it is not evaluated again.
+/// range; an index out of range is reported as an error), adding those of
+/// `satisfied`, known to be satisfied. The scope of each candidate must admit
+/// the request: it is not evaluated again.
 pub(crate) fn evaluate(
     policies: &[Compiled],
+    satisfied: &[u32],
     candidates: &[u32],
     request: ast::Request,
     entities: &Entities,
 ) -> Outcome {
     let evaluator = Evaluator::new(request, entities, Extensions::all_available());
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome::of_satisfied(policies, satisfied);
     for &i in candidates {
         let Some(p) = policies.get(i as usize) else {
             outcome
@@ -143,6 +161,11 @@ pub(crate) fn evaluate(
                 .errors
                 .push(format!("error while evaluating policy `{}`: {e}", p.id)),
         }
+    }
+    if !satisfied.is_empty() {
+        // In policy order, as Cedar reports them.
+        outcome.permits.sort_unstable();
+        outcome.forbids.sort_unstable();
     }
     outcome
 }

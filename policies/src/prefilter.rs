@@ -19,6 +19,10 @@
 //!   checks stop at the first conjunct of another form or whose outcome is not
 //!   certain (for example an absent attribute, which Cedar reports as an
 //!   error), leaving the policy to Cedar.
+//! - When those conjuncts are the policy's whole condition (only `when`
+//!   clauses, every conjunct of a decidable form) and all are true, Cedar
+//!   would find the policy satisfied without an error: it is not evaluated
+//!   at all.
 //!
 //! These rules apply to forbid policies too: skipping one wrongly would turn
 //! a deny into an allow, so the model is kept to forms whose Cedar semantics
@@ -63,6 +67,20 @@ pub(crate) struct Filter {
     resource: EntityScope,
     /// Leading conjuncts that can be decided here.
     checks: Vec<Check>,
+    /// Whether `checks` are the policy's whole condition, so that all of
+    /// them true means satisfied.
+    whole: bool,
+}
+
+/// What the pre-filter says of one policy and request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Assessment {
+    /// Cedar would find it unsatisfied, without an error.
+    Unsatisfied,
+    /// Cedar would find it satisfied, without an error.
+    Satisfied,
+    /// Only Cedar can tell.
+    Evaluate,
 }
 
 /// A principal or resource scope constraint as plain strings. Postern
@@ -104,7 +122,7 @@ pub(crate) struct Target<'a> {
 impl Filter {
     /// The filter of a (static, validated) policy.
     pub(crate) fn new(policy: &Policy) -> Self {
-        let checks = policy
+        let (checks, whole) = policy
             .to_json()
             .map(|est| leading_checks(&est))
             .unwrap_or_default();
@@ -143,6 +161,7 @@ impl Filter {
             actions,
             resource,
             checks,
+            whole,
         }
     }
 
@@ -161,22 +180,26 @@ impl Filter {
             .map(|(t, i)| (t.as_str(), i.as_str()))
     }
 
-    /// Whether Cedar could find the policy satisfied for `t` (or fail on it).
-    pub(crate) fn may_apply(&self, t: &Target<'_>) -> bool {
+    /// What Cedar would find for `t`, when the pre-filter can tell.
+    pub(crate) fn assess(&self, t: &Target<'_>) -> Assessment {
         if !(self.principal.admits(t.principal.0, t.principal.1)
             && self.admits_action(t.action)
             && self.resource.admits(t.resource.0, t.resource.1))
         {
-            return false;
+            return Assessment::Unsatisfied;
         }
         for check in &self.checks {
             match evaluate(check, t) {
                 Some(true) => continue,
-                Some(false) => return false,
-                None => return true,
+                Some(false) => return Assessment::Unsatisfied,
+                None => return Assessment::Evaluate,
             }
         }
-        true
+        if self.whole {
+            Assessment::Satisfied
+        } else {
+            Assessment::Evaluate
+        }
     }
 }
 
@@ -292,22 +315,31 @@ fn conjuncts<'a>(expr: &'a Value, out: &mut Vec<&'a Value>) {
 
 /// The decidable leading conjuncts of the leading `when` clauses of a
 /// policy in JSON (EST) form.
-fn leading_checks(est: &Value) -> Vec<Check> {
+/// Also says whether they are the whole condition: every clause a `when`,
+/// every conjunct decidable.
+fn leading_checks(est: &Value) -> (Vec<Check>, bool) {
     let mut parts = Vec::new();
     let conditions = est
         .get("conditions")
         .and_then(Value::as_array)
         .map_or(&[][..], Vec::as_slice);
+    let mut whole = true;
     for condition in conditions {
         if condition.get("kind").and_then(Value::as_str) != Some("when") {
+            whole = false;
             break;
         }
         match condition.get("body") {
             Some(body) => conjuncts(body, &mut parts),
-            None => break,
+            None => {
+                whole = false;
+                break;
+            }
         }
     }
-    parts.iter().map_while(|p| check(p)).collect()
+    let checks: Vec<Check> = parts.iter().map_while(|p| check(p)).collect();
+    let whole = whole && checks.len() == parts.len();
+    (checks, whole)
 }
 
 /// Which context fields a policy reads (`context.f`, `context has f`); any
@@ -467,6 +499,25 @@ mod tests {
             checks_of("permit(principal, action, resource) when { principal has team } when { principal has role };").len(),
             2
         );
+    }
+
+    #[test]
+    fn knows_when_the_checks_are_the_whole_condition() {
+        let whole = |text: &str| Filter::new(&Policy::from_str(text).unwrap()).whole;
+        assert!(whole("permit(principal, action, resource);"));
+        assert!(whole(
+            "permit(principal, action, resource) when { principal has team && principal.team == \"a\" };"
+        ));
+        assert!(whole(
+            "permit(principal, action, resource) when { principal has team } when { resource.hasTag(\"x\") };"
+        ));
+        assert!(!whole(
+            "permit(principal, action, resource) when { principal has team && context.hour_utc > 3 };"
+        ));
+        assert!(!whole(
+            "permit(principal, action, resource) when { principal has team } unless { principal has role };"
+        ));
+        assert!(!whole("permit(principal, action, resource) when { true };"));
     }
 
     #[test]
