@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::diagnostics::{Diagnostic, DiagnosticKind, Diagnostics};
 use crate::eval::{self, Compiled};
-use crate::prefilter::{self, Assessment, Filter, Target};
+use crate::prefilter::{self, Assessment, Filter, GroupKey, Selection, Target};
 use crate::request::{
     self, AccessRequest, Action, ContextUse, Field, Names, Referenced, Service, View,
 };
@@ -104,14 +104,14 @@ const ADDRESS_CACHE: usize = 4096;
 /// Decision times whose Cedar `datetime` value is kept per engine.
 const DATETIME_CACHE: usize = 64;
 
-/// A small thread-safe map that forgets everything when full: bounded memory
-/// without bookkeeping. A poisoned lock just disables it.
+/// A small thread-safe map that forgets an arbitrary entry when full:
+/// bounded memory without bookkeeping. A poisoned lock just disables it.
 struct BoundedCache<K, V> {
     map: Mutex<HashMap<K, V, foldhash::fast::RandomState>>,
     capacity: usize,
 }
 
-impl<K: std::hash::Hash + Eq, V: Clone> BoundedCache<K, V> {
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> BoundedCache<K, V> {
     fn new(capacity: usize) -> Self {
         BoundedCache {
             map: Mutex::new(HashMap::default()),
@@ -135,8 +135,13 @@ impl<K: std::hash::Hash + Eq, V: Clone> BoundedCache<K, V> {
 
     fn insert(&self, key: K, value: V) {
         if let Ok(mut map) = self.map.lock() {
-            if map.len() >= self.capacity {
-                map.clear();
+            if map.len() >= self.capacity && !map.contains_key(&key) {
+                // Forget one entry, an arbitrary one (the hash order is
+                // random): freeing a whole full cache at once made one
+                // decision in a thousand wait for it.
+                if let Some(old) = map.keys().next().cloned() {
+                    map.remove(&old);
+                }
             }
             map.insert(key, value);
         }
@@ -144,45 +149,102 @@ impl<K: std::hash::Hash + Eq, V: Clone> BoundedCache<K, V> {
 }
 
 /// For one action, the policies whose scope admits it: those naming one
-/// service, by service name, and the rest.
+/// service, by service name; the others that share a leading check but for
+/// its literal (see [`GroupKey`]), by group and literal; and the rest.
 #[derive(Debug, Default)]
 struct ScopeIndex {
     any_service: Vec<u32>,
     by_service: HashMap<String, Vec<u32>>,
+    groups: Vec<Group>,
 }
+
+/// Policies sharing a [`GroupKey`].
+#[derive(Debug)]
+struct Group {
+    key: GroupKey,
+    /// By literal.
+    by_literal: HashMap<String, Vec<u32>>,
+    /// All of them, ascending.
+    all: Vec<u32>,
+}
+
+/// Smaller groups are left with the rest: looking one up costs about as
+/// much as checking its policies.
+const MIN_GROUP: usize = 3;
 
 impl ScopeIndex {
     fn new(filters: &[Filter], action: Action) -> Self {
         let mut index = ScopeIndex::default();
+        let mut groups: HashMap<GroupKey, Group> = HashMap::new();
+        let mut order: Vec<GroupKey> = Vec::new();
         for (filter, i) in filters.iter().zip(0u32..) {
             if !filter.admits_action(action.as_str()) {
                 continue;
             }
-            match filter.resource() {
-                Some((_, id)) => index.by_service.entry(id.to_owned()).or_default().push(i),
+            if let Some((_, id)) = filter.resource() {
+                index.by_service.entry(id.to_owned()).or_default().push(i);
+                continue;
+            }
+            match filter.group() {
+                Some((key, literal)) => {
+                    let group = groups.entry(key.clone()).or_insert_with(|| {
+                        order.push(key.clone());
+                        Group {
+                            key,
+                            by_literal: HashMap::new(),
+                            all: Vec::new(),
+                        }
+                    });
+                    group
+                        .by_literal
+                        .entry(literal.to_owned())
+                        .or_default()
+                        .push(i);
+                    group.all.push(i);
+                }
                 None => index.any_service.push(i),
             }
         }
+        for key in order {
+            let Some(group) = groups.remove(&key) else {
+                continue;
+            };
+            if group.all.len() < MIN_GROUP {
+                index.any_service.extend_from_slice(&group.all);
+            } else {
+                index.groups.push(group);
+            }
+        }
+        index.any_service.sort_unstable();
         index
     }
 
-    /// Indices of the policies that may concern `service`, ascending.
-    fn candidates(&self, service: &str) -> Vec<u32> {
-        let named = self.by_service.get(service).map_or(&[][..], Vec::as_slice);
-        // Both are ascending: merge them.
-        let mut all = Vec::with_capacity(self.any_service.len() + named.len());
-        let (mut a, mut b) = (self.any_service.as_slice(), named);
-        while let (Some(&x), Some(&y)) = (a.first(), b.first()) {
-            if x < y {
-                all.push(x);
-                a = &a[1..];
-            } else {
-                all.push(y);
-                b = &b[1..];
+    /// Indices of the policies that may concern `target`, ascending: a
+    /// superset of those the pre-filter does not find unsatisfied.
+    fn candidates(&self, target: &Target<'_>) -> Vec<u32> {
+        let named = self
+            .by_service
+            .get(target.resource.1)
+            .map_or(&[][..], Vec::as_slice);
+        let mut all = Vec::with_capacity(self.any_service.len() + named.len() + 8);
+        all.extend_from_slice(&self.any_service);
+        all.extend_from_slice(named);
+        for group in &self.groups {
+            match group.key.select(target) {
+                Selection::Nothing => {}
+                Selection::All => all.extend_from_slice(&group.all),
+                Selection::Values(values) => {
+                    for value in values {
+                        if let Some(policies) = group.by_literal.get(value) {
+                            all.extend_from_slice(policies);
+                        }
+                    }
+                }
             }
         }
-        all.extend_from_slice(a);
-        all.extend_from_slice(b);
+        all.sort_unstable();
+        // A set with a repeated element selects a policy twice.
+        all.dedup();
         all
     }
 }
@@ -949,7 +1011,7 @@ impl PolicyEngine {
     fn candidates(&self, action: Action, target: &Target<'_>) -> Candidates {
         let index = &self.index[action_index(action)];
         let (mut satisfied, mut policies) = (Vec::new(), Vec::new());
-        for i in index.candidates(target.resource.1) {
+        for i in index.candidates(target) {
             match self.filters.get(i as usize).map(|f| f.assess(target)) {
                 Some(Assessment::Unsatisfied) => {}
                 Some(Assessment::Satisfied) => satisfied.push(i),

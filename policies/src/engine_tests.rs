@@ -514,6 +514,23 @@ fn shortcuts_agree_with_full_evaluation() {
         include_str!("../tests/fixtures/valid/teams.cedar"),
         include_str!("../tests/fixtures/valid/prod.cedar")
     );
+    // Families of policies that differ only in a literal: the index groups
+    // them by their leading check (guarded `==` and `contains` on attributes,
+    // tags, and the unguarded `==` on an attribute always present).
+    let families = r#"
+@id("fam-team-data") permit(principal, action == Action::"connect", resource) when { principal has team && principal.team == "data" && resource has env };
+@id("fam-team-web") permit(principal, action == Action::"connect", resource) when { principal has team && principal.team == "web" };
+@id("fam-team-x") permit(principal, action == Action::"connect", resource) when { principal has team && principal.team == "x" };
+@id("fam-group-analysts") permit(principal, action, resource) when { principal has groups && principal.groups.contains("analysts") && context.time > 0 };
+@id("fam-group-oncall") forbid(principal, action == Action::"register", resource) when { principal has groups && principal.groups.contains("oncall") };
+@id("fam-group-none") permit(principal, action, resource) when { principal has groups && principal.groups.contains("none") };
+@id("fam-dept-fin") permit(principal, action, resource) when { principal.hasTag("dept") && principal.getTag("dept").contains("fin") && resource has env && resource.env == "staging" };
+@id("fam-dept-ops") forbid(principal, action == Action::"connect", resource) when { principal.hasTag("dept") && principal.getTag("dept").contains("ops") && resource.hasTag("class") };
+@id("fam-dept-hr") permit(principal, action, resource) when { principal.hasTag("dept") && principal.getTag("dept").contains("hr") };
+@id("fam-name-a") permit(principal, action == Action::"register", resource) when { resource.name == "svc-a" && principal has role };
+@id("fam-name-b") permit(principal, action == Action::"register", resource) when { resource.name == "svc-b" };
+@id("fam-name-other") forbid(principal, action == Action::"register", resource) when { resource.name == "other" };
+"#;
     let extra = r#"
 @id("svc-a-data") permit(principal, action == Action::"connect", resource == Service::"svc-a")
 when { principal has team && principal.team == "data" };
@@ -535,6 +552,7 @@ when { principal has email && context.now.toTime() > duration("20h") };
     let engine = PolicyEngine::from_sources(vec![
         PolicySource::new("fixtures.cedar", fixtures),
         PolicySource::new("extra.cedar", extra),
+        PolicySource::new("families.cedar", families),
     ])
     .unwrap();
     let uses = engine
@@ -542,6 +560,12 @@ when { principal has email && context.now.toTime() > duration("20h") };
         .iter()
         .fold(ContextUse::NONE, |a, b| a.union(*b));
     assert!(uses.now && uses.source_ip && !uses.relay);
+    // The families are grouped: team, groups and dept for connect; groups,
+    // dept and name for register.
+    assert_eq!(
+        (engine.index[0].groups.len(), engine.index[1].groups.len()),
+        (3, 3)
+    );
 
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut pick = |n: usize| {
@@ -703,4 +727,21 @@ fn built_values_conform_to_the_schema() {
             _ => None,
         }
     );
+}
+
+#[test]
+fn bounded_cache_keeps_its_bound_and_the_newest_entry() {
+    let cache = BoundedCache::new(3);
+    for i in 0..10u32 {
+        cache.insert(i, i * 2);
+        assert_eq!(cache.get(&i), Some(i * 2));
+        assert!(cache.map.lock().unwrap().len() <= 3);
+    }
+    // Replacing a present key evicts nothing.
+    let before: Vec<u32> = cache.map.lock().unwrap().keys().copied().collect();
+    cache.insert(before[0], 99);
+    assert_eq!(cache.map.lock().unwrap().len(), 3);
+    assert_eq!(cache.get(&before[0]), Some(99));
+    assert_eq!(cache.get_or_try_insert::<()>(42, || Ok(1)), Ok(1));
+    assert_eq!(cache.get_or_try_insert::<()>(42, || Err(())), Ok(1));
 }

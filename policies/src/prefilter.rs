@@ -37,7 +37,7 @@ use serde_json::Value;
 use crate::request::{AttrName, AttrRef, ContextUse, Referenced, View};
 
 /// An entity a condition talks about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Subject {
     Principal,
     Resource,
@@ -199,6 +199,99 @@ impl Filter {
             Assessment::Satisfied
         } else {
             Assessment::Evaluate
+        }
+    }
+}
+
+/// A leading check that many policies share but for its literal, such as
+/// `principal has team && principal.team == "…"`: policies can be grouped by
+/// it, and a request's attribute value picks the few of a group that pass it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct GroupKey {
+    subject: Subject,
+    /// The attribute (`Some`), or tag key.
+    attr: Option<AttrName>,
+    tag: String,
+    /// `contains` rather than `==` (always `contains` for tags).
+    contains: bool,
+    /// Preceded by `has` / `hasTag` of the same name.
+    guarded: bool,
+}
+
+/// Which policies of a group pass its key check for a request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Selection<'a> {
+    /// None of them.
+    Nothing,
+    /// Those keyed by one of these values (whose literal equals the value,
+    /// or is an element of it).
+    Values(Vec<&'a str>),
+    /// Maybe all of them: the pre-filter must look at each.
+    All,
+}
+
+impl Filter {
+    /// The group key and literal of this policy, when its checks start with
+    /// a groupable check (optionally after the `has` that guards it).
+    pub(crate) fn group(&self) -> Option<(GroupKey, &str)> {
+        let (guarded, check) = match (self.checks.first()?, self.checks.get(1)) {
+            (
+                Check::Has(s, a),
+                Some(next @ (Check::Eq(s2, a2, _, true) | Check::Contains(s2, a2, _))),
+            ) if s == s2 && a == a2 => (true, next),
+            (Check::HasTag(s, k), Some(next @ Check::TagContains(s2, k2, _)))
+                if s == s2 && k == k2 =>
+            {
+                (true, next)
+            }
+            (first, _) => (false, first),
+        };
+        let (subject, attr, tag, contains, lit) = match check {
+            Check::Eq(s, a, lit, true) => (*s, Some(a.clone()), String::new(), false, lit),
+            Check::Contains(s, a, lit) => (*s, Some(a.clone()), String::new(), true, lit),
+            Check::TagContains(s, k, lit) => (*s, None, k.clone(), true, lit),
+            _ => return None,
+        };
+        Some((
+            GroupKey {
+                subject,
+                attr,
+                tag,
+                contains,
+                guarded,
+            },
+            lit.as_str(),
+        ))
+    }
+}
+
+impl GroupKey {
+    /// Which policies of the group can pass its key check for `t`: exactly
+    /// those the check (and its guard) would not find false.
+    pub(crate) fn select<'t>(&self, t: &'t Target<'_>) -> Selection<'t> {
+        let view = match self.subject {
+            Subject::Principal => t.principal_view,
+            Subject::Resource => t.resource_view,
+        };
+        let absent = if self.guarded {
+            // `has` is false: the policy is not satisfied.
+            Selection::Nothing
+        } else {
+            // Cedar would report the missing attribute or tag.
+            Selection::All
+        };
+        match &self.attr {
+            Some(attr) => match (view.attr_at(attr), self.contains) {
+                (None, _) => absent,
+                (Some(AttrRef::Str(v)), false) => Selection::Values(vec![v]),
+                (Some(AttrRef::Set(vs)), true) => Selection::Values(vs.to_vec()),
+                // A value of the other shape: Cedar decides (a type error).
+                (Some(_), _) => Selection::All,
+            },
+            None => match view.tag(&self.tag) {
+                None => absent,
+                Some(values) => Selection::Values(values.values().collect()),
+            },
         }
     }
 }

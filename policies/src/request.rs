@@ -331,7 +331,7 @@ const EMPTY_SLOT: u8 = u8::MAX;
 const RESERVED_SLOT: u8 = u8::MAX - 1;
 
 /// An attribute name with its position in [`SLOTTED`], when it has one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct AttrName {
     pub(crate) name: String,
     slot: Option<u8>,
