@@ -37,16 +37,32 @@
 //!
 //! # Cost
 //!
-//! A decision takes tens of microseconds, most of it inside Cedar, and is
-//! made once per tunnel, never per packet. Cedar copies and evaluates every
-//! policy of a set, so [`PolicyEngine::decide`] hands it only the policies
-//! that can apply: their scope (action, service, principal) is matched
-//! exactly, and simple leading conditions on attributes (`has`, `==`, `!=`,
-//! `contains`, `hasTag`, `getTag(…).contains`) are checked first. A
-//! randomised test checks these shortcuts against Cedar evaluating
-//! everything. Policies cost least when they name their action and service
-//! in the scope and start with attribute tests. Context fields that no policy
-//! reads are not built (`now` and `source_ip` are the costly ones).
+//! A decision takes a few microseconds and is made once per tunnel (and on
+//! policy changes and renewals), never per packet. What keeps it small:
+//!
+//! - **Only the policies that can apply reach Cedar.** Their scope (action,
+//!   service, principal) is matched exactly from an index; policies that
+//!   differ only in the literal of a leading attribute test (`team == "…"`,
+//!   `groups.contains("…")`, `getTag("k").contains("…")`) are grouped, and
+//!   the request's value picks the few that can pass; simple leading
+//!   conditions (`has`, `==`, `!=`, `contains`, `hasTag`,
+//!   `getTag(…).contains`) are then checked without Cedar. A policy whose
+//!   whole condition is such tests, all true, is satisfied without Cedar.
+//! - **Cedar's evaluator, not its authorizer.** The candidates are evaluated
+//!   with `cedar-policy-core`'s `Evaluator` on each policy's conditions,
+//!   built once at load; the authorizer's partial evaluation and response
+//!   bookkeeping cost several times the evaluation itself.
+//! - **Values built once.** Entities are built as Cedar values from the
+//!   attributes policies can read (Cedar cannot list the others), and kept
+//!   per principal–service pair together with its candidate policies; a
+//!   service's entity is shared by all principals. Context fields that no
+//!   candidate reads are not built (`now` and `source_ip` are the costly
+//!   ones, and their values are cached).
+//!
+//! A randomised test compares every shortcut with `cedar_policy::Authorizer`
+//! evaluating all policies on schema-checked input. Policies cost least when
+//! they name their action and service in the scope and start with attribute
+//! tests. `cargo bench --bench policy` measures it (BENCHMARKS.md).
 //!
 //! # Limits
 //!
