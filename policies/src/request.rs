@@ -586,10 +586,10 @@ impl<'a> View<'a> {
     }
 }
 
-/// Which context fields the loaded policies read. Fields no policy reads
-/// are left out of the context: nothing can observe them, and each costs
-/// Cedar time to build — extension values (`datetime`, `ipaddr`) about
-/// 10 µs, since Cedar re-parses the constructor's name every time.
+/// Which context fields a policy (or the candidates of a request) read.
+/// Fields no candidate reads are left out of the context: nothing can
+/// observe them, and each costs time to build (extension values, `datetime`
+/// and `ipaddr`, most; the engine caches those).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ContextUse {
     pub(crate) time: bool,
