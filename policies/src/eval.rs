@@ -11,11 +11,12 @@
 //! parents, so scope matching is plain comparison; see `prefilter`) — and of
 //! each only its `when`/`unless` conditions, with [`Evaluator::interpret`],
 //! the evaluator the authorizer calls, on entities and a context built
-//! directly as Cedar values. The combination
-//! rule is Cedar's: any satisfied forbid denies, else any satisfied permit
-//! allows, else deny; errors are collected (and the engine denies on any).
-//! A randomised test compares every outcome with `Authorizer::is_authorized`
-//! over all the policies.
+//! directly as Cedar values. Policies the pre-filter found wholly satisfied
+//! are counted without evaluation. The combination rule is Cedar's: any
+//! satisfied forbid denies, else any satisfied permit allows, else deny;
+//! errors are collected (and the engine denies on any). A randomised test
+//! compares every outcome with `Authorizer::is_authorized` over all the
+//! policies.
 //!
 //! `cedar-policy-core` is Cedar's internal crate: its API may change between
 //! releases, which is why both crates are pinned to one version.
