@@ -308,9 +308,15 @@ async fn close(mut conn: TcpStream, echo: &EchoServer) -> Result<()> {
 async fn opens_again(addr: SocketAddr) -> Result<TcpStream> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let mut conn = TcpStream::connect(addr).await?;
-        match echo_round(&mut conn, b"room again").await {
-            Ok(()) => return Ok(conn),
+        // A refused connection may be reset before `connect` even returns:
+        // that is a refusal too, so try again.
+        let attempt = async {
+            let mut conn = TcpStream::connect(addr).await?;
+            echo_round(&mut conn, b"room again").await?;
+            anyhow::Ok(conn)
+        };
+        match attempt.await {
+            Ok(conn) => return Ok(conn),
             Err(e) if Instant::now() >= deadline => {
                 return Err(e.context("no tunnel opened within 3 s of one closing"))
             }
