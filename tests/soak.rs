@@ -252,9 +252,31 @@ async fn concurrent_burst(stack: &ProcStack, n: usize) -> Result<(Duration, [usi
     release.notify_waiters();
     for (i, task) in tasks.into_iter().enumerate() {
         task.await?
-            .with_context(|| format!("concurrent tunnel {i}"))?;
+            .with_context(|| format!("concurrent tunnel {i}; {}", warnings(stack)))?;
     }
     Ok((opened_in, fds, rss))
+}
+
+/// The last warnings and errors the three processes logged, for a failure's
+/// message.
+fn warnings(stack: &ProcStack) -> String {
+    let mut out = String::from("what the processes warned about:");
+    for (name, process) in [
+        ("relay", &stack.relay),
+        ("outlet", &stack.outlet),
+        ("inlet", &stack.inlet),
+    ] {
+        let log = process.stderr();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        out.push_str(&format!("\n{name}:"));
+        for line in &lines[lines.len().saturating_sub(10)..] {
+            out.push_str(&format!("\n  {line}"));
+        }
+    }
+    out
 }
 
 /// Waits for each process's descriptors to settle; returns fds and RSS.
