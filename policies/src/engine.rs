@@ -1,6 +1,7 @@
 //! The policy engine: Cedar policies loaded from files, validated against the
 //! Postern schema, and evaluated for one request at a time.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
@@ -414,9 +415,9 @@ impl PolicyDecision {
 /// Cheap to share (`Send + Sync`); reload by building a new engine and
 /// swapping it in, so a broken file never replaces working policies.
 pub struct PolicyEngine {
-    /// The policies by index, as in `infos` (for the reference evaluation
-    /// tests compare with).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// The policies by index, as in `infos`, for the reference evaluation
+    /// tests compare with.
+    #[cfg(test)]
     cedar: Vec<Policy>,
     /// The policies by index, ready to evaluate.
     compiled: Vec<Compiled>,
@@ -799,6 +800,7 @@ impl PolicyEngine {
             index,
             prepared: BoundedCache::new(PAIR_CACHE),
             services: BoundedCache::new(SERVICE_CACHE),
+            #[cfg(test)]
             cedar,
             compiled,
             filters,
@@ -1042,34 +1044,30 @@ impl PolicyEngine {
         let Some(candidates) = prepared.candidates[index].get() else {
             return Err("internal error: no candidate policies for the action".into());
         };
-        if candidates.policies.is_empty() {
+        let outcome = if candidates.policies.is_empty() {
             // Decided without Cedar: nothing left could be satisfied or fail.
-            let outcome = eval::Outcome::of_satisfied(&self.compiled, &candidates.satisfied);
-            return Ok((
-                outcome.allowed(),
-                outcome.determining().to_vec(),
-                outcome.errors,
-            ));
-        }
-        // Only the fields the candidates read: nothing else can observe the
-        // others, and extension values are the costly ones to build.
-        let mut context = Vec::with_capacity(4);
-        for (name, field) in request::context_fields(&request.context, candidates.context)? {
-            context.push((name, self.value(field)?));
-        }
-        let cedar_request = eval::request(
-            &prepared.principal_uid,
-            action_uid,
-            &prepared.service.uid,
-            eval::context(context),
-        );
-        let outcome = eval::evaluate(
-            &self.compiled,
-            &candidates.satisfied,
-            &candidates.policies,
-            cedar_request,
-            &prepared.entities,
-        );
+            eval::Outcome::of_satisfied(&self.compiled, &candidates.satisfied)
+        } else {
+            // Only the fields the candidates read: nothing else can observe
+            // the others, and extension values are the costly ones to build.
+            let mut context = Vec::with_capacity(4);
+            for (name, field) in request::context_fields(&request.context, candidates.context)? {
+                context.push((name, self.value(field)?));
+            }
+            let cedar_request = eval::request(
+                &prepared.principal_uid,
+                action_uid,
+                &prepared.service.uid,
+                eval::context(context),
+            );
+            eval::evaluate(
+                &self.compiled,
+                &candidates.satisfied,
+                &candidates.policies,
+                cedar_request,
+                &prepared.entities,
+            )
+        };
         Ok((
             outcome.allowed(),
             outcome.determining().to_vec(),
@@ -1164,27 +1162,25 @@ impl PolicyEngine {
                 + errors.iter().chain(notes).map(String::len).sum::<usize>()
                 + 64 * policies.len(),
         );
-        let _ = write!(out, "{user_reason}; principal ");
-        match prepared {
-            Some(p) => {
-                let _ = write!(
-                    out,
-                    "{} attrs {}; service {} attrs {}",
-                    p.identifier, p.principal_json, request.service.name, p.service.json
-                );
-            }
-            None => {
-                let _ = write!(
-                    out,
-                    "{} attrs {}; service {} attrs {}",
-                    request.principal.identifier,
-                    json(&request.principal.attrs),
-                    request.service.name,
-                    json(&request.service.attrs)
-                );
-            }
-        }
-        let _ = write!(out, "; context time={}", ctx.time);
+        // Rendered once per pair when the decision got that far.
+        let (identifier, principal_attrs, service_attrs) = match prepared {
+            Some(p) => (
+                Cow::Borrowed(p.identifier.as_str()),
+                Cow::Borrowed(p.principal_json.as_str()),
+                Cow::Borrowed(p.service.json.as_str()),
+            ),
+            None => (
+                Cow::Owned(request.principal.identifier.to_string()),
+                Cow::Owned(json(&request.principal.attrs)),
+                Cow::Owned(json(&request.service.attrs)),
+            ),
+        };
+        let _ = write!(
+            out,
+            "{user_reason}; principal {identifier} attrs {principal_attrs}; service {} attrs \
+             {service_attrs}; context time={}",
+            request.service.name, ctx.time
+        );
         if let Some(ip) = ctx.source_ip {
             let _ = write!(out, " source_ip={ip} (relay-asserted)");
         }

@@ -69,14 +69,25 @@ impl Outcome {
         let mut outcome = Outcome::default();
         for &i in satisfied {
             match policies.get(i as usize) {
-                Some(p) if p.forbid => outcome.forbids.push(i),
-                Some(_) => outcome.permits.push(i),
-                None => outcome
-                    .errors
-                    .push(format!("internal error: policy index {i} out of range")),
+                Some(p) => outcome.satisfied(i, p),
+                None => outcome.out_of_range(i),
             }
         }
         outcome
+    }
+
+    /// Records policy `i`, `p`, as satisfied.
+    fn satisfied(&mut self, i: u32, p: &Compiled) {
+        if p.forbid {
+            self.forbids.push(i);
+        } else {
+            self.permits.push(i);
+        }
+    }
+
+    fn out_of_range(&mut self, i: u32) {
+        self.errors
+            .push(format!("internal error: policy index {i} out of range"));
     }
 
     /// Cedar's decision: no satisfied forbid and at least one satisfied
@@ -131,9 +142,7 @@ pub(crate) fn evaluate(
     let mut outcome = Outcome::of_satisfied(policies, satisfied);
     for &i in candidates {
         let Some(p) = policies.get(i as usize) else {
-            outcome
-                .errors
-                .push(format!("internal error: policy index {i} out of range"));
+            outcome.out_of_range(i);
             continue;
         };
         let value = match &p.conditions {
@@ -146,11 +155,7 @@ pub(crate) fn evaluate(
                 ..
             }) => {
                 if satisfied {
-                    if p.forbid {
-                        outcome.forbids.push(i);
-                    } else {
-                        outcome.permits.push(i);
-                    }
+                    outcome.satisfied(i, p);
                 }
             }
             // Validation guarantees a boolean; say so if it ever is not.

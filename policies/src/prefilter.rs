@@ -442,50 +442,36 @@ pub(crate) fn context_use(policy: &Policy) -> ContextUse {
         return ContextUse::ALL;
     };
     let mut uses = ContextUse::NONE;
-    walk(&est, &mut uses);
-    uses
-}
-
-fn walk(v: &Value, uses: &mut ContextUse) {
-    match v {
-        Value::Object(obj) => {
-            for key in [".", "has"] {
-                let Some(body) = op(v, key) else { continue };
-                let on_context = body
-                    .get("left")
-                    .and_then(|l| op(l, "Var"))
-                    .and_then(Value::as_str)
-                    == Some("context");
-                if on_context {
-                    // `context has a.b`: the first name is the context field.
-                    let attr = body.get("attr");
-                    let name = attr.and_then(Value::as_str).or_else(|| {
-                        attr.and_then(Value::as_array)
-                            .and_then(|a| a.first())
-                            .and_then(Value::as_str)
-                    });
-                    match name {
-                        Some(name) => uses.mark(name),
-                        None => *uses = ContextUse::ALL,
-                    }
-                    return;
+    visit_objects(&est, &mut |node| {
+        for key in [".", "has"] {
+            let Some(body) = op(node, key) else { continue };
+            let on_context = body
+                .get("left")
+                .and_then(|l| op(l, "Var"))
+                .and_then(Value::as_str)
+                == Some("context");
+            if on_context {
+                // `context has a.b`: the first name is the context field.
+                let attr = body.get("attr");
+                let name = attr.and_then(Value::as_str).or_else(|| {
+                    attr.and_then(Value::as_array)
+                        .and_then(|a| a.first())
+                        .and_then(Value::as_str)
+                });
+                match name {
+                    Some(name) => uses.mark(name),
+                    None => uses = ContextUse::ALL,
                 }
-            }
-            if op(v, "Var").and_then(Value::as_str) == Some("context") {
-                *uses = ContextUse::ALL;
-                return;
-            }
-            for child in obj.values() {
-                walk(child, uses);
+                return false;
             }
         }
-        Value::Array(items) => {
-            for item in items {
-                walk(item, uses);
-            }
+        if op(node, "Var").and_then(Value::as_str) == Some("context") {
+            uses = ContextUse::ALL;
+            return false;
         }
-        _ => {}
-    }
+        true
+    });
+    uses
 }
 
 /// The attribute names and tag keys a policy can read (a superset: every
@@ -496,46 +482,48 @@ pub(crate) fn referenced(policy: &Policy) -> Referenced {
         return Referenced::all();
     };
     let mut found = Referenced::none();
-    collect_names(&est, &mut found);
+    visit_objects(&est, &mut |node| {
+        for key in [".", "has"] {
+            match op(node, key).and_then(|body| body.get("attr")) {
+                None => {}
+                Some(Value::String(name)) => found.attr(name),
+                // `has a.b.c`
+                Some(Value::Array(names)) => {
+                    for name in names {
+                        match name.as_str() {
+                            Some(name) => found.attr(name),
+                            None => found = Referenced::all(),
+                        }
+                    }
+                }
+                Some(_) => found = Referenced::all(),
+            }
+        }
+        for key in ["getTag", "hasTag"] {
+            if let Some(body) = op(node, key) {
+                match body.get("right").and_then(string_literal) {
+                    Some(tag) => found.tag(&tag),
+                    None => found.all_tags(),
+                }
+            }
+        }
+        true
+    });
     found
 }
 
-fn collect_names(v: &Value, found: &mut Referenced) {
+/// Calls `visit` on every object of a policy's JSON form, parents first,
+/// and goes on into the children of those it returns `true` for.
+fn visit_objects(v: &Value, visit: &mut impl FnMut(&Value) -> bool) {
     match v {
-        Value::Object(obj) => {
-            for key in [".", "has"] {
-                let Some(attr) = op(v, key).and_then(|body| body.get("attr")) else {
-                    continue;
-                };
-                match attr {
-                    Value::String(name) => found.attr(name),
-                    // `has a.b.c`
-                    Value::Array(names) => {
-                        for name in names {
-                            match name.as_str() {
-                                Some(name) => found.attr(name),
-                                None => *found = Referenced::all(),
-                            }
-                        }
-                    }
-                    _ => *found = Referenced::all(),
-                }
-            }
-            for key in ["getTag", "hasTag"] {
-                if let Some(body) = op(v, key) {
-                    match body.get("right").and_then(string_literal) {
-                        Some(tag) => found.tag(&tag),
-                        None => found.all_tags(),
-                    }
-                }
-            }
+        Value::Object(obj) if visit(v) => {
             for child in obj.values() {
-                collect_names(child, found);
+                visit_objects(child, visit);
             }
         }
         Value::Array(items) => {
             for item in items {
-                collect_names(item, found);
+                visit_objects(item, visit);
             }
         }
         _ => {}

@@ -6,12 +6,10 @@
 //! spliced into Cedar source text, so attribute values with quotes, newlines
 //! or any other characters cannot change the meaning of a policy.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-
-use std::collections::HashSet;
 
 use cedar_policy::{EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use cedar_policy_core::ast::{self, Literal, PartialValue, Value};
@@ -234,7 +232,7 @@ fn string_set<'a>(values: impl IntoIterator<Item = &'a str>) -> RestrictedExpres
 /// no way to list an entity's attributes or tags, so the others are left out
 /// of the entities: they cannot change a decision, and credentials may carry
 /// many (long group lists, each also a tag).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Referenced {
     attrs: BTreeSet<String>,
     tags: BTreeSet<String>,
@@ -246,21 +244,15 @@ impl Referenced {
     /// Every attribute and tag.
     pub(crate) fn all() -> Self {
         Referenced {
-            attrs: BTreeSet::new(),
-            tags: BTreeSet::new(),
             all_attrs: true,
             all_tags: true,
+            ..Referenced::default()
         }
     }
 
     /// Nothing.
     pub(crate) fn none() -> Self {
-        Referenced {
-            attrs: BTreeSet::new(),
-            tags: BTreeSet::new(),
-            all_attrs: false,
-            all_tags: false,
-        }
+        Referenced::default()
     }
 
     /// Marks attribute `name` as read.
