@@ -16,8 +16,10 @@
 //! (set `POSTERN_FUZZ_REGENERATE=target1,target2` to rewrite only those).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+#[path = "support/fuzz.rs"]
+mod fuzz_support;
 
+use fuzz_support::{corpus, corpus_dir, iterations, mutate};
 use postern_identity::credential::{self, CredentialBody, CredentialId, Kind, SignedCredential};
 use postern_identity::fuzzing;
 use postern_identity::handshake::{
@@ -42,12 +44,6 @@ const TARGETS: [&str; 7] = [
     "ticket_parse",
 ];
 
-fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target)
-}
-
 fn local() -> LocalParty {
     LocalParty::new(Identity::from_secret_bytes(&[7; 32])).unwrap()
 }
@@ -65,48 +61,9 @@ fn run(target: &str, local: &LocalParty, data: &[u8]) {
     }
 }
 
-fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = corpus_dir(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {} missing ({e}); regenerate it", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
-}
-
-fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
-    let mut data = seed.to_vec();
-    for _ in 0..rng.gen_range(1..=4) {
-        match rng.gen_range(0..5) {
-            0 if !data.is_empty() => {
-                let i = rng.gen_range(0..data.len());
-                data[i] ^= 1 << rng.gen_range(0..8);
-            }
-            1 if !data.is_empty() => {
-                let cut = rng.gen_range(0..data.len());
-                data.truncate(cut);
-            }
-            2 => {
-                let i = rng.gen_range(0..=data.len());
-                data.insert(i, rng.gen());
-            }
-            3 if !data.is_empty() => {
-                let i = rng.gen_range(0..data.len());
-                data[i] = [0x00, 0xff, 0x7f, 0x80, 0x9f, 0xbf, 0x5b, 0x1b][rng.gen_range(0..8)];
-            }
-            _ => data.extend((0..rng.gen_range(0..16)).map(|_| rng.gen::<u8>())),
-        }
-    }
-    data
-}
-
 #[test]
 fn entry_points_survive_corpus_random_and_mutated_inputs() {
-    let iterations: usize = std::env::var("POSTERN_FUZZ_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let iterations = iterations("POSTERN_FUZZ_ITERATIONS", 20_000);
     let local = local();
     let mut rng = StdRng::seed_from_u64(0x0905_7e27);
     for target in TARGETS {

@@ -167,10 +167,17 @@ pub struct RelayArgs {
     /// (repeatable); their attributes reach the register policies.
     #[arg(long, value_name = "P…")]
     pub trust_authority: Vec<Identifier>,
-    /// Append every registration decision to this hash-chained audit log
-    /// (check it with `postern audit verify FILE`).
+    /// Append every registration decision to this hash-chained audit log,
+    /// with checkpoints signed by the relay's identity (check it with
+    /// `postern audit verify FILE --signer P…`). One process per file;
+    /// SIGHUP reopens it after rotation.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Refuse registrations while the audit log cannot be written (disk
+    /// full, file gone). Default: keep admitting, log errors, and write the
+    /// queued records when the disk recovers.
+    #[arg(long)]
+    pub audit_fail_closed: bool,
 }
 
 /// The relay's limits (defaults are safe for the open internet).
@@ -325,9 +332,16 @@ pub struct OutletArgs {
     #[arg(long, value_name = "NAME=VALUE")]
     pub service_attr: Vec<AttributeRule>,
     /// Append every access decision and tunnel end to this hash-chained
-    /// audit log (check it with `postern audit verify FILE`).
+    /// audit log, with checkpoints signed by the outlet's identity (check it
+    /// with `postern audit verify FILE --signer P…`). One process per file;
+    /// SIGHUP reopens it after rotation.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Refuse new tunnels while the audit log cannot be written (disk full,
+    /// file gone). Default: keep admitting, log errors, and write the queued
+    /// records when the disk recovers.
+    #[arg(long)]
+    pub audit_fail_closed: bool,
 }
 
 #[derive(Debug, Args)]

@@ -24,7 +24,7 @@ use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier, Identity};
 use postern_node::authority::{self, AuthorityRoute, AuthorityService};
-use postern_policies::audit::AuditLog;
+use postern_policies::audit::{AuditLog, AuditOptions};
 
 use crate::args::parse_duration;
 use postern_node::{RelayEndpoint, Timeouts};
@@ -49,8 +49,8 @@ pub enum AuthorityCommand {
         /// Also record the revocation in this audit log. A running
         /// `postern authority run --audit-log` records every revocation in
         /// its own log within a second, so use this only while no authority
-        /// runs, and never with the file a running process writes (one
-        /// process per audit log).
+        /// runs. The file a running process writes is locked, and this
+        /// command refuses it before revoking (one process per audit log).
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
     },
@@ -142,7 +142,9 @@ pub struct RunArgs {
     pub oidc_config: Option<PathBuf>,
     /// Append every enrollment attempt (allowed or refused, with the reason),
     /// renewal, issued credential and revocation to this hash-chained audit
-    /// log; check it with `postern audit verify FILE`.
+    /// log, with checkpoints signed by the authority's identity; check it
+    /// with `postern audit verify FILE --signer P…`. One process per file;
+    /// SIGHUP reopens it after rotation.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
     /// How long credentials issued to people are valid (e.g. 8h, 30m).
@@ -408,6 +410,13 @@ fn open_authority_with(
     Ok(Authority::new(identity, Box::new(store), config)?)
 }
 
+/// Opens the authority's audit log, its checkpoints signed by the
+/// authority's identity.
+fn open_audit(path: &Path, signer: Identity) -> Result<AuditLog> {
+    AuditLog::open_with(path, AuditOptions::default().with_signer(signer))
+        .map_err(|e| anyhow!("--audit-log: cannot open the audit log: {e}"))
+}
+
 /// Runs `postern authority …`.
 pub async fn run(
     home: &Path,
@@ -429,13 +438,17 @@ pub async fn run(
             config
                 .validate()
                 .context("--person-lifetime / --service-lifetime")?;
+            let audit = match &args.audit_log {
+                Some(path) => Some(Arc::new(open_audit(path, identity.clone())?)),
+                None => None,
+            };
             let authority = Arc::new(open_authority_with(home, &args.store, identity, config)?);
             let local = Arc::new(LocalParty::new(serving)?);
             let mut service = AuthorityService::new(Arc::clone(&authority));
-            if let Some(path) = &args.audit_log {
-                let log = AuditLog::open(path).context("--audit-log")?;
-                service = service.with_audit(Arc::new(log));
+            if let Some(log) = &audit {
+                service = service.with_audit(Arc::clone(log));
             }
+            crate::reopen_on_hangup(audit.iter().cloned().collect())?;
             let oidc = match &args.oidc_config {
                 Some(path) => {
                     let config = read_oidc_config(path)?;
@@ -479,6 +492,7 @@ pub async fn run(
                 stop()?,
             )
             .await;
+            crate::close_audit(audit).await;
             Ok(())
         }
         AuthorityCommand::Ticket(args) => {
@@ -518,7 +532,7 @@ pub async fn run(
         } => {
             let identity = load_identity(&store.identity)?;
             let audit = match &audit_log {
-                Some(path) => Some(AuditLog::open(path).context("--audit-log")?),
+                Some(path) => Some(open_audit(path, identity.clone())?),
                 None => None,
             };
             let authority = open_authority(home, &store, identity)?;
@@ -541,6 +555,7 @@ pub async fn run(
                     entry.seq
                 );
                 log.record(&authority::revoke_event(&authority, &entry, reason))
+                    .and_then(|()| log.close())
                     .context("the revocation is in force, but the audit record failed")?;
             }
             Ok(())

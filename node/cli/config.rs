@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use postern_identity::credential::SignedCredential;
 use postern_identity::wire::ServiceName;
-use postern_identity::Identifier;
+use postern_identity::{Identifier, Identity};
 use postern_node::{AttributeRule, InletConfig, OutletConfig, RelayEndpoint, Trust};
-use postern_policies::audit::AuditLog;
+use postern_policies::audit::{AuditLog, AuditOptions};
 use postern_policies::{AllowList, LivePolicies, PolicyError};
 use postern_relay::RelayConfig;
 use serde::de::DeserializeOwned;
@@ -41,6 +41,7 @@ pub struct RelayFile {
     #[serde(default)]
     trust_authorities: Vec<Identifier>,
     audit_log: Option<PathBuf>,
+    audit_fail_closed: Option<bool>,
 }
 
 /// `outlet` file keys.
@@ -60,6 +61,7 @@ pub struct OutletFile {
     #[serde(default)]
     service_attributes: BTreeMap<String, String>,
     audit_log: Option<PathBuf>,
+    audit_fail_closed: Option<bool>,
     #[serde(default)]
     trust_authorities: Vec<Identifier>,
     credential: Option<PathBuf>,
@@ -221,7 +223,10 @@ fn relay_endpoint(
 
 pub struct Relay {
     pub identity: String,
+    /// `audit` is still `None`: the log is opened with the identity
+    /// ([`AuditSettings::open`]).
     pub relay: RelayConfig,
+    pub audit: Option<AuditSettings>,
 }
 
 pub fn relay(args: RelayArgs) -> Result<Relay> {
@@ -288,10 +293,15 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
     .into_iter()
     .collect();
     relay.policies = load_policies(args.policies.or(file.policies), "relay")?;
-    relay.audit = open_audit(args.audit_log.or(file.audit_log))?;
+    let audit = AuditSettings::resolve(
+        args.audit_log.or(file.audit_log),
+        args.audit_fail_closed,
+        file.audit_fail_closed,
+    )?;
     Ok(Relay {
         identity: identity_name(&args.common, file.identity),
         relay,
+        audit,
     })
 }
 
@@ -357,12 +367,43 @@ fn load_policies(dir: Option<PathBuf>, role: &str) -> Result<Option<Arc<LivePoli
     }
 }
 
-/// Opens (creating if needed) an audit log.
-fn open_audit(path: Option<PathBuf>) -> Result<Option<Arc<AuditLog>>> {
-    let Some(path) = path else { return Ok(None) };
-    let log = AuditLog::open(&path)
-        .with_context(|| format!("cannot open the audit log {}", path.display()))?;
-    Ok(Some(Arc::new(log)))
+/// Where a relay or outlet audits, and whether it fails closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+    pub fail_closed: bool,
+}
+
+impl AuditSettings {
+    /// The flags win over the file; fail-closed needs a log.
+    fn resolve(
+        path: Option<PathBuf>,
+        flag_fail_closed: bool,
+        file_fail_closed: Option<bool>,
+    ) -> Result<Option<Self>> {
+        let fail_closed = flag_fail_closed || file_fail_closed.unwrap_or(false);
+        match path {
+            Some(path) => Ok(Some(AuditSettings { path, fail_closed })),
+            None if fail_closed => Err(anyhow!(
+                "--audit-fail-closed (or `audit_fail_closed`) needs an audit log: add --audit-log FILE (or `audit_log = ...`)"
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Opens (creating if needed) the audit log, its checkpoints signed by
+    /// `signer` (the node's identity).
+    pub fn open(settings: Option<&Self>, signer: Identity) -> Result<Option<Arc<AuditLog>>> {
+        let Some(settings) = settings else {
+            return Ok(None);
+        };
+        let options = AuditOptions::default()
+            .with_signer(signer)
+            .with_fail_closed(settings.fail_closed);
+        let log = AuditLog::open_with(&settings.path, options)
+            .map_err(|e| anyhow!("cannot open the audit log: {e}"))?;
+        Ok(Some(Arc::new(log)))
+    }
 }
 
 /// `NAME=VALUE` rules from flags, else from the file key `key`.
@@ -380,9 +421,12 @@ fn rules(flags: Vec<AttributeRule>, file: &[String], key: &str) -> Result<Vec<At
 
 pub struct Outlet {
     pub identity: String,
+    /// `audit` is still `None`: the log is opened with the identity
+    /// ([`AuditSettings::open`]).
     pub outlet: OutletConfig,
     /// Where the credential came from (renewals are saved there).
     pub credential_file: Option<PathBuf>,
+    pub audit: Option<AuditSettings>,
 }
 
 pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
@@ -441,11 +485,16 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
         ));
     }
     outlet.service_attributes = service_attributes;
-    outlet.audit = open_audit(args.audit_log.or(file.audit_log))?;
+    let audit = AuditSettings::resolve(
+        args.audit_log.or(file.audit_log),
+        args.audit_fail_closed,
+        file.audit_fail_closed,
+    )?;
     Ok(Outlet {
         identity,
         outlet,
         credential_file,
+        audit,
     })
 }
 

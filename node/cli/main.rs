@@ -10,12 +10,14 @@ mod policy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use postern_identity::keyfile;
 use postern_identity::Identity;
 use postern_node::{Inlet, Outlet};
+use postern_policies::audit::AuditLog;
 use postern_relay::Relay;
 use tokio_util::sync::CancellationToken;
 
@@ -111,6 +113,43 @@ fn drain_on_signals(node: &postern_node::NodeHandle) -> Result<()> {
     Ok(())
 }
 
+/// Reopens the audit logs on SIGHUP, after logrotate moved them (see
+/// `AuditLog::reopen`). Without logs, SIGHUP keeps its default (it ends the
+/// process).
+pub(crate) fn reopen_on_hangup(logs: Vec<Arc<AuditLog>>) -> Result<()> {
+    if logs.is_empty() {
+        return Ok(());
+    }
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            for log in &logs {
+                let log = Arc::clone(log);
+                let path = log.path().display().to_string();
+                match tokio::task::spawn_blocking(move || log.reopen()).await {
+                    Ok(Ok(())) => tracing::info!(%path, "audit log reopened (SIGHUP)"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot reopen the audit log (SIGHUP); its records are kept in memory and the open is retried every second")
+                    }
+                    Err(e) => tracing::error!(%path, error = %e, "audit log reopen did not finish"),
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Before exiting: writes what is queued and a final signed checkpoint.
+pub(crate) async fn close_audit(log: Option<Arc<AuditLog>>) {
+    let Some(log) = log else { return };
+    match tokio::task::spawn_blocking(move || log.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "audit log closed with records not written"),
+        Err(e) => tracing::error!(error = %e, "closing the audit log did not finish"),
+    }
+}
+
 /// The address to dial this machine's own listener at: a wildcard bind
 /// (`0.0.0.0`, `::`) is reached through loopback.
 fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
@@ -157,6 +196,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Relay(args) => {
             let mut cfg = config::relay(args)?;
             let identity = load_identity(&home, &cfg.identity)?;
+            cfg.relay.audit = config::AuditSettings::open(cfg.audit.as_ref(), identity.clone())?;
+            let audit = cfg.relay.audit.clone();
+            reopen_on_hangup(audit.iter().cloned().collect())?;
             // Revocations from the trusted authorities, heard through this
             // relay itself (the authorities are services behind it).
             let revocations = std::sync::Arc::new(postern_node::Trust::new(
@@ -192,11 +234,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 ));
             }
             relay.run(stop).await;
+            close_audit(audit).await;
             Ok(())
         }
         Command::Outlet(args) => {
-            let cfg = config::outlet(&home, args)?;
+            let mut cfg = config::outlet(&home, args)?;
             let identity = load_identity(&home, &cfg.identity)?;
+            cfg.outlet.audit = config::AuditSettings::open(cfg.audit.as_ref(), identity.clone())?;
+            let audit = cfg.outlet.audit.clone();
+            reopen_on_hangup(audit.iter().cloned().collect())?;
             // Revocations from each trusted authority, reached through the
             // outlet's relay, close the tunnels they no longer allow.
             let feeds = tokio_util::sync::CancellationToken::new();
@@ -230,6 +276,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let node = Outlet::start(identity, cfg.outlet)?;
             drain_on_signals(&node)?;
             node.join().await;
+            close_audit(audit).await;
             Ok(())
         }
         Command::Authority { command } => {

@@ -15,7 +15,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
-use postern_policies::audit::{self, ChainHead, VerifyError};
+use postern_policies::audit::{self, ChainHead, Tamper, VerifyError, VerifyOptions};
 use postern_policies::{
     attrs_from_flags, explain, read_policy_dir, run_cases, AccessRequest, Action, CaseTime,
     CasesFile, Diagnostics, PolicyEffect, PolicyEngine, PolicyError, Principal, RequestContext,
@@ -100,12 +100,16 @@ Output:
 const AUDIT_EXAMPLES: &str = "\
 Examples:
   postern audit verify /var/log/postern/audit.jsonl
+  postern audit verify /var/log/postern/audit.jsonl --signer P3f2a…
   postern audit verify /var/log/postern/audit.jsonl --anchor 1042:5f1c…e9
+  postern audit verify audit.jsonl.2 audit.jsonl.1 audit.jsonl   # rotated files, oldest first
 
 Each line of the log is a JSON object that records the SHA-256 of the line before it, so
 changing, deleting, inserting or reordering lines breaks the chain at a place `verify` names.
-Removing the LAST lines leaves a shorter but intact chain: keep the printed head (seq and
-hash) somewhere else and pass it back with --anchor to detect that as well.";
+A node signs the chain head with its identity at checkpoints; --signer requires those
+signatures to be by that identity, so a log rewritten before the last checkpoint (every hash
+recomputed) fails too. The last lines after the last checkpoint, and removing lines from the
+end, are caught only by a head kept elsewhere: pass it back with --anchor.";
 
 /// `postern policy …`
 #[derive(Debug, Subcommand)]
@@ -222,21 +226,29 @@ pub struct ExplainArgs {
 #[derive(Debug, Subcommand)]
 #[command(after_help = AUDIT_EXAMPLES)]
 pub enum AuditCommand {
-    /// Verify the hash chain of an audit log.
+    /// Verify the hash chain and the signed checkpoints of an audit log.
     ///
-    /// Prints `ok: N records, …` and the chain head, or the first line where
-    /// the chain breaks and how (modified, deleted lines, inserted,
-    /// reordered, malformed, truncated), with exit status 1.
+    /// Prints `ok: N records, …`, the chain head and what the checkpoints
+    /// cover, or the first line where the chain breaks and how (modified,
+    /// deleted lines, inserted, reordered, malformed, truncated, bad
+    /// checkpoint signature, wrong signer, not signed), with exit status 1.
     #[command(after_help = AUDIT_EXAMPLES)]
     Verify {
-        /// The audit log (JSON lines, as written by nodes with --audit-log FILE).
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
+        /// The audit log (JSON lines, as written by nodes with --audit-log
+        /// FILE). Several files: the files of a rotated log, oldest first;
+        /// each must start where the one before it ended.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
         /// A chain head kept elsewhere, as `verify` printed it (`seq N hash
         /// H`) or as SEQ:HASH. Also detects that the last lines were removed
-        /// or the anchored line rewritten.
+        /// or the anchored line rewritten. With several files: of the last.
         #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
         anchor: Option<ChainHead>,
+        /// The identity of the node that wrote the log: every checkpoint must
+        /// be signed by it, and no more lines than the last checkpoint allows
+        /// may follow it.
+        #[arg(long, value_name = "P…")]
+        signer: Option<Identifier>,
     },
 }
 
@@ -259,7 +271,11 @@ pub fn run_policy(command: PolicyCommand) -> Result<()> {
 /// Runs `postern audit …`.
 pub fn run_audit(command: AuditCommand) -> Result<()> {
     match command {
-        AuditCommand::Verify { file, anchor } => verify(&file, anchor.as_ref()),
+        AuditCommand::Verify {
+            files,
+            anchor,
+            signer,
+        } => verify(&files, anchor, signer),
     }
 }
 
@@ -542,14 +558,35 @@ fn parse_anchor(text: &str) -> Result<ChainHead, String> {
 }
 
 /// `postern audit verify FILE [--anchor …]`
-fn verify(file: &Path, anchor: Option<&ChainHead>) -> Result<()> {
-    let result = match anchor {
-        Some(anchor) => audit::verify_with_anchor(file, anchor),
-        None => audit::verify(file),
-    };
-    match result {
-        Ok(report) => {
-            println!("{report}");
+fn verify(files: &[PathBuf], anchor: Option<ChainHead>, signer: Option<Identifier>) -> Result<()> {
+    let mut options = VerifyOptions::default();
+    if let Some(anchor) = &anchor {
+        options = options.with_anchor(anchor.clone());
+    }
+    if let Some(signer) = signer {
+        options = options.with_signer(signer);
+    }
+    match audit::verify_rotated(files, &options) {
+        Ok(reports) => {
+            for (file, report) in files.iter().zip(&reports) {
+                if files.len() > 1 {
+                    println!("{}:", file.display());
+                }
+                println!("{report}");
+                if let Some(signer) = signer {
+                    println!(
+                        "ok: every checkpoint is signed by {signer}; lines 1 to {} are covered, {} not yet (an anchor kept elsewhere covers them)",
+                        report.covered,
+                        count(report.uncovered() as usize, "line after the last checkpoint is", "lines after the last checkpoint are")
+                    );
+                }
+            }
+            if files.len() > 1 {
+                println!(
+                    "ok: each of the {} files continues the one before it",
+                    files.len()
+                );
+            }
             if let Some(anchor) = anchor {
                 println!(
                     "ok: the anchor (seq {}) is in the chain: no line up to it was removed or rewritten",
@@ -558,6 +595,13 @@ fn verify(file: &Path, anchor: Option<&ChainHead>) -> Result<()> {
             }
             Ok(())
         }
+        // A signature fault says itself which lines are suspect.
+        Err(
+            e @ VerifyError::Tampered {
+                kind: Tamper::BadSignature | Tamper::WrongSigner | Tamper::Unsigned,
+                ..
+            },
+        ) => Err(flat(e)),
         Err(e @ VerifyError::Tampered { line, .. }) => {
             let intact = if line > 1 {
                 format!(

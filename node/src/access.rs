@@ -8,7 +8,8 @@
 //! policies it admits the identifiers on its allow list and the holders of
 //! credentials with the required attributes. Either way a revoked identity or
 //! an invalid credential is refused first, every decision goes to the audit
-//! log if one is kept, and a live tunnel is closed, with the reason sent to
+//! log if one is kept (a fail-closed log that cannot be written refuses
+//! every new tunnel before anything else), and a live tunnel is closed, with the reason sent to
 //! the inlet, as soon as its access ends: a revocation, an expired
 //! credential, or a policy change (or a time window) that no longer permits
 //! it. Tunnels still permitted are not disturbed.
@@ -74,6 +75,14 @@ pub(crate) fn decide(
         audit_plain(cfg, inlet, seen, Verdict::Deny, &reason);
         Err(reason)
     };
+    // Fail-closed: no tunnel that could not be audited.
+    if let Some(Err(e)) = cfg.audit.as_ref().map(|log| log.admit()) {
+        warn!(tunnel = %seen.tunnel, %inlet, service = %cfg.service, decision = "deny", error = %e, "access refused: the audit log cannot be written");
+        return Err(format!(
+            "the outlet of \"{}\" cannot write its audit log, so it admits no new tunnels until it can (fail-closed); try again later, or tell its operator",
+            cfg.service
+        ));
+    }
     if cfg.trust.identity_revoked(&inlet) {
         return denied(format!(
             "identity {inlet} has been revoked by its authority"
@@ -307,21 +316,12 @@ pub(crate) fn audit_closed(
     );
 }
 
-/// Appends `event` to the audit log, if one is kept, off the async threads
-/// (each record is synced to disk). A failure to write is logged loudly.
+/// Hands `event` to the audit log's writer, if one is kept (from async code
+/// this does not wait for the disk). A record that cannot be taken is
+/// logged loudly; write failures are the writer's to report.
 pub(crate) fn audit(log: Option<&Arc<AuditLog>>, event: AuditEvent) {
-    let Some(log) = log else { return };
-    let log = Arc::clone(log);
-    let write = move || {
-        if let Err(e) = log.record(&event) {
-            tracing::error!(error = %e, "cannot write the audit log");
-        }
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn_blocking(write);
-        }
-        Err(_) => write(),
+    if let Some(Err(e)) = log.map(|log| log.record(&event)) {
+        tracing::error!(error = %e, "cannot write the audit log");
     }
 }
 

@@ -9,15 +9,20 @@
 //! - [`validate`], [`run_cases`] and [`explain`] back the
 //!   `postern policy validate|test|explain` commands and return printable
 //!   reports.
-//! - [`audit`] writes and verifies the hash-chained audit log.
+//! - [`audit`] writes and verifies the hash-chained audit log: one writer
+//!   thread per log (group commit, file lock, rotation, fail-closed
+//!   admission, signed checkpoints).
+//! - [`fuzzing`] holds the entry points of the `policy_text` and
+//!   `audit_line` fuzz targets.
 //! - [`LivePolicies`] holds the policies a node enforces and swaps in a
 //!   policy directory's new contents when they are valid
 //!   ([`LivePolicies::reload_if_changed`]); broken files keep the old ones.
 //!
 //! What this crate does not do: networking, watching files for changes, or
 //! deciding when to re-evaluate live tunnels. Its only I/O is reading policy
-//! and cases files, and appending to and reading the audit log, when asked;
-//! decision time is passed in by the caller ([`RequestContext::time`]).
+//! and cases files, and the audit log (each open log has a writer thread
+//! that appends to it; verification reads it); decision time is passed in
+//! by the caller ([`RequestContext::time`]).
 //!
 //! # The schema
 //!
@@ -78,6 +83,7 @@ mod cases;
 mod diagnostics;
 mod engine;
 mod eval;
+pub mod fuzzing;
 mod live;
 mod prefilter;
 mod request;

@@ -6,6 +6,8 @@
 //! of the credential it presented there, verified against the authorities
 //! the relay trusts. A relay without policies keeps the rule of the core
 //! tunnel: the first identity to register a name holds it while connected.
+//! A relay with policies and a fail-closed audit log refuses every
+//! registration while the log cannot be written.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -93,6 +95,13 @@ pub(crate) fn decide_register(
     let Some(policies) = &config.policies else {
         return Ok(());
     };
+    // Fail-closed: no registration that could not be audited.
+    if let Some(Err(e)) = config.audit.as_ref().map(|log| log.admit()) {
+        warn!(%node, %service, error = %e, "register refused: the audit log cannot be written");
+        return Err(format!(
+            "registration of \"{service}\" refused by relay: the relay cannot write its audit log, so it admits no registrations until it can (fail-closed); try again later, or tell its operator"
+        ));
+    }
     let verified = match &credential.0 {
         Ok(verified) => verified,
         Err(reason) => {
@@ -182,11 +191,11 @@ pub(crate) fn report_startup(config: &RelayConfig, relay: Identifier) {
     }
 }
 
-/// Appends `event` to the relay's audit log, if it keeps one, off the async
-/// threads (each record is synced to disk).
+/// Hands `event` to the relay's audit log, if it keeps one (from async code
+/// this does not wait for the disk).
 pub(crate) fn audit(config: &RelayConfig, event: AuditEvent) {
     if let Some(log) = &config.audit {
-        write_audit(Arc::clone(log), event);
+        write_audit(log, &event);
     }
 }
 
@@ -209,7 +218,7 @@ pub(crate) fn watch_policies(policies: &Arc<LivePolicies>, log: Option<Arc<Audit
                 _ => {}
             }
             if let (Some(log), Some(event)) = (&log, outcome.audit_event(in_force)) {
-                write_audit(Arc::clone(log), event);
+                write_audit(log, &event);
             }
         },
     );
@@ -218,16 +227,10 @@ pub(crate) fn watch_policies(policies: &Arc<LivePolicies>, log: Option<Arc<Audit
     }
 }
 
-/// Writes on a blocking thread when called from the runtime, directly
-/// otherwise (the policy reload thread).
-fn write_audit(log: Arc<AuditLog>, event: AuditEvent) {
-    let write = move || {
-        if let Err(e) = log.record(&event) {
-            tracing::error!(error = %e, "cannot write the audit log");
-        }
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(write)),
-        Err(_) => write(),
+/// A record that cannot be taken is logged loudly; write failures are the
+/// writer's to report.
+fn write_audit(log: &AuditLog, event: &AuditEvent) {
+    if let Err(e) = log.record(event) {
+        tracing::error!(error = %e, "cannot write the audit log");
     }
 }
