@@ -55,6 +55,8 @@ fn keys(role: &str) -> &'static [&'static str] {
             "max_pending_handshakes",
             "max_pending_per_source",
             "max_tunnels",
+            "audit_log",
+            "audit_fail_closed",
         ],
         "outlet" => &[
             "identity",
@@ -70,6 +72,8 @@ fn keys(role: &str) -> &'static [&'static str] {
             "max_tunnels",
             "idle_timeout",
             "drain_grace",
+            "audit_log",
+            "audit_fail_closed",
         ],
         _ => &[
             "identity",

@@ -13,7 +13,7 @@
 //! - `audit_line`: audit logs as `postern audit verify` reads them (chain,
 //!   checkpoint signatures, anchor, required signer) and lines as events.
 //!
-//! `POSTERN_FUZZ_POLICY_ITERATIONS` (default 1,500: Cedar parses and
+//! `POSTERN_FUZZ_POLICY_ITERATIONS` (default 5,000: Cedar parses and
 //! validates every input) and `POSTERN_FUZZ_AUDIT_ITERATIONS` (default
 //! 20,000) set the number of random inputs. The corpus is regenerated with
 //! `cargo test --test fuzz_policies -- --ignored regenerate_corpus`.
@@ -116,7 +116,7 @@ fn entry_points_survive_corpus_random_and_mutated_inputs() {
     for (target, n) in [
         (
             "policy_text",
-            iterations("POSTERN_FUZZ_POLICY_ITERATIONS", 1_500),
+            iterations("POSTERN_FUZZ_POLICY_ITERATIONS", 5_000),
         ),
         (
             "audit_line",
@@ -224,10 +224,8 @@ fn event(n: u64) -> AuditEvent {
 /// A log written by the real writer, signed by the fixed identity
 /// `fuzzing::audit_line` requires, with a checkpoint every 3 lines.
 fn signed_log(path: &Path, records: u64) {
-    let options = AuditOptions {
-        checkpoint_records: 3,
-        ..AuditOptions::default().with_signer(Identity::from_secret_bytes(&[3; 32]))
-    };
+    let mut options = AuditOptions::default().with_signer(Identity::from_secret_bytes(&[3; 32]));
+    options.checkpoint_records = 3;
     let log = AuditLog::open_with(path, options).unwrap();
     for n in 1..=records {
         log.record(&event(n)).unwrap();
