@@ -21,6 +21,8 @@
 //! | Raw XX / IK handshake messages | `handshake_message` | `tests/fuzz_entry_points.rs` |
 //! | Credentials (envelope, body, `verify`) | `credential_decode` | `tests/fuzz_entry_points.rs` |
 //! | Enrollment tickets (text, CBOR) | `ticket_parse` | `tests/fuzz_entry_points.rs` |
+//! | Policy text (`scan.rs` guard, Cedar parser, validator) | `policy_text` | `tests/fuzz_policies.rs` |
+//! | Audit logs (`audit::verify`, checkpoints, events) | `audit_line` | `tests/fuzz_policies.rs` |
 //! | TOML config files (`config::parse_file`, binary) | none (the parser lives in the binary) | this file |
 //!
 //! `POSTERN_FUZZ_CONFIG_ITERATIONS` (default 90) sets the number of

@@ -234,7 +234,7 @@ pub(crate) async fn watch(
         }
         if let (None, Some(policies), Some(request)) = (&ended, &cfg.policies, request.as_mut()) {
             let now = policies.generation();
-            if Some(now) != generation || ticks % POLICY_RECHECK_EVERY == 0 || renewed {
+            if Some(now) != generation || ticks.is_multiple_of(POLICY_RECHECK_EVERY) || renewed {
                 renewed = false;
                 generation = Some(now);
                 request.context.time = unix_now();

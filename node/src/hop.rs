@@ -679,7 +679,7 @@ impl RelayCycle {
         let n = self.relays.len().max(1);
         self.current = (self.current + 1) % n;
         self.failures_in_a_row += 1;
-        if self.failures_in_a_row % n == 0 {
+        if self.failures_in_a_row.is_multiple_of(n) {
             self.backoff.next_delay()
         } else {
             Duration::ZERO

@@ -1,5 +1,7 @@
 //! What the stable-toolchain fuzz tests share: the checked-in corpora under
-//! `fuzz/corpus/<target>/` and byte-level mutations of their seeds.
+//! `fuzz/corpus/<target>/` and byte-level mutations of their seeds. A
+//! missing or unreadable corpus fails the test at once.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
