@@ -181,7 +181,11 @@ pub fn read_file<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T
 /// where (line and column), without echoing the text itself.
 pub fn parse_file<T: DeserializeOwned>(text: &str) -> Result<T> {
     toml::from_str(text).map_err(|e| {
-        let what = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+        // The message may quote a value of any length.
+        let what = elide(
+            &e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+            300,
+        );
         match e.span().and_then(|span| text.get(..span.start)) {
             Some(before) => {
                 let line = before.matches('\n').count() + 1;
@@ -199,12 +203,41 @@ fn required<T>(value: Option<T>, flag: &str, key: &str) -> Result<T> {
     })
 }
 
-fn identity_name(common: &Common, file: Option<String>) -> String {
-    common
+/// Longest file name component, and longest path, the file system takes.
+const NAME_MAX: usize = 255;
+const PATH_MAX: usize = 4096;
+
+/// `text`, or its start and end around an ellipsis when it is longer than
+/// `max` characters, so that an error message stays one short line.
+fn elide(text: &str, max: usize) -> String {
+    let count = text.chars().count();
+    if count <= max {
+        return text.to_owned();
+    }
+    let half = max / 2;
+    let head: String = text.chars().take(half).collect();
+    let tail: String = text.chars().skip(count - half).collect();
+    format!("{head}…{tail} ({} bytes)", text.len())
+}
+
+/// The identity to run as: a name or a key file path that can exist.
+fn identity_name(common: &Common, file: Option<String>) -> Result<String> {
+    let name = common
         .identity
         .clone()
         .or(file)
-        .unwrap_or_else(|| postern_identity::keyfile::DEFAULT_NAME.to_owned())
+        .unwrap_or_else(|| postern_identity::keyfile::DEFAULT_NAME.to_owned());
+    let too_long = name.len() > PATH_MAX
+        || Path::new(&name)
+            .components()
+            .any(|c| c.as_os_str().len() > NAME_MAX);
+    if too_long {
+        return Err(anyhow!(
+            "identity {:?} is too long to be a name or a key file path (at most {NAME_MAX} bytes per name, {PATH_MAX} in all)",
+            elide(&name, 60)
+        ));
+    }
+    Ok(name)
 }
 
 fn relay_endpoint(
@@ -299,7 +332,7 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
         file.audit_fail_closed,
     )?;
     Ok(Relay {
-        identity: identity_name(&args.common, file.identity),
+        identity: identity_name(&args.common, file.identity)?,
         relay,
         audit,
     })
@@ -454,7 +487,7 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
             .map(|r| (r.name, r.value))
             .collect()
     };
-    let identity = identity_name(&args.common, file.identity);
+    let identity = identity_name(&args.common, file.identity)?;
     let (trust, credential_file) = trust(
         home,
         &args.trust,
@@ -540,7 +573,7 @@ pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
         &file.require_outlet_attributes,
         "require_outlet_attributes",
     )?;
-    let identity = identity_name(&args.common, file.identity);
+    let identity = identity_name(&args.common, file.identity)?;
     let (trust, credential_file) = trust(
         home,
         &args.trust,
@@ -560,6 +593,59 @@ pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
 mod tests {
     use super::*;
     use postern_node::Target;
+
+    #[test]
+    fn long_values_are_elided_in_errors() {
+        assert_eq!(elide("short", 10), "short");
+        let long = format!("unix:/{}", "a".repeat(5000));
+        let shown = elide(&long, 60);
+        assert!(
+            shown.starts_with("unix:/aaa") && shown.ends_with("aaa (5006 bytes)"),
+            "{shown}"
+        );
+        assert!(shown.chars().count() < 100);
+        let err = parse_file::<RelayFile>(&format!("max_tunnels = \"{}\"", "x".repeat(100_000)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("line 1, column 15: invalid type") && err.len() < 500,
+            "{err}"
+        );
+        let common = Common {
+            config: None,
+            identity: Some(long),
+        };
+        let err = identity_name(&common, None).unwrap_err().to_string();
+        assert!(err.contains("too long") && err.len() < 300, "{err}");
+        let ok = Common {
+            config: None,
+            identity: Some("/etc/postern/relay.key".into()),
+        };
+        assert_eq!(identity_name(&ok, None).unwrap(), "/etc/postern/relay.key");
+    }
+
+    #[test]
+    fn fail_closed_needs_an_audit_log() {
+        let err = AuditSettings::resolve(None, true, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("needs an audit log") && err.contains("--audit-log"),
+            "{err}"
+        );
+        assert_eq!(
+            AuditSettings::resolve(None, false, Some(false)).unwrap(),
+            None
+        );
+        let from_file = AuditSettings::resolve(Some("/a.jsonl".into()), false, Some(true)).unwrap();
+        assert_eq!(
+            from_file,
+            Some(AuditSettings {
+                path: "/a.jsonl".into(),
+                fail_closed: true
+            })
+        );
+    }
 
     /// Every fixture under `tests/config/valid/<role>-*.toml` parses and every
     /// one under `tests/config/invalid/` is refused with a message.
