@@ -571,11 +571,22 @@ async fn oidc_enrollment_admission_renewal_and_audit() -> Result<()> {
         "the running authority did not audit the revocation:\n{all}"
     );
 
+    // `authority revoke --audit-log` closes its log with a checkpoint signed
+    // by the authority.
     let admin = records(&admin_audit)?;
     ensure!(
-        admin.len() == 1 && admin[0]["event"] == "revoke" && admin[0]["subject"] == bob_id.as_str()
+        admin.len() == 2
+            && admin[0]["event"] == "revoke"
+            && admin[0]["subject"] == bob_id.as_str()
+            && admin[1]["event"] == "checkpoint"
+            && admin[1]["signer"] == authority_id.as_str(),
+        "{admin:?}"
     );
-    postern_policies::audit::verify(&admin_audit).map_err(|e| anyhow!("admin audit log: {e}"))?;
+    postern_policies::audit::verify_with(
+        &admin_audit,
+        &postern_policies::audit::VerifyOptions::default().with_signer(authority_id.parse()?),
+    )
+    .map_err(|e| anyhow!("admin audit log: {e}"))?;
     Ok(())
 }
 
