@@ -256,8 +256,8 @@ fn relay_endpoint(
 
 pub struct Relay {
     pub identity: String,
-    /// `audit` is still `None`: the log is opened with the identity
-    /// ([`AuditSettings::open`]).
+    /// Its `audit` is still `None`: `main` opens the log once the identity
+    /// (the checkpoint signer) is loaded ([`AuditSettings::open`]).
     pub relay: RelayConfig,
     pub audit: Option<AuditSettings>,
 }
@@ -454,8 +454,8 @@ fn rules(flags: Vec<AttributeRule>, file: &[String], key: &str) -> Result<Vec<At
 
 pub struct Outlet {
     pub identity: String,
-    /// `audit` is still `None`: the log is opened with the identity
-    /// ([`AuditSettings::open`]).
+    /// Its `audit` is still `None`: `main` opens the log once the identity
+    /// (the checkpoint signer) is loaded ([`AuditSettings::open`]).
     pub outlet: OutletConfig,
     /// Where the credential came from (renewals are saved there).
     pub credential_file: Option<PathBuf>,

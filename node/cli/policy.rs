@@ -557,7 +557,7 @@ fn parse_anchor(text: &str) -> Result<ChainHead, String> {
     Ok(ChainHead { seq, hash })
 }
 
-/// `postern audit verify FILE [--anchor …]`
+/// `postern audit verify FILE… [--anchor …] [--signer …]`
 fn verify(files: &[PathBuf], anchor: Option<ChainHead>, signer: Option<Identifier>) -> Result<()> {
     let mut options = VerifyOptions::default();
     if let Some(anchor) = &anchor {

@@ -8,11 +8,11 @@
 //! policies it admits the identifiers on its allow list and the holders of
 //! credentials with the required attributes. Either way a revoked identity or
 //! an invalid credential is refused first, every decision goes to the audit
-//! log if one is kept (a fail-closed log that cannot be written refuses
-//! every new tunnel before anything else), and a live tunnel is closed, with the reason sent to
-//! the inlet, as soon as its access ends: a revocation, an expired
-//! credential, or a policy change (or a time window) that no longer permits
-//! it. Tunnels still permitted are not disturbed.
+//! log if one is kept (while a fail-closed log cannot be written, every new
+//! tunnel is refused before anything else), and a live tunnel is closed,
+//! with the reason sent to the inlet, as soon as its access ends: a
+//! revocation, an expired credential, or a policy change (or a time window)
+//! that no longer permits it. Tunnels still permitted are not disturbed.
 
 use std::net::IpAddr;
 use std::sync::Arc;

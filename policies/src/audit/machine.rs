@@ -334,6 +334,11 @@ impl<S: Storage> Core<S> {
     pub(crate) fn close(&mut self, now: Instant, wall_ms: u64) -> (Progress, Result<(), String>) {
         let progress = self.attempt(now, wall_ms, true);
         let result = match (&self.failure, self.queued()) {
+            (None, _) => Ok(()),
+            (Some(f), 0) => {
+                error!(path = %self.config.path.display(), error = %f.error, "closing the audit log without its final lines (checkpoint or rotation link)");
+                Err(format!("its final lines could not be written: {}", f.error))
+            }
             (Some(f), n) => {
                 error!(path = %self.config.path.display(), error = %f.error, records = n, "closing the audit log with records that could not be written");
                 Err(format!(
@@ -342,7 +347,6 @@ impl<S: Storage> Core<S> {
                     f.error
                 ))
             }
-            (None, _) => Ok(()),
         };
         self.cut_torn_bytes();
         self.storage.close();

@@ -77,8 +77,9 @@
 //!
 //! [`verify`] walks the chain and names the first line that was changed,
 //! deleted, inserted or moved, and checks every checkpoint's signature. A
-//! chain alone cannot show that its **last** lines were removed or
-//! rewritten with all hashes recomputed; two things cover that:
+//! chain alone cannot show that it was rewritten from some line on with
+//! every hash recomputed, nor that its **last** lines were removed; two
+//! things cover that:
 //!
 //! - a [`ChainHead`] kept somewhere else ([`VerifyOptions::anchor`]): the log
 //!   must still contain it;
@@ -386,6 +387,14 @@ pub enum AuditError {
         path: PathBuf,
         /// Records waiting.
         queued: usize,
+    },
+    /// Closing could not write everything: the disk still failed.
+    #[error("audit log {} was closed incomplete: {detail}", path.display())]
+    ClosedIncomplete {
+        /// The file.
+        path: PathBuf,
+        /// What was not written, and why.
+        detail: String,
     },
     /// The log was closed ([`AuditLog::close`]).
     #[error("audit log {} is closed", path.display())]

@@ -81,6 +81,12 @@ fn lines_have_the_documented_shape() {
 }
 
 #[test]
+fn the_size_check_allows_for_the_longest_chain_fields() {
+    let longest = format_line(u64::MAX, "9999-12-31T23:59:59.999Z", GENESIS_PREV, "");
+    assert_eq!(longest.len(), LINE_PREFIX_MAX);
+}
+
+#[test]
 fn every_event_round_trips() {
     let engine =
         crate::PolicyEngine::from_text("p.cedar", "permit(principal, action, resource);").unwrap();

@@ -606,9 +606,9 @@ fn run<S: Storage>(shared: &Shared, mut core: Core<S>) {
             }
             Some(Request::Close) => {
                 let (progress, result) = core.close(now, wall_ms);
-                let result = result.map_err(|error| AuditError::Unavailable {
+                let result = result.map_err(|detail| AuditError::ClosedIncomplete {
                     path: shared.path.clone(),
-                    error,
+                    detail,
                 });
                 (progress, Some(result))
             }

@@ -495,3 +495,18 @@ fn a_rewritten_chain_fails_with_a_required_signer() {
     let (plain, signed) = attack(original.into_bytes());
     assert!(plain.is_ok() && signed.is_ok());
 }
+
+#[test]
+fn closing_on_a_failing_disk_says_what_was_not_written() {
+    let (log, disk) = mem_log(fast());
+    disk.disk().fail_append = Some(0);
+    runtime().block_on(async { log.record(&event(1)).unwrap() });
+    let err = log.close().unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, AuditError::ClosedIncomplete { .. })
+            && text.contains("1 record could not be written")
+            && text.contains("no space left"),
+        "{text}"
+    );
+}
