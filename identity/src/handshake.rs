@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 use crate::transport::Transport;
 #[cfg(doc)]
 use crate::wire::Attach;
-use crate::wire::{self, AttachHello, AttachReply, Hello, PROTOCOL_VERSION};
+use crate::wire::{self, AttachHello, AttachReply, Hello, Refusal, RefusalCode, PROTOCOL_VERSION};
 use crate::{ChannelError, Identity, PublicIdentity};
 
 /// Noise protocol of every identity-bound channel.
@@ -355,11 +355,11 @@ impl AttachInitiator {
 
     /// Reads the relay's answer: the established channel, or the relay's
     /// reason for refusing it.
-    pub fn handle_reply(mut self, msg2: &[u8]) -> Result<Result<Transport, String>, ChannelError> {
+    pub fn handle_reply(mut self, msg2: &[u8]) -> Result<Result<Transport, Refusal>, ChannelError> {
         let payload = read(&mut self.hs, msg2)?;
         match wire::decode::<AttachReply>(&payload)? {
             AttachReply::Accepted => Ok(Ok(Transport::from_handshake(self.hs)?)),
-            AttachReply::Refused { reason } => Ok(Err(reason)),
+            AttachReply::Refused { code, reason } => Ok(Err(Refusal { code, reason })),
         }
     }
 }
@@ -399,11 +399,12 @@ impl AttachResponder {
         Ok((msg2, Transport::from_handshake(self.hs)?))
     }
 
-    /// Refuses: writes message 2 carrying the reason.
-    pub fn refuse(mut self, reason: &str) -> Result<Vec<u8>, ChannelError> {
+    /// Refuses: writes message 2 carrying the kind of refusal and the reason.
+    pub fn refuse(mut self, code: RefusalCode, reason: &str) -> Result<Vec<u8>, ChannelError> {
         write(
             &mut self.hs,
             &wire::encode(&AttachReply::Refused {
+                code,
                 reason: reason.to_owned(),
             })?,
         )
@@ -669,10 +670,10 @@ mod tests {
         // A refusal carries its reason.
         let (init, m1) = AttachInitiator::start(&node, relay.static_public(), true).unwrap();
         let (resp, _, _) = AttachResponder::handle_request(&relay, &m1).unwrap();
-        let m2 = resp.refuse("too many").unwrap();
+        let m2 = resp.refuse(RefusalCode::Limit, "too many").unwrap();
         assert_eq!(
-            init.handle_reply(&m2).unwrap().err().as_deref(),
-            Some("too many")
+            init.handle_reply(&m2).unwrap().err(),
+            Some(Refusal::new(RefusalCode::Limit, "too many"))
         );
         // Encrypted to another relay key: the real relay cannot read it.
         let impostor = party();

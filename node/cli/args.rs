@@ -163,8 +163,16 @@ pub struct RelayArgs {
     /// [default: none: the first node to register a name holds it]
     #[arg(long, value_name = "DIR")]
     pub policies: Option<PathBuf>,
+    /// With --policies, also decide "connect" for every tunnel request
+    /// before minting a token, so an identity the policies do not let reach
+    /// a service cannot make its outlet dial for it. The relay does not know
+    /// the service's attributes (only its outlet does): write these
+    /// policies on principal attributes. The outlet still decides too.
+    #[arg(long, requires = "policies")]
+    pub precheck_connect: bool,
     /// An authority whose credentials nodes present on their hop channels
-    /// (repeatable); their attributes reach the register policies.
+    /// (repeatable); their attributes reach the register policies, and its
+    /// revocations close the hop channels of revoked nodes.
     #[arg(long, value_name = "P…")]
     pub trust_authority: Vec<Identifier>,
     /// Append every registration decision to this hash-chained audit log
@@ -193,10 +201,32 @@ pub struct RelayLimitFlags {
     /// Most tunnels carried at once; further opens are refused. [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_tunnels: Option<usize>,
-    /// Most tunnels one node may be an end of at once (as inlet or outlet),
-    /// so that no single node takes the whole relay. [default: 1024]
+    /// Most tunnels one node may be an end of at once (spliced, as inlet or
+    /// outlet, plus those it asked for that are being set up), so that no
+    /// single node takes the whole relay. [default: 1024]
     #[arg(long, value_name = "N")]
     pub max_tunnels_per_node: Option<usize>,
+    /// Most connections of any kind (authenticating, hop channels, data
+    /// connections, tunnels) from one IPv4 address or IPv6 /64.
+    /// [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_source: Option<usize>,
+    /// Most tunnels one node may have asked for that are still being set
+    /// up; a token counts against the node that asked for it, never
+    /// against the outlet. [default: 128]
+    #[arg(long, value_name = "N")]
+    pub max_pending_opens_per_node: Option<usize>,
+    /// Most tunnels being set up that nodes from one address asked for.
+    /// [default: 256]
+    #[arg(long, value_name = "N")]
+    pub max_pending_opens_per_source: Option<usize>,
+    /// Tunnel opens per second one identity may make (bursts of as many).
+    /// [default: 5000]
+    #[arg(long, value_name = "N")]
+    pub opens_per_second_per_node: Option<u32>,
+    /// Most service names one hop channel may hold. [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_services_per_session: Option<usize>,
 }
 
 /// Failover, tunnel limits and lifecycle of an outlet or inlet.

@@ -37,7 +37,14 @@ pub struct RelayFile {
     max_pending_per_source: Option<usize>,
     max_tunnels: Option<usize>,
     max_tunnels_per_node: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    max_pending_opens_per_node: Option<usize>,
+    max_pending_opens_per_source: Option<usize>,
+    opens_per_second_per_node: Option<u32>,
+    max_services_per_session: Option<usize>,
     policies: Option<PathBuf>,
+    #[serde(default)]
+    precheck_connect: bool,
     #[serde(default)]
     trust_authorities: Vec<Identifier>,
     audit_log: Option<PathBuf>,
@@ -269,6 +276,34 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
             limits.max_tunnels_per_node.or(file.max_tunnels_per_node),
             "max_tunnels_per_node",
         ),
+        (
+            &mut relay.max_connections_per_source,
+            limits
+                .max_connections_per_source
+                .or(file.max_connections_per_source),
+            "max_connections_per_source",
+        ),
+        (
+            &mut relay.max_pending_opens_per_node,
+            limits
+                .max_pending_opens_per_node
+                .or(file.max_pending_opens_per_node),
+            "max_pending_opens_per_node",
+        ),
+        (
+            &mut relay.max_pending_opens_per_source,
+            limits
+                .max_pending_opens_per_source
+                .or(file.max_pending_opens_per_source),
+            "max_pending_opens_per_source",
+        ),
+        (
+            &mut relay.max_services_per_session,
+            limits
+                .max_services_per_session
+                .or(file.max_services_per_session),
+            "max_services_per_session",
+        ),
     ];
     for (field, value, key) in counts {
         match value {
@@ -276,6 +311,17 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
             Some(n) => *field = n,
             None => {}
         }
+    }
+    match limits
+        .opens_per_second_per_node
+        .or(file.opens_per_second_per_node)
+    {
+        Some(0) => return Err(anyhow!("`opens_per_second_per_node` must be at least 1")),
+        Some(rate) => {
+            relay.opens_per_second_per_node = rate;
+            relay.open_burst_per_node = rate;
+        }
+        None => {}
     }
     if relay.handshake_timeout.is_zero() {
         return Err(anyhow!("`handshake_timeout` must be longer than zero"));
@@ -288,6 +334,12 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
     .into_iter()
     .collect();
     relay.policies = load_policies(args.policies.or(file.policies), "relay")?;
+    relay.precheck_connect = args.precheck_connect || file.precheck_connect;
+    if relay.precheck_connect && relay.policies.is_none() {
+        return Err(anyhow!(
+            "`precheck_connect` needs policies to decide with: add --policies DIR (or `policies` in the file)"
+        ));
+    }
     relay.audit = open_audit(args.audit_log.or(file.audit_log))?;
     Ok(Relay {
         identity: identity_name(&args.common, file.identity),

@@ -161,8 +161,9 @@ async fn recv_message<T: serde::de::DeserializeOwned>(
             DataFrame::Ready | DataFrame::Credential(_) => continue,
             DataFrame::Eof => return Ok(None),
             DataFrame::Close(reason) => {
-                return Err(NodeError::OpenRefused(format!(
-                    "the authority closed the channel: {reason}"
+                return Err(NodeError::OpenRefused(wire::Refusal::new(
+                    wire::RefusalCode::RetryLater,
+                    format!("the authority closed the channel: {reason}"),
                 )))
             }
         }
@@ -440,6 +441,7 @@ async fn session(
                 error!(%service, %reason, "relay refused the authority's registration");
                 return format!("registration refused: {reason}");
             }
+            Some(HopEvent::FollowRevocations(_)) => {}
             Some(HopEvent::Incoming(_, token, _)) => {
                 let (local, authority, hop) =
                     (Arc::clone(local), authority.clone(), Arc::clone(hop));
@@ -1114,9 +1116,10 @@ pub async fn follow_revocations(
                         debug!(reply = ?other, "unexpected message on the revocation feed")
                     }
                     None => {
-                        return Err(NodeError::OpenRefused(
-                            "the authority closed the revocation feed".into(),
-                        ))
+                        return Err(NodeError::OpenRefused(wire::Refusal::new(
+                            wire::RefusalCode::RetryLater,
+                            "the authority closed the revocation feed",
+                        )))
                     }
                 }
             }

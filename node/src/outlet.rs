@@ -173,10 +173,13 @@ async fn serve_session(
                 info!(%service, relay = %hop.relay.address, "service registered at relay");
                 status.send_replace(NodeStatus::Ready);
             }
-            Some(HopEvent::RegisterRefused(service, reason)) => {
-                error!(%service, %reason, "relay refused the registration");
-                status.send_replace(NodeStatus::Refused(reason.clone()));
-                return format!("registration refused: {reason}");
+            Some(HopEvent::RegisterRefused(service, refusal)) => {
+                error!(%service, code = %refusal.code, reason = %refusal.reason, "relay refused the registration");
+                status.send_replace(NodeStatus::Refused(refusal.reason.clone()));
+                return format!("registration refused: {refusal}");
+            }
+            Some(HopEvent::FollowRevocations(after)) => {
+                debug!(after, "the relay asked for revocations, but this outlet is not an authority; ignoring");
             }
             Some(HopEvent::Incoming(service, token, source)) => {
                 if service != cfg.service {
@@ -198,6 +201,10 @@ async fn serve_session(
                 });
             }
         }
+    }
+    if let Some(refusal) = hop.goodbye().filter(|r| !r.code.is_retryable()) {
+        error!(code = %refusal.code, reason = %refusal.reason, "the relay refused this outlet");
+        status.send_replace(NodeStatus::Refused(refusal.reason));
     }
     hop.ended_because()
         .unwrap_or_else(|| "relay session closed".into())

@@ -140,6 +140,13 @@ impl credential::RevocationCheck for Trust {
             .unwrap_or_else(|p| p.into_inner())
             .revocation(id, subject)
     }
+
+    fn identity_revocation(&self, subject: &Identifier) -> Option<credential::Revocation> {
+        self.revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .identity_revocation(subject)
+    }
 }
 
 /// An attribute an outlet requires, from `--allow-attr NAME=VALUE`.

@@ -9,3 +9,4 @@ pub mod netns;
 pub mod oidc;
 pub mod pg;
 pub mod procs;
+pub mod raw;

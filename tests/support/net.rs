@@ -828,3 +828,48 @@ pub fn open_fds() -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// The service [`echo_nodes`] serves.
+pub const SERVICE: &str = "limits";
+
+/// Starts a relay process with `extra` flags; returns it and its endpoint.
+pub async fn relay_process(extra: &[&str]) -> Result<(PosternHome, PosternProcess, RelayEndpoint)> {
+    let home = PosternHome::new()?;
+    home.create_identity("default")?;
+    let mut args = vec!["relay", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut relay = home.spawn(&args)?;
+    let addr = relay.wait_for_addr("listening on").await?;
+    let id = relay_identifier_from(&relay.stderr())?;
+    Ok((home, relay, RelayEndpoint::new(addr.to_string(), id)))
+}
+
+/// An outlet (→ `echo`, service [`SERVICE`]) admitting only the inlet, and
+/// that inlet, at `relay`, tuned by the closures.
+pub async fn echo_nodes(
+    relay: &RelayEndpoint,
+    echo: &EchoServer,
+    tune_outlet: impl FnOnce(&mut OutletConfig),
+    tune_inlet: impl FnOnce(&mut InletConfig),
+) -> Result<(TestNode, TestNode)> {
+    let (outlet_id, inlet_id) = (Identity::generate(), Identity::generate());
+    let mut outlet_cfg = OutletConfig::new(
+        relay.clone(),
+        service(SERVICE),
+        echo.target(),
+        AllowList::new([inlet_id.identifier()]),
+    );
+    tune_outlet(&mut outlet_cfg);
+    let mut inlet_cfg = InletConfig::new(
+        relay.clone(),
+        service(SERVICE),
+        any_loopback(),
+        outlet_id.identifier(),
+    );
+    tune_inlet(&mut inlet_cfg);
+    let mut outlet = TestNode::outlet(outlet_id, outlet_cfg)?;
+    outlet.wait_ready().await?;
+    let mut inlet = TestNode::inlet(inlet_id, inlet_cfg).await?;
+    inlet.wait_ready().await?;
+    Ok((outlet, inlet))
+}
