@@ -402,13 +402,13 @@ async fn policies_decide_register_connect_and_live_tunnels() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("relay audit log: {e}"))?;
 
     // Revoking the outlet reaches the relay too: it drops the outlet's hop
-    // channel (and so the registration) within seconds and refuses the
-    // revoked credential when the outlet comes back.
+    // channel (and so the registration) within seconds, telling it why, and
+    // refuses the revoked identity when the outlet comes back.
     run(&stack.home, &["authority", "revoke", &outlet_id])?;
     outlet
-        .wait_for_stderr("relay refused the registration", Duration::from_secs(8))
+        .wait_for_stderr("the relay refused this outlet", Duration::from_secs(8))
         .await
-        .context("the relay kept the revoked outlet's registration")?;
+        .context("the relay kept the revoked outlet's hop channel")?;
     let log = outlet.stderr();
     ensure!(log.contains("revoked"), "unclear refusal: {log}");
     drop(stack.relay_policies);
