@@ -40,6 +40,7 @@ mod identifier;
 mod identity;
 pub mod keyfile;
 pub mod link;
+pub mod revocation;
 pub mod oidc;
 pub mod sealed;
 pub mod ticket;
