@@ -35,8 +35,10 @@ type OpenReply = Result<TunnelToken, String>;
 
 /// Events the relay pushes to a node.
 #[derive(Debug)]
-pub(crate) enum HopEvent {
+pub enum HopEvent {
+    /// The relay registered the service under this name.
     Registered(ServiceName),
+    /// The relay refused to register the service, and said why.
     RegisterRefused(ServiceName, String),
     /// A tunnel request: the service, its token, and the inlet's address as
     /// the relay saw it.
@@ -45,9 +47,9 @@ pub(crate) enum HopEvent {
 
 /// An authenticated hop channel, shared by the node's tasks.
 #[derive(Debug)]
-pub(crate) struct Hop {
-    pub relay: RelayEndpoint,
-    pub relay_static: [u8; 32],
+pub struct Hop {
+    pub(crate) relay: RelayEndpoint,
+    pub(crate) relay_static: [u8; 32],
     outbox: mpsc::Sender<Control>,
     opens: Mutex<HashMap<u64, oneshot::Sender<OpenReply>>>,
     next_request: AtomicU64,
@@ -115,7 +117,7 @@ async fn dial(
 /// `credential` (a relay's `register` policies read its attributes).
 /// Returns the shared channel, the stream of pushed events, and runs the
 /// channel's driver in a background task until `stop` or failure.
-pub(crate) async fn connect(
+pub async fn connect(
     local: &Arc<LocalParty>,
     relay: &RelayEndpoint,
     timeouts: &Timeouts,
@@ -320,7 +322,7 @@ impl Hop {
     }
 
     /// Asks the relay for a tunnel to `service`.
-    pub async fn open(
+    pub(crate) async fn open(
         &self,
         service: &ServiceName,
         timeout: Duration,
@@ -594,17 +596,18 @@ impl Hop {
 }
 
 /// The two halves of an end-to-end channel over a data connection.
-pub(crate) type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
+pub type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
 
 /// Jittered exponential back-off between reconnection attempts.
 #[derive(Debug)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     next: Duration,
     min: Duration,
     max: Duration,
 }
 
 impl Backoff {
+    /// Starts at `timeouts.reconnect_min`, growing to `reconnect_max`.
     pub fn new(timeouts: &Timeouts) -> Self {
         Backoff {
             next: timeouts.reconnect_min,
@@ -622,6 +625,7 @@ impl Backoff {
         step.mul_f64(jitter)
     }
 
+    /// Starts again from the shortest delay (after a success).
     pub fn reset(&mut self) {
         self.next = self.min;
     }
