@@ -14,6 +14,7 @@ use postern_authority::service::AuthorityService;
 use postern_authority::{
     Authority, AuthorityConfig, AuthorityError, AuthorityStore, EnrollmentRoute, IssuedRecord,
     Member, MemberSource, OidcSession, RedbStore, StoreError, TicketRecord, TicketSpec,
+    NAME_ATTRIBUTE,
 };
 use postern_identity::credential::{
     format_timestamp, CredentialId, Kind, Revocation, RevocationEntry, RevocationTarget,
@@ -827,12 +828,10 @@ async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
     let name = credential
         .inspect_unverified()
         .ok()
-        .and_then(
-            |b| match b.attributes.get(postern_authority::NAME_ATTRIBUTE) {
-                Some(AttrValue::One(name)) => Some(name.clone()),
-                _ => None,
-            },
-        )
+        .and_then(|b| match b.attributes.get(NAME_ATTRIBUTE) {
+            Some(AttrValue::One(name)) => Some(name.clone()),
+            _ => None,
+        })
         .unwrap_or_else(|| "(no name)".into());
     store_and_report(
         home,
