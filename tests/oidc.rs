@@ -23,7 +23,7 @@ use openidconnect::core::{
     CoreIdToken, CoreIdTokenClaims, CoreJwsSigningAlgorithm, CoreRsaPrivateSigningKey,
 };
 use openidconnect::JsonWebKeyId;
-use postern_identity::oidc::{
+use postern_authority::oidc::{
     browser_login, CodeGrant, LoginChallenge, OidcConfig, OidcError, OidcVerifier,
 };
 use postern_identity::AttrValue;

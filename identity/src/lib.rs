@@ -15,22 +15,23 @@
 //! - [`transport`]: the established channel: encrypts and decrypts frames with
 //!   explicit, strictly sequential nonces.
 //! - [`wire`]: the typed messages carried inside those channels (CBOR).
-//! - [`credential`], [`ticket`], [`authority`], [`sealed`], [`oidc`]: the trust
-//!   lifecycle (credentials, enrollment tickets, the authority's logic and
-//!   store, keys at rest, OpenID Connect login verified by the authority).
 //! - The trust lifecycle: [`credential`] (an authority's signed, short-lived
 //!   statement of a member's attributes, and its verification), [`ticket`]
-//!   (one-line enrollment tickets), [`authority`] (members, tickets,
-//!   revocations and issuance over a pluggable store) and [`sealed`]
-//!   (encryption of secret keys at rest, used by [`keyfile`]).
+//!   (one-line enrollment tickets), [`authority_wire`] (the messages nodes
+//!   and the authority exchange) and [`sealed`] (encryption of secret keys at
+//!   rest, used by [`keyfile`]).
 //!
-//! It does no I/O of its own beyond reading and writing key files and the
-//! authority's embedded database: callers feed it bytes and a clock, and send
-//! what it returns. It knows nothing of relays, services or policies.
+//! The authority itself (its logic and store, the OpenID Connect login, and
+//! the service that answers nodes) is the `postern-authority` crate, so that
+//! relays and nodes do not compile an HTTP client, TLS or a database.
+//!
+//! It does no I/O of its own beyond reading and writing key files: callers
+//! feed it bytes and a clock, and send what it returns. It knows nothing of
+//! relays, services or policies.
 #![forbid(unsafe_code)]
 
 pub mod attributes;
-pub mod authority;
+pub mod authority_wire;
 pub mod credential;
 mod error;
 pub mod frame;
@@ -41,7 +42,6 @@ mod identity;
 pub mod keyfile;
 pub mod link;
 pub mod revocation;
-pub mod oidc;
 pub mod sealed;
 pub mod ticket;
 pub mod time;

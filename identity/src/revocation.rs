@@ -105,10 +105,7 @@ impl RevocationFeeds {
     /// Follows `authorities`, none heard from yet, starting `now`.
     pub fn new(authorities: &TrustedAuthorities, now: Instant) -> Self {
         RevocationFeeds {
-            feeds: authorities
-                .iter()
-                .map(|a| (*a, Feed::default()))
-                .collect(),
+            feeds: authorities.iter().map(|a| (*a, Feed::default())).collect(),
             since: now,
         }
     }
@@ -126,9 +123,7 @@ impl RevocationFeeds {
     /// The newest sequence number held from `authority` (0 if none): ask
     /// its feed for what follows.
     pub fn cursor(&self, authority: &Identifier) -> u64 {
-        self.feeds
-            .get(authority)
-            .map_or(0, |f| f.list.latest_seq())
+        self.feeds.get(authority).map_or(0, |f| f.list.latest_seq())
     }
 
     /// A message of `authority`'s feed arrived at `now`: its entries (maybe
@@ -223,10 +218,16 @@ mod tests {
 
     #[test]
     fn each_authority_has_its_own_cursor() {
-        let (a, b) = (Identity::generate().identifier(), Identity::generate().identifier());
+        let (a, b) = (
+            Identity::generate().identifier(),
+            Identity::generate().identifier(),
+        );
         let t0 = Instant::now();
         let mut feeds = RevocationFeeds::new(&[a, b].into_iter().collect(), t0);
-        let (x, y) = (Identity::generate().identifier(), Identity::generate().identifier());
+        let (x, y) = (
+            Identity::generate().identifier(),
+            Identity::generate().identifier(),
+        );
         // A's log is long; B's entry #1 must still be applied.
         let long: Vec<_> = (1..=50)
             .map(|n| entry(n, RevocationTarget::Credential(CredentialId::random())))
@@ -234,19 +235,28 @@ mod tests {
         assert_eq!(feeds.apply(&a, long, t0), 50);
         assert_eq!(feeds.cursor(&a), 50);
         assert_eq!(feeds.cursor(&b), 0, "B's cursor does not follow A's");
-        assert_eq!(feeds.apply(&b, [entry(1, RevocationTarget::Identity(x))], t0), 1);
+        assert_eq!(
+            feeds.apply(&b, [entry(1, RevocationTarget::Identity(x))], t0),
+            1
+        );
         assert!(feeds.identity_revocation(&x).is_some());
         assert!(feeds.revocation(&CredentialId::random(), &x).is_some());
         assert!(feeds.identity_revocation(&y).is_none());
         // An authority not followed is ignored.
         let stranger = Identity::generate().identifier();
-        assert_eq!(feeds.apply(&stranger, [entry(1, RevocationTarget::Identity(y))], t0), 0);
+        assert_eq!(
+            feeds.apply(&stranger, [entry(1, RevocationTarget::Identity(y))], t0),
+            0
+        );
         assert!(feeds.identity_revocation(&y).is_none());
     }
 
     #[test]
     fn staleness_fails_closed() {
-        let (a, b) = (Identity::generate().identifier(), Identity::generate().identifier());
+        let (a, b) = (
+            Identity::generate().identifier(),
+            Identity::generate().identifier(),
+        );
         let t0 = Instant::now();
         let bound = Duration::from_secs(60);
         let mut feeds = RevocationFeeds::new(&[a, b].into_iter().collect(), t0);
@@ -257,7 +267,9 @@ mod tests {
         let err = feeds.require_current(t0, bound).unwrap_err();
         assert_eq!(err.authority(), b, "{err}");
         feeds.apply(&b, [], t0 + Duration::from_secs(10));
-        assert!(feeds.require_current(t0 + Duration::from_secs(60), bound).is_ok());
+        assert!(feeds
+            .require_current(t0 + Duration::from_secs(60), bound)
+            .is_ok());
         // A goes quiet past the bound; B keeps talking.
         feeds.apply(&b, [], t0 + Duration::from_secs(61));
         let err = feeds
@@ -267,7 +279,9 @@ mod tests {
         assert!(err.to_string().contains(&a.to_string()), "{err}");
         // A heartbeat makes it current again.
         feeds.apply(&a, [], t0 + Duration::from_secs(62));
-        assert!(feeds.require_current(t0 + Duration::from_secs(62), bound).is_ok());
+        assert!(feeds
+            .require_current(t0 + Duration::from_secs(62), bound)
+            .is_ok());
         let fresh = feeds.freshness(t0 + Duration::from_secs(62));
         assert!(fresh.iter().all(|(_, f)| matches!(f, Freshness::Age(_))));
     }
@@ -277,7 +291,10 @@ mod tests {
         let feeds = RevocationFeeds::new(&TrustedAuthorities::new(), Instant::now());
         assert!(feeds.is_empty());
         assert!(feeds
-            .require_current(Instant::now() + Duration::from_secs(1_000_000), Duration::ZERO)
+            .require_current(
+                Instant::now() + Duration::from_secs(1_000_000),
+                Duration::ZERO
+            )
             .is_ok());
     }
 }

@@ -9,21 +9,23 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
-use postern_identity::authority::{
+use postern_authority::oidc::{OidcConfig, OidcVerifier};
+use postern_authority::service::AuthorityService;
+use postern_authority::{
     Authority, AuthorityConfig, AuthorityError, AuthorityStore, EnrollmentRoute, IssuedRecord,
     Member, MemberSource, OidcSession, RedbStore, StoreError, TicketRecord, TicketSpec,
+    NAME_ATTRIBUTE,
 };
 use postern_identity::credential::{
     format_timestamp, CredentialId, Kind, Revocation, RevocationEntry, RevocationTarget,
     SignedCredential,
 };
 use postern_identity::handshake::LocalParty;
-use postern_identity::oidc::{OidcConfig, OidcVerifier};
 use postern_identity::ticket::{CodeHash, Ticket, DEFAULT_AUTHORITY_SERVICE};
 use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier, Identity};
-use postern_node::authority::{self, AuthorityRoute, AuthorityService};
+use postern_node::authority::{self, AuthorityRoute};
 use postern_policies::audit::AuditLog;
 
 use crate::args::parse_duration;
@@ -470,7 +472,7 @@ pub async fn run(
                 );
             }
             let relay = RelayEndpoint::new(args.relay, args.relay_identity);
-            authority::serve(
+            postern_authority::service::serve(
                 local,
                 service,
                 relay,
@@ -540,8 +542,10 @@ pub async fn run(
                     "revoked with `postern authority revoke` (revocation #{})",
                     entry.seq
                 );
-                log.record(&authority::revoke_event(&authority, &entry, reason))
-                    .context("the revocation is in force, but the audit record failed")?;
+                log.record(&postern_authority::service::revoke_event(
+                    &authority, &entry, reason,
+                ))
+                .context("the revocation is in force, but the audit record failed")?;
             }
             Ok(())
         }
@@ -802,17 +806,17 @@ async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
         if args.device { " (device flow)" } else { "" }
     );
     let credential = if args.device {
-        authority::enroll_oidc_device(&local, &route, &timeouts, |prompt| {
-            postern_identity::oidc::show_device_prompt(prompt)
+        postern_authority::client::enroll_oidc_device(&local, &route, &timeouts, |prompt| {
+            postern_authority::oidc::show_device_prompt(prompt)
         })
         .await
     } else {
         let open_browser = !args.no_browser && browser_available();
         let timeout = args
             .login_timeout
-            .unwrap_or(postern_identity::oidc::LOGIN_PAGE_TIMEOUT);
-        authority::enroll_oidc_browser(&local, &route, &timeouts, timeout, |url| {
-            postern_identity::oidc::show_login_url(url, open_browser);
+            .unwrap_or(postern_authority::oidc::LOGIN_PAGE_TIMEOUT);
+        postern_authority::client::enroll_oidc_browser(&local, &route, &timeouts, timeout, |url| {
+            postern_authority::oidc::show_login_url(url, open_browser);
             eprintln!(
                 "Waiting up to {} for the login…",
                 postern_identity::credential::format_duration(timeout.as_secs())
@@ -824,14 +828,9 @@ async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
     let name = credential
         .inspect_unverified()
         .ok()
-        .and_then(|b| {
-            match b
-                .attributes
-                .get(postern_identity::authority::NAME_ATTRIBUTE)
-            {
-                Some(AttrValue::One(name)) => Some(name.clone()),
-                _ => None,
-            }
+        .and_then(|b| match b.attributes.get(NAME_ATTRIBUTE) {
+            Some(AttrValue::One(name)) => Some(name.clone()),
+            _ => None,
         })
         .unwrap_or_else(|| "(no name)".into());
     store_and_report(

@@ -35,8 +35,11 @@ type OpenReply = Result<TunnelToken, Refusal>;
 
 /// Events the relay pushes to a node.
 #[derive(Debug)]
-pub(crate) enum HopEvent {
+pub enum HopEvent {
+    /// The relay registered the service under this name.
     Registered(ServiceName),
+    /// The relay refused to register the service (or withdrew it), and
+    /// said why.
     RegisterRefused(ServiceName, Refusal),
     /// The relay asks an authority for its revocations after this sequence
     /// number (sent only to the hop session of an authority it trusts).
@@ -48,9 +51,9 @@ pub(crate) enum HopEvent {
 
 /// An authenticated hop channel, shared by the node's tasks.
 #[derive(Debug)]
-pub(crate) struct Hop {
-    pub relay: RelayEndpoint,
-    pub relay_static: [u8; 32],
+pub struct Hop {
+    pub(crate) relay: RelayEndpoint,
+    pub(crate) relay_static: [u8; 32],
     outbox: mpsc::Sender<Control>,
     opens: Mutex<HashMap<u64, oneshot::Sender<OpenReply>>>,
     next_request: AtomicU64,
@@ -120,7 +123,7 @@ async fn dial(
 /// `credential` (a relay's `register` policies read its attributes).
 /// Returns the shared channel, the stream of pushed events, and runs the
 /// channel's driver in a background task until `stop` or failure.
-pub(crate) async fn connect(
+pub async fn connect(
     local: &Arc<LocalParty>,
     relay: &RelayEndpoint,
     timeouts: &Timeouts,
@@ -347,7 +350,7 @@ impl Hop {
     }
 
     /// Asks the relay for a tunnel to `service`.
-    pub async fn open(
+    pub(crate) async fn open(
         &self,
         service: &ServiceName,
         timeout: Duration,
@@ -619,17 +622,18 @@ impl Hop {
 }
 
 /// The two halves of an end-to-end channel over a data connection.
-pub(crate) type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
+pub type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
 
 /// Jittered exponential back-off between reconnection attempts.
 #[derive(Debug)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     next: Duration,
     min: Duration,
     max: Duration,
 }
 
 impl Backoff {
+    /// Starts at `timeouts.reconnect_min`, growing to `reconnect_max`.
     pub fn new(timeouts: &Timeouts) -> Self {
         Backoff {
             next: timeouts.reconnect_min,
@@ -647,6 +651,7 @@ impl Backoff {
         step.mul_f64(jitter)
     }
 
+    /// Starts again from the shortest delay (after a success).
     pub fn reset(&mut self) {
         self.next = self.min;
     }

@@ -18,7 +18,7 @@ use super::claims::quote;
 use super::config::{check_loopback_redirect, is_loopback_host};
 use super::verifier::random_token;
 use super::{CodeGrant, DevicePrompt, LoginChallenge, OidcError, SecretString};
-use crate::credential::format_timestamp;
+use postern_identity::credential::format_timestamp;
 
 /// How long [`browser_login`] waits for the browser by default.
 pub const LOGIN_PAGE_TIMEOUT: Duration = Duration::from_secs(5 * 60);

@@ -32,9 +32,9 @@ use super::{
     member_from_ticket, take_ticket_use, AuthorityError, AuthorityStore, IssuedRecord, Member,
     OidcSession, StoreError, TicketRecord,
 };
-use crate::credential::{CredentialId, Revocation, RevocationEntry, RevocationTarget};
-use crate::ticket::CodeHash;
-use crate::Identifier;
+use postern_identity::credential::{CredentialId, Revocation, RevocationEntry, RevocationTarget};
+use postern_identity::ticket::CodeHash;
+use postern_identity::Identifier;
 
 const SCHEMA_VERSION: u64 = 1;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");

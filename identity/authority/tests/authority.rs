@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_identity::authority::{
+use postern_authority::{
     Authority, AuthorityConfig, AuthorityError, AuthorityStore, EnrollmentRoute, IssuedVia,
     MemberSource, MemoryStore, RedbStore, StoreError, TicketSpec, MAX_TICKET_TTL,
 };

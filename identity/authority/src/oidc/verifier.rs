@@ -799,7 +799,7 @@ pub(crate) fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-pub(crate) use crate::time::unix_now;
+pub(crate) use postern_identity::time::unix_now;
 
 /// Locks a mutex; the data stays consistent even if a holder panicked (every
 /// critical section is a single map or field update).

@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::{OidcConfig, OidcError};
-use crate::{AttrValue, Attributes};
+use postern_identity::{AttrValue, Attributes};
 
 /// Longest piece of untrusted text quoted in an error message.
 const MAX_QUOTED: usize = 120;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::credential::{format_duration, format_timestamp};
+use postern_identity::credential::{format_duration, format_timestamp};
 
 /// Why an OpenID Connect login, verification or refresh failed.
 ///

@@ -1,32 +1,6 @@
-//! The authority: who is a member, which enrollment tickets are open, what
-//! was revoked, and the credentials it signs.
-//!
-//! [`Authority`] is the pure logic, with no network and no clock (callers
-//! pass `now`, unix seconds). Its state sits behind the [`AuthorityStore`]
-//! trait so that another backend (PostgreSQL) can follow; two exist:
-//!
-//! - [`RedbStore`]: an embedded [`redb`] database in one file (mode `0600`),
-//!   the default;
-//! - [`MemoryStore`]: in memory, for tests and embedding.
-//!
-//! Tickets are stored by the SHA-256 hash of their one-time code only
-//! ([`crate::ticket::CodeHash`]). Redeeming one is a single store
-//! transaction ([`AuthorityStore::redeem_ticket`]) that takes a use and
-//! records the member, so a single-use ticket cannot enroll two machines even
-//! when both arrive at once.
-//!
-//! Members who log in with OpenID Connect ([`Authority::enroll_oidc`]) get
-//! an [`OidcSession`] beside their membership: the provider's issuer and
-//! subject, and the provider's refresh token. Such a member's credential is
-//! renewed only after the provider has been asked again
-//! ([`Authority::renew_oidc`], after `OidcVerifier::refresh`), so a person
-//! disabled at the provider gets no new credential; [`Authority::issue_for_member`]
-//! refuses them ([`AuthorityError::OidcLoginRequired`]). The refresh token is
-//! stored as the store stores everything (the redb file is mode `0600`) and is
-//! never logged.
-//!
-//! Store methods are blocking (redb does file I/O); async callers should use
-//! `spawn_blocking` or accept short stalls.
+//! The authority's logic ([`Authority`]) and its stores ([`AuthorityStore`],
+//! [`MemoryStore`], and [`RedbStore`] in `redb_store.rs`). Everything public
+//! here is re-exported at the crate root, whose documentation describes it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,15 +9,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::credential::{
+use crate::oidc::{OidcError, SecretString, VerifiedLogin};
+use postern_identity::credential::{
     self, format_duration, format_timestamp, CredentialBody, CredentialError, CredentialId, Kind,
     Revocation, RevocationEntry, RevocationList, RevocationTarget, SignedCredential,
     CREDENTIAL_VERSION, MAX_CREDENTIAL_LEN,
 };
-use crate::oidc::{OidcError, SecretString, VerifiedLogin};
-use crate::ticket::{self, CodeHash, Ticket, TicketCode};
-use crate::wire::ServiceName;
-use crate::{Attributes, Identifier, Identity, PublicIdentity};
+use postern_identity::ticket::{self, CodeHash, Ticket, TicketCode};
+use postern_identity::wire::ServiceName;
+use postern_identity::{Attributes, Identifier, Identity, PublicIdentity};
 
 mod redb_store;
 pub use redb_store::RedbStore;
@@ -900,7 +874,7 @@ fn oidc_attributes(login: &VerifiedLogin) -> Result<Attributes, AuthorityError> 
     let mut attributes = login.attributes.clone();
     attributes
         .entry(NAME_ATTRIBUTE.to_string())
-        .or_insert_with(|| crate::AttrValue::One(login.name.clone()));
+        .or_insert_with(|| postern_identity::AttrValue::One(login.name.clone()));
     check_attributes(&attributes)?;
     Ok(attributes)
 }
@@ -1107,7 +1081,7 @@ mod tests {
         let mut attributes = Attributes::new();
         attributes.insert(
             "groups".into(),
-            crate::AttrValue::Many(groups.iter().map(|g| g.to_string()).collect()),
+            postern_identity::AttrValue::Many(groups.iter().map(|g| g.to_string()).collect()),
         );
         VerifiedLogin {
             issuer: "https://id.example.com".into(),
@@ -1137,7 +1111,9 @@ mod tests {
         assert_eq!(body.kind, Kind::Person);
         assert_eq!(
             body.attributes.get(NAME_ATTRIBUTE),
-            Some(&crate::AttrValue::One("alice@example.com".into()))
+            Some(&postern_identity::AttrValue::One(
+                "alice@example.com".into()
+            ))
         );
         let member = authority.member(&node).expect("read").expect("member");
         assert_eq!(
@@ -1183,7 +1159,7 @@ mod tests {
         let body = renewed.inspect_unverified().expect("body");
         assert_eq!(
             body.attributes.get("groups"),
-            Some(&crate::AttrValue::Many(vec![
+            Some(&postern_identity::AttrValue::Many(vec![
                 "analysts".into(),
                 "oncall".into()
             ]))
