@@ -33,6 +33,10 @@ use crate::Identifier;
 /// tunnels that depend on it are refused.
 pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(120);
 
+/// How often an authority's feed says "nothing new" when nothing happened,
+/// so followers can tell a quiet feed from a dead one.
+pub const FEED_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// One authority's revocations, as far as this node has heard.
 #[derive(Debug, Clone, Default)]
 struct Feed {

@@ -58,6 +58,14 @@ impl ServiceName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name authority `authority` registers under unless configured
+    /// otherwise: `authority-P…`. It contains the identifier, so relays keep
+    /// it for that identity alone (no one else can squat it while the
+    /// authority reconnects), and several authorities never collide.
+    pub fn of_authority(authority: &crate::Identifier) -> ServiceName {
+        ServiceName(format!("authority-{authority}"))
+    }
 }
 
 impl FromStr for ServiceName {
@@ -488,6 +496,18 @@ impl DataFrame<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authority_names_are_valid_and_distinct() {
+        let (a, b) = (
+            crate::Identity::generate().identifier(),
+            crate::Identity::generate().identifier(),
+        );
+        let name = ServiceName::of_authority(&a);
+        assert_eq!(name.as_str().parse::<ServiceName>().unwrap(), name);
+        assert!(name.as_str().contains(&a.to_string()));
+        assert_ne!(name, ServiceName::of_authority(&b));
+    }
 
     #[test]
     fn service_names() {
