@@ -20,7 +20,7 @@
 //! Plain data with the clock passed in; the I/O that follows the feeds lives
 //! in the node and relay crates.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -204,6 +204,78 @@ impl RevocationCheck for RevocationFeeds {
     }
 }
 
+/// How long a follower waits for an authority's first feed message before
+/// it says so.
+pub const FIRST_FEED_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How loudly a feed's staleness has been reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Current,
+    Waiting,
+    Aging,
+    Refusing,
+}
+
+/// What [`StalenessAlarm::update`] says about one authority's feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Alarm {
+    /// No feed message yet after a while.
+    StillWaiting(Identifier, Duration),
+    /// Half the bound passed without a message.
+    Aging(Identifier, Duration),
+    /// Beyond the bound: new tunnels are refused.
+    Refusing(Identifier, Freshness),
+    /// The feed is current again after an alarm.
+    Recovered(Identifier),
+}
+
+/// Decides, from each feed's freshness, when to warn that revocations are
+/// going stale and when to say new tunnels are refused: once per change,
+/// not once per second.
+#[derive(Debug, Default)]
+pub struct StalenessAlarm {
+    levels: HashMap<Identifier, Level>,
+}
+
+impl StalenessAlarm {
+    /// What to say, given each feed's `freshness`, the `bound`, and how long
+    /// the follower has been `waited` for first messages.
+    pub fn update(
+        &mut self,
+        freshness: &[(Identifier, Freshness)],
+        bound: Duration,
+        waited: Duration,
+    ) -> Vec<Alarm> {
+        let mut alarms = Vec::new();
+        for (authority, fresh) in freshness {
+            let level = match fresh {
+                Freshness::Never if waited > bound => Level::Refusing,
+                Freshness::Never if waited > FIRST_FEED_PATIENCE => Level::Waiting,
+                Freshness::Never => Level::Current,
+                Freshness::Age(age) if *age > bound => Level::Refusing,
+                Freshness::Age(age) if *age > bound / 2 => Level::Aging,
+                Freshness::Age(_) => Level::Current,
+            };
+            let before = self
+                .levels
+                .insert(*authority, level)
+                .unwrap_or(Level::Current);
+            if level == before {
+                continue;
+            }
+            alarms.push(match (level, fresh) {
+                (Level::Current, _) => Alarm::Recovered(*authority),
+                (Level::Waiting, _) => Alarm::StillWaiting(*authority, waited),
+                (Level::Aging, Freshness::Age(age)) => Alarm::Aging(*authority, *age),
+                (Level::Aging, Freshness::Never) => Alarm::StillWaiting(*authority, waited),
+                (Level::Refusing, fresh) => Alarm::Refusing(*authority, *fresh),
+            });
+        }
+        alarms
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,5 +372,43 @@ mod tests {
                 Duration::ZERO
             )
             .is_ok());
+    }
+
+    #[test]
+    fn the_alarm_speaks_once_per_change() {
+        let a = Identity::generate().identifier();
+        let bound = Duration::from_secs(60);
+        let mut alarm = StalenessAlarm::default();
+        let at = |age: u64| vec![(a, Freshness::Age(Duration::from_secs(age)))];
+        assert!(alarm.update(&at(1), bound, Duration::ZERO).is_empty());
+        assert!(alarm.update(&at(29), bound, Duration::ZERO).is_empty());
+        assert_eq!(
+            alarm.update(&at(31), bound, Duration::ZERO),
+            vec![Alarm::Aging(a, Duration::from_secs(31))]
+        );
+        assert!(alarm.update(&at(45), bound, Duration::ZERO).is_empty());
+        assert!(matches!(
+            alarm.update(&at(61), bound, Duration::ZERO)[..],
+            [Alarm::Refusing(x, _)] if x == a
+        ));
+        assert!(alarm.update(&at(600), bound, Duration::ZERO).is_empty());
+        assert_eq!(
+            alarm.update(&at(0), bound, Duration::ZERO),
+            vec![Alarm::Recovered(a)]
+        );
+        // Never heard from: patience, then a warning, then refusal.
+        let never = vec![(a, Freshness::Never)];
+        let mut alarm = StalenessAlarm::default();
+        assert!(alarm
+            .update(&never, bound, Duration::from_secs(5))
+            .is_empty());
+        assert_eq!(
+            alarm.update(&never, bound, Duration::from_secs(11)),
+            vec![Alarm::StillWaiting(a, Duration::from_secs(11))]
+        );
+        assert!(matches!(
+            alarm.update(&never, bound, Duration::from_secs(61))[..],
+            [Alarm::Refusing(..)]
+        ));
     }
 }

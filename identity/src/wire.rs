@@ -409,6 +409,12 @@ pub enum CloseReason {
     },
     /// The node is shutting down.
     Shutdown,
+    /// The outlet cannot serve right now (for example, it cannot vouch for
+    /// current revocations of an authority it trusts); try again later.
+    Unavailable {
+        /// Why, naming what is missing.
+        reason: String,
+    },
 }
 
 impl fmt::Display for CloseReason {
@@ -419,6 +425,7 @@ impl fmt::Display for CloseReason {
             CloseReason::TargetUnavailable { reason } => write!(f, "target unavailable: {reason}"),
             CloseReason::Aborted { reason } => write!(f, "aborted by peer: {reason}"),
             CloseReason::Shutdown => f.write_str("peer is shutting down"),
+            CloseReason::Unavailable { reason } => write!(f, "temporarily unavailable: {reason}"),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
-use postern_node::{AttributeRule, RelayEndpoint, Target};
+use postern_node::{AttributeRule, RelayEndpoint, Target, TrustAnchor};
 
 /// Postern: a zero-trust tunnel for databases.
 ///
@@ -171,10 +171,18 @@ pub struct RelayArgs {
     #[arg(long, requires = "policies")]
     pub precheck_connect: bool,
     /// An authority whose credentials nodes present on their hop channels
-    /// (repeatable); their attributes reach the register policies, and its
-    /// revocations close the hop channels of revoked nodes.
-    #[arg(long, value_name = "P…")]
-    pub trust_authority: Vec<Identifier>,
+    /// (repeatable), as P… or P…@SERVICE: their attributes reach the
+    /// register policies; the authority registers its own name (SERVICE, or
+    /// its default authority-P…) without policies and feeds the relay its
+    /// revocations on its hop channel, which close the hop channels of
+    /// revoked nodes.
+    #[arg(long, value_name = "P…[@SERVICE]")]
+    pub trust_authority: Vec<TrustAnchor>,
+    /// Refuse registrations by nodes other than the trusted authorities once
+    /// an authority's revocations are older than this (it is not connected
+    /// to this relay, or never was since start). [default: 2m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_revocation_staleness: Option<Duration>,
     /// Append every registration decision to this hash-chained audit log
     /// (check it with `postern audit verify FILE`).
     #[arg(long, value_name = "FILE")]
@@ -308,10 +316,17 @@ pub struct RelayFlags {
 /// Credentials: which authorities to trust, which credential to present.
 #[derive(Debug, Args)]
 pub struct TrustFlags {
-    /// An authority whose credentials this node accepts (repeatable). With
-    /// none, credentials are not consulted and only identifiers count.
-    #[arg(long, value_name = "P…")]
-    pub trust_authority: Vec<Identifier>,
+    /// An authority whose credentials this node accepts (repeatable), and
+    /// whose revocations it follows through the relay: as P… (reached under
+    /// its default name, authority-P…) or P…@SERVICE. With none,
+    /// credentials are not consulted and only identifiers count.
+    #[arg(long, value_name = "P…[@SERVICE]")]
+    pub trust_authority: Vec<TrustAnchor>,
+    /// Refuse new tunnels once a trusted authority's revocations are older
+    /// than this (its feed down, or never received since start), saying
+    /// which authority; a warning comes at half of it. [default: 2m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_revocation_staleness: Option<Duration>,
     /// Credential to present in every handshake (written by `postern enroll`).
     /// [default: <home>/credentials/<identity>.cred, if it exists]
     #[arg(long, value_name = "FILE")]

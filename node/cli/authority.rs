@@ -21,7 +21,7 @@ use postern_identity::credential::{
     SignedCredential,
 };
 use postern_identity::handshake::LocalParty;
-use postern_identity::ticket::{CodeHash, Ticket, DEFAULT_AUTHORITY_SERVICE};
+use postern_identity::ticket::{CodeHash, Ticket};
 use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier, Identity};
@@ -133,9 +133,10 @@ pub struct RunArgs {
     /// The relay's identifier (any other is refused).
     #[arg(long, value_name = "P…")]
     pub relay_identity: Identifier,
-    /// Service name to register under.
-    #[arg(long, default_value = DEFAULT_AUTHORITY_SERVICE, value_name = "NAME")]
-    pub service: ServiceName,
+    /// Service name to register under. [default: authority-<its identifier>,
+    /// which relays reserve for it]
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<ServiceName>,
     /// Let people enroll by logging in at your OpenID Connect provider
     /// (`postern enroll --oidc`): a TOML file with issuer_url, client_id,
     /// scopes, [claims] and the other settings the README lists (top level
@@ -180,9 +181,10 @@ pub struct TicketArgs {
     /// That relay's identifier.
     #[arg(long, value_name = "P…")]
     pub relay_identity: Identifier,
-    /// The authority's service name at the relay.
-    #[arg(long, default_value = DEFAULT_AUTHORITY_SERVICE, value_name = "NAME")]
-    pub service: ServiceName,
+    /// The authority's service name at the relay. [default:
+    /// authority-<its identifier>]
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<ServiceName>,
     /// A note for the admin listing tickets later.
     #[arg(long)]
     pub note: Option<String>,
@@ -262,9 +264,10 @@ pub struct EnrollArgs {
     /// With --oidc or --renew: the authority's identifier (ask its admin).
     #[arg(long, value_name = "P…")]
     pub authority: Option<Identifier>,
-    /// The authority's service name at the relay.
-    #[arg(long, default_value = DEFAULT_AUTHORITY_SERVICE, value_name = "NAME")]
-    pub authority_service: ServiceName,
+    /// The authority's service name at the relay. [default:
+    /// authority-<the authority's identifier>]
+    #[arg(long, value_name = "NAME")]
+    pub authority_service: Option<ServiceName>,
 }
 
 /// Parses repeated `NAME=VALUE` into attributes; a repeated name makes a list.
@@ -448,10 +451,14 @@ pub async fn run(
                 }
                 None => None,
             };
+            let service_name = args
+                .service
+                .clone()
+                .unwrap_or_else(|| ServiceName::of_authority(&authority.identifier()));
             eprintln!(
                 "authority {} serving \"{}\" at relay {}",
                 authority.identifier(),
-                args.service,
+                service_name,
                 args.relay
             );
             if let Some(verifier) = oidc {
@@ -476,7 +483,7 @@ pub async fn run(
                 local,
                 service,
                 relay,
-                args.service,
+                service_name,
                 Timeouts::default(),
                 stop()?,
             )
@@ -500,7 +507,9 @@ pub async fn run(
             let route = EnrollmentRoute {
                 relay_addr: args.relay,
                 relay: args.relay_identity,
-                authority_service: args.service,
+                authority_service: args
+                    .service
+                    .unwrap_or_else(|| ServiceName::of_authority(&authority.identifier())),
             };
             let (ticket, record) = authority.create_ticket(&spec, &route, unix_now())?;
             let token = ticket.to_token()?;
@@ -763,9 +772,11 @@ pub async fn enroll(home: &Path, args: EnrollArgs) -> Result<()> {
         &credential,
         &format!("enrolled {subject} with authority {}", ticket.authority),
     )?;
+    let anchor =
+        postern_node::TrustAnchor::with_service(ticket.authority, ticket.authority_service.clone());
     println!(
-        "use it with: --relay {} --relay-identity {} --trust-authority {}",
-        ticket.relay_addr, ticket.relay, ticket.authority
+        "use it with: --relay {} --relay-identity {} --trust-authority {anchor}",
+        ticket.relay_addr, ticket.relay
     );
     Ok(())
 }
@@ -781,7 +792,10 @@ fn route_from(args: &EnrollArgs, authority: Option<Identifier>) -> Result<Author
     Ok(AuthorityRoute {
         relay: RelayEndpoint::new(relay.clone(), relay_identity),
         authority,
-        service: args.authority_service.clone(),
+        service: args
+            .authority_service
+            .clone()
+            .unwrap_or_else(|| ServiceName::of_authority(&authority)),
     })
 }
 

@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use postern_identity::credential::SignedCredential;
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
-use postern_node::{AttributeRule, InletConfig, OutletConfig, RelayEndpoint, Trust};
+use postern_node::{AttributeRule, InletConfig, OutletConfig, RelayEndpoint, Trust, TrustAnchor};
 use postern_policies::audit::AuditLog;
 use postern_policies::{AllowList, LivePolicies, PolicyError};
 use postern_relay::RelayConfig;
@@ -46,7 +46,8 @@ pub struct RelayFile {
     #[serde(default)]
     precheck_connect: bool,
     #[serde(default)]
-    trust_authorities: Vec<Identifier>,
+    trust_authorities: Vec<String>,
+    max_revocation_staleness: Option<String>,
     audit_log: Option<PathBuf>,
 }
 
@@ -68,7 +69,8 @@ pub struct OutletFile {
     service_attributes: BTreeMap<String, String>,
     audit_log: Option<PathBuf>,
     #[serde(default)]
-    trust_authorities: Vec<Identifier>,
+    trust_authorities: Vec<String>,
+    max_revocation_staleness: Option<String>,
     credential: Option<PathBuf>,
     #[serde(default)]
     fallback_relays: Vec<String>,
@@ -92,7 +94,8 @@ pub struct InletFile {
     #[serde(default)]
     require_outlet_attributes: Vec<String>,
     #[serde(default)]
-    trust_authorities: Vec<Identifier>,
+    trust_authorities: Vec<String>,
+    max_revocation_staleness: Option<String>,
     credential: Option<PathBuf>,
     #[serde(default)]
     fallback_relays: Vec<String>,
@@ -326,13 +329,15 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
     if relay.handshake_timeout.is_zero() {
         return Err(anyhow!("`handshake_timeout` must be longer than zero"));
     }
-    relay.authorities = if args.trust_authority.is_empty() {
-        file.trust_authorities
-    } else {
-        args.trust_authority
+    let anchors = anchors(args.trust_authority, file.trust_authorities)?;
+    relay.authorities = anchors.iter().map(|a| a.authority).collect();
+    relay.authority_services = anchors
+        .into_iter()
+        .map(|a| (a.authority, a.service))
+        .collect();
+    if let Some(bound) = staleness(args.max_revocation_staleness, file.max_revocation_staleness)? {
+        relay.max_revocation_staleness = bound;
     }
-    .into_iter()
-    .collect();
     relay.policies = load_policies(args.policies.or(file.policies), "relay")?;
     relay.precheck_connect = args.precheck_connect || file.precheck_connect;
     if relay.precheck_connect && relay.policies.is_none() {
@@ -358,19 +363,40 @@ pub fn credential_path(home: &Path, name: &str) -> PathBuf {
 /// Trusted authorities and the credential to present (and the file it came
 /// from, where renewals are saved): flags win over the file; the credential
 /// defaults to the one `postern enroll` stored.
+/// The trust anchors from the flags, else from the file's
+/// `trust_authorities` (`P…` or `P…@SERVICE`).
+fn anchors(flags: Vec<TrustAnchor>, file: Vec<String>) -> Result<Vec<TrustAnchor>> {
+    if !flags.is_empty() {
+        return Ok(flags);
+    }
+    file.iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|e: String| anyhow!("config key `trust_authorities`: {e}"))
+        })
+        .collect()
+}
+
+/// `max_revocation_staleness` from the flag, else from the file.
+fn staleness(flag: Option<Duration>, file: Option<String>) -> Result<Option<Duration>> {
+    match flag {
+        Some(bound) => Ok(Some(bound)),
+        None => file_duration("max_revocation_staleness", file),
+    }
+}
+
 fn trust(
     home: &Path,
     flags: &TrustFlags,
-    file_authorities: Vec<Identifier>,
+    file_authorities: Vec<String>,
+    file_staleness: Option<String>,
     file_credential: Option<PathBuf>,
     identity: &str,
 ) -> Result<(Trust, Option<PathBuf>)> {
-    let authorities = if flags.trust_authority.is_empty() {
-        file_authorities
-    } else {
-        flags.trust_authority.clone()
-    };
-    let mut trust = Trust::new(authorities.into_iter().collect());
+    let mut trust = Trust::with_anchors(anchors(flags.trust_authority.clone(), file_authorities)?);
+    if let Some(bound) = staleness(flags.max_revocation_staleness, file_staleness)? {
+        trust = trust.with_max_staleness(bound);
+    }
     let (path, explicit) = match flags.credential.clone().or(file_credential) {
         Some(path) => (path, true),
         None => (credential_path(home, identity), false),
@@ -433,8 +459,6 @@ fn rules(flags: Vec<AttributeRule>, file: &[String], key: &str) -> Result<Vec<At
 pub struct Outlet {
     pub identity: String,
     pub outlet: OutletConfig,
-    /// Where the credential came from (renewals are saved there).
-    pub credential_file: Option<PathBuf>,
 }
 
 pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
@@ -467,6 +491,7 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
         home,
         &args.trust,
         file.trust_authorities,
+        file.max_revocation_staleness,
         file.credential,
         &identity,
     )?;
@@ -485,6 +510,7 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
     life.apply_timeouts(&mut outlet.timeouts);
     outlet.allow_attributes = allow_attributes;
     outlet.trust = Arc::new(trust);
+    outlet.credential_file = credential_file;
     outlet.policies = load_policies(args.policies.or(file.policies), "outlet")?;
     if outlet.policies.is_some() && !(outlet.allow.is_empty() && outlet.allow_attributes.is_empty())
     {
@@ -494,18 +520,12 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
     }
     outlet.service_attributes = service_attributes;
     outlet.audit = open_audit(args.audit_log.or(file.audit_log))?;
-    Ok(Outlet {
-        identity,
-        outlet,
-        credential_file,
-    })
+    Ok(Outlet { identity, outlet })
 }
 
 pub struct Inlet {
     pub identity: String,
     pub inlet: InletConfig,
-    /// Where the credential came from (renewals are saved there).
-    pub credential_file: Option<PathBuf>,
 }
 
 pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
@@ -548,15 +568,13 @@ pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
         home,
         &args.trust,
         file.trust_authorities,
+        file.max_revocation_staleness,
         file.credential,
         &identity,
     )?;
     inlet.trust = Arc::new(trust);
-    Ok(Inlet {
-        identity,
-        inlet,
-        credential_file,
-    })
+    inlet.credential_file = credential_file;
+    Ok(Inlet { identity, inlet })
 }
 
 #[cfg(test)]

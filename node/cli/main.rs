@@ -111,122 +111,28 @@ fn drain_on_signals(node: &postern_node::NodeHandle) -> Result<()> {
     Ok(())
 }
 
-/// The address to dial this machine's own listener at: a wildcard bind
-/// (`0.0.0.0`, `::`) is reached through loopback.
-fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
-    let ip = match addr.ip() {
-        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
-        ip => ip,
-    };
-    std::net::SocketAddr::new(ip, addr.port())
-}
-
-/// Renews the node's credential (if it has one) before it expires, through
-/// `relay`, saving each new one to `file`; see `postern_node::renewal`.
-fn renew_in_background(
-    home: &std::path::Path,
-    identity: &str,
-    relay: &postern_node::RelayEndpoint,
-    trust: &std::sync::Arc<postern_node::Trust>,
-    timeouts: &postern_node::Timeouts,
-    file: Option<PathBuf>,
-    stop: CancellationToken,
-) -> Result<()> {
-    if trust.credential().is_none() {
-        return Ok(());
-    }
-    let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
-        load_identity(home, identity)?,
-    )?);
-    tokio::spawn(postern_node::renewal::keep_renewed(
-        local,
-        relay.clone(),
-        std::sync::Arc::clone(trust),
-        timeouts.clone(),
-        file,
-        stop,
-    ));
-    Ok(())
-}
-
 async fn dispatch(cli: Cli) -> Result<()> {
     let home = home(&cli.home);
     match cli.command {
         Command::Identity { command } => identity(&home, command),
         Command::Relay(args) => {
-            let mut cfg = config::relay(args)?;
+            let cfg = config::relay(args)?;
             let identity = load_identity(&home, &cfg.identity)?;
-            // Revocations from the trusted authorities, heard through this
-            // relay itself (the authorities are services behind it).
-            let revocations = std::sync::Arc::new(postern_node::Trust::new(
-                cfg.relay.authorities.iter().copied().collect(),
-            ));
-            if !cfg.relay.authorities.is_empty() {
-                cfg.relay.revocations = Some(postern_relay::Revocations(revocations.clone()));
-            }
-            let authorities: Vec<_> = cfg.relay.authorities.iter().copied().collect();
+            // The relay follows the trusted authorities' revocations itself,
+            // on their own hop channels.
             let relay = Relay::bind(identity, cfg.relay).await?;
             let addr = relay
                 .local_addr()
                 .context("cannot read the bound address")?;
             eprintln!("relay {} listening on {addr}", relay.identifier());
-            let stop = on_signal()?;
-            let own =
-                postern_node::RelayEndpoint::new(reachable(addr).to_string(), relay.identifier());
-            for authority in authorities {
-                let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
-                    load_identity(&home, &cfg.identity)?,
-                )?);
-                let route = postern_node::authority::AuthorityRoute {
-                    relay: own.clone(),
-                    authority,
-                    service: postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse()?,
-                };
-                tokio::spawn(postern_node::authority::follow_revocations(
-                    local,
-                    route,
-                    std::sync::Arc::clone(&revocations),
-                    postern_node::Timeouts::default(),
-                    stop.child_token(),
-                ));
-            }
-            relay.run(stop).await;
+            relay.run(on_signal()?).await;
             Ok(())
         }
         Command::Outlet(args) => {
             let cfg = config::outlet(&home, args)?;
             let identity = load_identity(&home, &cfg.identity)?;
-            // Revocations from each trusted authority, reached through the
-            // outlet's relay, close the tunnels they no longer allow.
-            let feeds = tokio_util::sync::CancellationToken::new();
-            for &authority_id in cfg.outlet.trust.authorities().iter() {
-                let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
-                    load_identity(&home, &cfg.identity)?,
-                )?);
-                let route = postern_node::authority::AuthorityRoute {
-                    relay: cfg.outlet.relay.clone(),
-                    authority: authority_id,
-                    service: postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse()?,
-                };
-                tokio::spawn(postern_node::authority::follow_revocations(
-                    local,
-                    route,
-                    std::sync::Arc::clone(&cfg.outlet.trust),
-                    cfg.outlet.timeouts.clone(),
-                    feeds.child_token(),
-                ));
-            }
-            renew_in_background(
-                &home,
-                &cfg.identity,
-                &cfg.outlet.relay,
-                &cfg.outlet.trust,
-                &cfg.outlet.timeouts,
-                cfg.credential_file.clone(),
-                feeds.child_token(),
-            )?;
-            let _feeds = feeds.drop_guard();
+            // The outlet follows its trusted authorities' revocations and
+            // renews its credential itself, over its hop channel.
             let node = Outlet::start(identity, cfg.outlet)?;
             drain_on_signals(&node)?;
             node.join().await;
@@ -250,17 +156,6 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            let renewal = CancellationToken::new();
-            renew_in_background(
-                &home,
-                &cfg.identity,
-                &cfg.inlet.relay,
-                &cfg.inlet.trust,
-                &cfg.inlet.timeouts,
-                cfg.credential_file.clone(),
-                renewal.child_token(),
-            )?;
-            let _renewal = renewal.drop_guard();
             let node = Inlet::start(identity, cfg.inlet.clone()).await?;
             if let Some(addr) = node.local_addr() {
                 eprintln!(

@@ -13,8 +13,9 @@
 //!
 //! - [`enroll`]: `Redeem { code }` with a ticket's one-time code.
 //! - [`renew`]: `Renew`, a fresh credential for a current member.
-//! - [`follow_revocations`]: `Revocations { after }`, kept open to learn of
-//!   revocations within seconds.
+//! - Following revocations (`Revocations { after }`, kept open) and renewing
+//!   through the node's own hop channel are done by the node itself
+//!   (`feeds.rs`, `renewal.rs`).
 //! - [`with_channel`] and [`AuthorityChannel`]: open a channel, send
 //!   requests, read replies, for exchanges defined elsewhere.
 //! - [`send_message`] and [`recv_message`]: one message per data frame on an
@@ -32,10 +33,9 @@ use postern_identity::wire::{self, DataFrame, ServiceName};
 use postern_identity::Identifier;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
-use crate::hop::{self, Backoff, DataChannel};
-use crate::trust::{unix_now, Trust};
+use crate::hop::{self, DataChannel, Hop};
+use crate::trust::{unix_now, Trust, TrustAnchor};
 use crate::tunnel;
 use crate::{NodeError, RelayEndpoint, Timeouts};
 
@@ -311,7 +311,15 @@ pub fn check_own_credential(
     route: &AuthorityRoute,
     credential: SignedCredential,
 ) -> Result<SignedCredential, EnrollError> {
-    let trusted = [route.authority].into_iter().collect();
+    check_issued(local, route.authority, credential)
+}
+
+fn check_issued(
+    local: &LocalParty,
+    authority: Identifier,
+    credential: SignedCredential,
+) -> Result<SignedCredential, EnrollError> {
+    let trusted = [authority].into_iter().collect();
     postern_identity::credential::verify(
         &credential,
         &trusted,
@@ -323,68 +331,31 @@ pub fn check_own_credential(
     Ok(credential)
 }
 
-/// Keeps `trust`'s revocations current from the authority until `stop`:
-/// one long-lived channel, reopened with back-off when it drops.
-pub async fn follow_revocations(
-    local: Arc<LocalParty>,
-    route: AuthorityRoute,
-    trust: Arc<Trust>,
-    timeouts: Timeouts,
-    stop: CancellationToken,
-) {
-    let mut backoff = Backoff::new(&timeouts);
-    while !stop.is_cancelled() {
-        let result = async {
-            let mut channel = open(&local, &route, &timeouts, &stop).await?;
-            send_message(
-                &mut channel,
-                &AuthorityRequest::Revocations {
-                    after: trust.revocations_seen(),
-                },
-            )
-            .await?;
-            let mut plain = vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE];
-            loop {
-                let reply = tokio::select! {
-                    () = stop.cancelled() => return Ok(()),
-                    reply = recv_message::<AuthorityReply>(&mut channel, &mut plain) => reply?,
-                };
-                match reply {
-                    Some(AuthorityReply::Revocations { entries }) => {
-                        if !entries.is_empty() {
-                            info!(
-                                count = entries.len(),
-                                "revocations received from the authority"
-                            );
-                        }
-                        trust.apply_revocations(entries);
-                        backoff.reset();
-                    }
-                    Some(other) => {
-                        debug!(reply = ?other, "unexpected message on the revocation feed")
-                    }
-                    None => {
-                        return Err(NodeError::OpenRefused(wire::Refusal::new(
-                            wire::RefusalCode::RetryLater,
-                            "the authority closed the revocation feed",
-                        )))
-                    }
-                }
-            }
-        }
-        .await;
-        if let Err(e) = result {
-            if stop.is_cancelled() {
-                break;
-            }
-            let delay = backoff.next_delay().max(Duration::from_millis(500));
-            warn!(error = %e, "revocation feed from the authority lost; retrying in {delay:.1?}");
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(delay) => {}
-            }
-        }
-    }
+/// Asks `anchor`'s authority for a fresh credential through the node's own
+/// hop channel `hop` (the identity must still be a member).
+pub(crate) async fn renew_over(
+    local: &LocalParty,
+    hop: &Hop,
+    anchor: &TrustAnchor,
+    timeouts: &Timeouts,
+) -> Result<SignedCredential, EnrollError> {
+    let (_peer, channel) = hop
+        .open_end_to_end(
+            local,
+            timeouts,
+            &anchor.service,
+            anchor.authority,
+            &Trust::default(),
+            &[],
+        )
+        .await?;
+    let mut channel = AuthorityChannel {
+        channel,
+        plain: vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE],
+    };
+    channel.send(&AuthorityRequest::Renew).await?;
+    let credential = expect_credential(channel.reply(answer_wait(timeouts)).await?)?;
+    check_issued(local, anchor.authority, credential)
 }
 
 #[cfg(test)]

@@ -120,6 +120,10 @@ pub enum NodeError {
         /// The last status.
         status: String,
     },
+    /// The revocations of a trusted authority are too stale (or were never
+    /// received) to open new tunnels that depend on it.
+    #[error("{0}")]
+    RevocationsStale(#[from] postern_identity::revocation::StaleRevocations),
     /// The configuration contradicts itself; the message says how to fix it.
     #[error("{0}")]
     Config(String),

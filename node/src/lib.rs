@@ -47,10 +47,11 @@ mod access;
 pub mod authority;
 mod config;
 mod error;
+mod feeds;
 mod hop;
 mod inlet;
 mod outlet;
-pub mod renewal;
+mod renewal;
 pub mod service;
 pub mod trust;
 pub mod tunnel;
@@ -59,7 +60,7 @@ pub use config::{InletConfig, OutletConfig, RelayEndpoint, Target, Timeouts, DEF
 pub use error::NodeError;
 pub use inlet::{check, CheckReport, Inlet};
 pub use outlet::Outlet;
-pub use trust::{AttributeRule, Trust};
+pub use trust::{AttributeRule, Trust, TrustAnchor};
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

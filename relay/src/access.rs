@@ -27,8 +27,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use postern_identity::credential::{
-    self, CredentialError, NoRevocations, RevocationCheck, SignedCredential, VerifiedCredential,
+    self, CredentialError, RevocationCheck, SignedCredential, VerifiedCredential,
 };
+use postern_identity::revocation::StaleRevocations;
 use postern_identity::time::unix_now;
 use postern_identity::wire::{Refusal, RefusalCode, ServiceName};
 use postern_identity::Identifier;
@@ -45,13 +46,6 @@ use crate::RelayConfig;
 #[derive(Debug, Clone)]
 pub(crate) struct NodeCredential(Option<VerifiedCredential>);
 
-fn revocations(config: &RelayConfig) -> &dyn RevocationCheck {
-    match &config.revocations {
-        Some(r) => r.0.as_ref(),
-        None => &NoRevocations,
-    }
-}
-
 impl NodeCredential {
     /// Verifies the credential a node presented in its hop handshake.
     /// `Err` is the reason the hop channel is refused. A relay trusting no
@@ -59,6 +53,7 @@ impl NodeCredential {
     /// from an authority it does not trust.
     pub(crate) fn verify(
         config: &RelayConfig,
+        revocations: &dyn RevocationCheck,
         node: Identifier,
         presented: Option<&SignedCredential>,
     ) -> Result<Self, String> {
@@ -70,7 +65,7 @@ impl NodeCredential {
             &config.authorities,
             node,
             unix_now(),
-            revocations(config),
+            revocations,
         ) {
             Ok(verified) => Ok(NodeCredential(Some(verified))),
             Err(CredentialError::UntrustedIssuer { .. }) => Ok(NodeCredential(None)),
@@ -80,10 +75,10 @@ impl NodeCredential {
 
     /// Why a credential accepted earlier no longer holds (revoked or
     /// expired), if it does not.
-    pub(crate) fn ended(&self, config: &RelayConfig) -> Option<String> {
+    pub(crate) fn ended(&self, revocations: &dyn RevocationCheck) -> Option<String> {
         let verified = self.0.as_ref()?;
         verified
-            .check_still_valid(unix_now(), revocations(config))
+            .check_still_valid(unix_now(), revocations)
             .err()
             .map(|e| format!("credential no longer valid: {e}"))
     }
@@ -96,8 +91,11 @@ impl NodeCredential {
 
 /// Why `node` may not hold a hop channel at all, if it may not: its
 /// identity was revoked by an authority the relay trusts.
-pub(crate) fn identity_revoked(config: &RelayConfig, node: &Identifier) -> Option<String> {
-    revocations(config)
+pub(crate) fn identity_revoked(
+    revocations: &dyn RevocationCheck,
+    node: &Identifier,
+) -> Option<String> {
+    revocations
         .identity_revocation(node)
         .map(|revocation| format!("{revocation}: this relay refuses it"))
 }
@@ -110,6 +108,10 @@ pub(crate) fn reservation(
     node: &Identifier,
     service: &ServiceName,
 ) -> Option<String> {
+    if let Some((owner, _)) = config.authority_services.iter().find(|(_, s)| s == service) {
+        return (owner != node)
+            .then(|| format!("the name \"{service}\" is reserved for trusted authority {owner}"));
+    }
     if let Some(owner) = embedded_identifier(service.as_str()) {
         return (owner != *node).then(|| {
             format!("the name \"{service}\" contains identifier {owner} and is reserved for that identity")
@@ -119,6 +121,19 @@ pub(crate) fn reservation(
     (legacy && !config.authorities.is_empty() && !config.authorities.contains(node)).then(|| {
         format!("the name \"{service}\" is reserved for the authorities this relay trusts")
     })
+}
+
+/// Whether `service` is a name trusted authority `node` registers as its
+/// own: its default `authority-P…`, one configured for it, or the legacy
+/// `postern-authority`.
+fn own_authority_name(config: &RelayConfig, node: &Identifier, service: &ServiceName) -> bool {
+    config.authorities.contains(node)
+        && (*service == ServiceName::of_authority(node)
+            || service.as_str() == postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE
+            || config
+                .authority_services
+                .iter()
+                .any(|(a, s)| a == node && s == service))
 }
 
 /// The first identifier (`P` or `p` followed by 40 hex digits) inside `name`.
@@ -143,7 +158,9 @@ fn embedded_identifier(name: &str) -> Option<Identifier> {
 }
 
 /// Decides whether `node` may register `service`. `Err` is the refusal
-/// told to the node (policy ids, never attribute values).
+/// told to the node (policy ids, never attribute values). `current` says
+/// whether the relay's revocations are current enough to admit a node
+/// that is not a trusted authority (`Err`: why not).
 pub(crate) fn decide_register(
     config: &RelayConfig,
     relay: Identifier,
@@ -151,6 +168,7 @@ pub(crate) fn decide_register(
     credential: &NodeCredential,
     service: &ServiceName,
     source: IpAddr,
+    current: Result<(), StaleRevocations>,
 ) -> Result<(), Refusal> {
     let deny = |reason: String| {
         audit(
@@ -172,6 +190,35 @@ pub(crate) fn decide_register(
     if let Some(reason) = reservation(config, &node, service) {
         return deny(format!(
             "registration of \"{service}\" refused by relay: {reason}"
+        ));
+    }
+    // A trusted authority registers its own name without policies: the
+    // relay's admin vouched for it with --trust-authority, and nodes need it
+    // to enroll, renew and hear revocations.
+    if own_authority_name(config, &node, service) {
+        audit(
+            config,
+            AuditEvent::Register(AccessRecord {
+                decision: Verdict::Allow,
+                principal: node,
+                service: service.clone(),
+                policies: Vec::new(),
+                reason: "a trusted authority registers its own name".into(),
+                errors: Vec::new(),
+                source_ip: Some(source),
+                relay: Some(relay),
+                tunnel: None,
+            }),
+        );
+        return Ok(());
+    }
+    // Whether this node is revoked cannot be known without current
+    // revocations; the trusted authorities themselves are never blocked by
+    // their own feeds.
+    if let (Err(stale), false) = (current, config.authorities.contains(&node)) {
+        return Err(Refusal::new(
+            RefusalCode::RetryLater,
+            format!("registration of \"{service}\" refused by relay for now: {stale}"),
         ));
     }
     let Some(policies) = &config.policies else {
@@ -252,41 +299,20 @@ fn request(
     }
 }
 
-/// Says at start-up what decides registrations, and warns about a trusted
-/// authority the policies would not let register its own service (nodes
-/// could not enroll or hear revocations through this relay).
-pub(crate) fn report_startup(config: &RelayConfig, relay: Identifier) {
+/// Says at start-up what decides registrations.
+pub(crate) fn report_startup(config: &RelayConfig) {
     let Some(policies) = &config.policies else {
         info!("no --policies: the first node to register a service name holds it while connected (names containing an identifier stay reserved for it)");
         return;
     };
     let engine = policies.current();
     if engine.is_empty() {
-        warn!("no policies: nobody may register a service at this relay (default deny)");
+        warn!("no policies: nobody but the trusted authorities may register a service at this relay (default deny)");
     } else {
         info!(policies = engine.len(), digest = %&engine.digest()[..12], "policies loaded; they decide every registration");
     }
     if config.precheck_connect {
         info!("connect pre-check on: opens the policies do not permit are refused before a token is minted");
-    }
-    let Ok(service) = postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse::<ServiceName>()
-    else {
-        return;
-    };
-    for authority in config.authorities.iter() {
-        let request = AccessRequest {
-            principal: Principal::new(*authority),
-            service: Service::new(service.clone()),
-            context: RequestContext {
-                time: unix_now(),
-                source_ip: None,
-                relay: Some(relay),
-                credential_expires: None,
-            },
-        };
-        if !engine.decide(Action::Register, &request).allow {
-            warn!(%authority, "the policies do not let trusted authority {authority} register \"{service}\" at this relay, so nodes cannot enroll or hear revocations through it; add: permit(principal == Identity::\"{authority}\", action == Action::\"register\", resource == Service::\"{service}\");");
-        }
     }
 }
 

@@ -32,4 +32,4 @@ mod registry;
 mod server;
 mod session;
 
-pub use server::{Relay, RelayConfig, RelayError, Revocations};
+pub use server::{Relay, RelayConfig, RelayError};

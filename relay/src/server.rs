@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use postern_identity::credential::{RevocationCheck, TrustedAuthorities};
+use postern_identity::credential::TrustedAuthorities;
 use postern_identity::handshake::LocalParty;
-use postern_identity::wire::{Control, PREAMBLE_ATTACH, PREAMBLE_HOP, PREAMBLE_LEN};
+use postern_identity::revocation::{Alarm, StalenessAlarm};
+use postern_identity::revocation::{RevocationFeeds, DEFAULT_MAX_STALENESS};
+use postern_identity::wire::{Control, ServiceName, PREAMBLE_ATTACH, PREAMBLE_HOP, PREAMBLE_LEN};
 use postern_identity::{Identifier, Identity};
 use postern_policies::audit::AuditLog;
 use postern_policies::LivePolicies;
@@ -20,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::access;
 use crate::attach::{self, Arrival};
@@ -88,8 +90,12 @@ pub struct RelayConfig {
     pub spare_idle_timeout: Duration,
     /// Authorities whose credentials nodes may present on their hop
     /// channels (their attributes reach `register` policies) and whose
-    /// revocations the relay enforces. Empty: nodes' credentials are set
-    /// aside.
+    /// revocations the relay enforces: when one of them connects its hop
+    /// channel, the relay asks it for its revocations
+    /// (`Control::FollowRevocations`) and keeps listening; a node whose
+    /// identity or credential is revoked loses its hop channel, and with it
+    /// its registrations, within a second, and is refused when it
+    /// reconnects. Empty: nodes' credentials are set aside.
     pub authorities: TrustedAuthorities,
     /// Policies deciding `register` (default deny), and `connect` too when
     /// `precheck_connect` is set. `None`: the first identity to register a
@@ -99,22 +105,17 @@ pub struct RelayConfig {
     /// token is minted (without the service's attributes, which only its
     /// outlet knows; the outlet still decides too).
     pub precheck_connect: bool,
+    /// Service names reserved for trusted authorities that registers under
+    /// a name of their choosing (beyond the default `authority-P…`, which
+    /// is theirs anyway).
+    pub authority_services: Vec<(Identifier, ServiceName)>,
     /// Where registration decisions are audited, if anywhere.
     pub audit: Option<Arc<AuditLog>>,
-    /// Revocations heard from the trusted authorities: a node whose identity
-    /// or credential is revoked loses its hop channel, and with it its
-    /// registrations, within a second, and is refused when it reconnects.
-    pub revocations: Option<Revocations>,
-}
-
-/// A shared, live source of revocations.
-#[derive(Clone)]
-pub struct Revocations(pub Arc<dyn RevocationCheck + Send + Sync>);
-
-impl std::fmt::Debug for Revocations {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Revocations(..)")
-    }
+    /// How stale a trusted authority's revocations may grow (its hop channel
+    /// gone, its feed silent) before the relay refuses new registrations of
+    /// nodes other than the authorities: it could no longer tell whether
+    /// they are revoked.
+    pub max_revocation_staleness: Duration,
 }
 
 impl RelayConfig {
@@ -142,8 +143,9 @@ impl RelayConfig {
             authorities: TrustedAuthorities::new(),
             policies: None,
             precheck_connect: false,
+            authority_services: Vec::new(),
             audit: None,
-            revocations: None,
+            max_revocation_staleness: DEFAULT_MAX_STALENESS,
         }
     }
 }
@@ -236,6 +238,8 @@ impl State {
 pub(crate) struct Shared {
     pub local: LocalParty,
     pub config: RelayConfig,
+    /// The trusted authorities' revocations, fed by their hop sessions.
+    feeds: RwLock<RevocationFeeds>,
     state: Mutex<State>,
     sources: Mutex<Sources>,
     /// Data connections past their handshake (spares, tunnel ends waiting
@@ -250,6 +254,7 @@ impl Shared {
     pub(crate) fn new(local: LocalParty, config: RelayConfig) -> Self {
         let relay_id = local.identity().identifier();
         Shared {
+            feeds: RwLock::new(RevocationFeeds::new(&config.authorities, Instant::now())),
             state: Mutex::new(State {
                 registry: Registry::new(relay_id, config.token_ttl),
                 sessions: HashMap::new(),
@@ -274,6 +279,23 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn feeds(&self) -> RwLockReadGuard<'_, RevocationFeeds> {
+        self.feeds.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a message of `authority`'s revocation feed.
+    pub(crate) fn apply_feed(
+        &self,
+        authority: &Identifier,
+        entries: Vec<postern_identity::credential::RevocationEntry>,
+    ) -> usize {
+        self.feeds.write().unwrap_or_else(|p| p.into_inner()).apply(
+            authority,
+            entries,
+            Instant::now(),
+        )
     }
 
     fn sources(&self) -> MutexGuard<'_, Sources> {
@@ -426,7 +448,7 @@ impl Relay {
         let connections = Arc::new(Semaphore::new(shared.config.max_connections));
         let tasks = TaskTracker::new();
         info!(relay = %shared.identifier(), addr = ?listener.local_addr().ok(), "relay listening");
-        access::report_startup(&shared.config, shared.identifier());
+        access::report_startup(&shared.config);
         if let Some(policies) = &shared.config.policies {
             access::watch_policies(policies, shared.config.audit.clone());
         }
@@ -435,10 +457,16 @@ impl Relay {
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut alarm = StalenessAlarm::default();
+                let started = Instant::now();
                 loop {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        _ = tick.tick() => sweep(&shared, Instant::now()),
+                        _ = tick.tick() => {
+                            let now = Instant::now();
+                            sweep(&shared, now);
+                            report_staleness(&shared, &mut alarm, now - started, now);
+                        }
                     }
                 }
             })
@@ -504,6 +532,29 @@ fn sweep(shared: &Shared, now: Instant) {
     drop(state);
     if expired > 0 {
         debug!(expired, "tunnel tokens expired before both ends attached");
+    }
+}
+
+/// Says when a trusted authority's revocations go stale (registrations are
+/// then refused) and when they are current again.
+fn report_staleness(shared: &Shared, alarm: &mut StalenessAlarm, waited: Duration, now: Instant) {
+    let bound = shared.config.max_revocation_staleness;
+    let freshness = shared.feeds().freshness(now);
+    for said in alarm.update(&freshness, bound, waited) {
+        match said {
+            Alarm::StillWaiting(authority, waited) => {
+                warn!(%authority, "no revocations from trusted authority {authority} after {waited:.0?}: is it running and connected to this relay? Registrations by other nodes wait for them")
+            }
+            Alarm::Aging(authority, age) => {
+                warn!(%authority, "the revocations of trusted authority {authority} are {age:.0?} old (it is not connected to this relay): registrations by other nodes will be refused once they are {bound:?} old")
+            }
+            Alarm::Refusing(authority, fresh) => {
+                error!(%authority, "the revocations of trusted authority {authority} are too stale ({fresh}; bound {bound:?}): refusing registrations by other nodes until it is back")
+            }
+            Alarm::Recovered(authority) => {
+                info!(%authority, "the revocations of trusted authority {authority} are current again")
+            }
+        }
     }
 }
 

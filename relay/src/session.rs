@@ -156,9 +156,12 @@ pub(crate) async fn run<R, W>(
     let (sealer, opener) = transport.split();
     let mut inbox = ControlReceiver::new(reader, opener);
     let mut outbox = ControlSender::new(wr, sealer);
-    let admitted = match access::identity_revoked(cfg, &node) {
-        Some(reason) => Err(reason),
-        None => NodeCredential::verify(cfg, node, peer.hello.credential.as_ref()),
+    let admitted = {
+        let feeds = shared.feeds();
+        match access::identity_revoked(&*feeds, &node) {
+            Some(reason) => Err(reason),
+            None => NodeCredential::verify(cfg, &*feeds, node, peer.hello.credential.as_ref()),
+        }
     };
     let credential = match admitted {
         Ok(credential) => credential,
@@ -186,6 +189,15 @@ pub(crate) async fn run<R, W>(
         credential,
     };
     info!(%node, %peer_addr, session = id.0, "node connected");
+    // A trusted authority feeds the relay its revocations on this channel,
+    // from where the relay's view of its log ends.
+    let authority = cfg.authorities.contains(&node);
+    if authority {
+        let after = shared.feeds().cursor(&node);
+        if let Err(e) = outbox.send(&Control::FollowRevocations { after }).await {
+            warn!(%node, error = %e, "cannot ask the authority for its revocations");
+        }
+    }
     let idle = cfg.idle_timeout;
     let mut timer = SessionTimer::new(Instant::now(), idle, RECHECK);
     let mut generation = cfg.policies.as_ref().map(|p| p.generation());
@@ -217,6 +229,17 @@ pub(crate) async fn run<R, W>(
                     Err(e) => break Ending::goodbye(RefusalCode::Invalid, format!("protocol error: {e}")),
                 };
                 timer.heard(Instant::now());
+                if let Control::Revocations { entries } = msg {
+                    if authority {
+                        let applied = shared.apply_feed(&node, entries);
+                        if applied > 0 {
+                            info!(authority = %node, count = applied, "revocations received from the authority");
+                        }
+                    } else {
+                        debug!(%node, "revocations from a node that is not a trusted authority; ignored");
+                    }
+                    continue;
+                }
                 if let Some(reply) = handle_control(shared, &who, msg) {
                     if let Err(e) = outbox.send(&reply).await {
                         break Ending::quiet(format!("send failed: {e}"));
@@ -267,14 +290,16 @@ fn recheck(
     generation: &mut Option<u64>,
 ) -> Result<Vec<Control>, Ending> {
     let cfg = &shared.config;
-    if let Some(reason) = access::identity_revoked(cfg, &who.node) {
+    let ended = {
+        let feeds = shared.feeds();
+        access::identity_revoked(&*feeds, &who.node).or_else(|| {
+            who.credential
+                .ended(&*feeds)
+                .map(|reason| format!("{reason}; its services are unregistered"))
+        })
+    };
+    if let Some(reason) = ended {
         return Err(Ending::goodbye(RefusalCode::Denied, reason));
-    }
-    if let Some(reason) = who.credential.ended(cfg) {
-        return Err(Ending::goodbye(
-            RefusalCode::Denied,
-            format!("{reason}; its services are unregistered"),
-        ));
     }
     let Some(policies) = &cfg.policies else {
         return Ok(Vec::new());
@@ -294,6 +319,7 @@ fn recheck(
             &who.credential,
             &service,
             who.addr.ip(),
+            Ok(()),
         );
         let Err(refusal) = decided else { continue };
         if shared.state().registry.unregister(&service, who.id) {
@@ -360,6 +386,9 @@ fn register(shared: &Shared, who: &Session, service: ServiceName) -> Control {
             ));
         }
     }
+    let current = shared
+        .feeds()
+        .require_current(std::time::Instant::now(), cfg.max_revocation_staleness);
     if let Err(refusal) = access::decide_register(
         cfg,
         shared.identifier(),
@@ -367,6 +396,7 @@ fn register(shared: &Shared, who: &Session, service: ServiceName) -> Control {
         &who.credential,
         &service,
         who.addr.ip(),
+        current,
     ) {
         return refused(refusal);
     }
@@ -440,7 +470,10 @@ fn open(
         return limit(format!("this node is an end of {max} tunnels through this relay, its maximum per node (max_tunnels_per_node); try again when one closes"));
     }
     let outlet = state.registry.lookup(service).map(|r| r.owner);
-    if let Some(outlet) = outlet.filter(|o| state.spliced_of(o) >= max) {
+    // A trusted authority is the far end of every node's revocation feed:
+    // it is not held to the per-node limit as an outlet.
+    let limited = |o: &Identifier| !cfg.authorities.contains(o) && state.spliced_of(o) >= max;
+    if let Some(outlet) = outlet.filter(limited) {
         debug!(%outlet, %service, "outlet at its tunnel limit");
         return limit(format!("the outlet of this service is an end of {max} tunnels through this relay, its maximum per node (max_tunnels_per_node); try again when one closes"));
     }
@@ -500,14 +533,12 @@ mod tests {
         assert_eq!(timer.due(t0 + Duration::from_secs(50)), Due::Idle);
     }
 
-    use std::sync::Arc;
-
-    use postern_identity::credential::{Revocation, RevocationList, RevocationTarget};
+    use postern_identity::credential::{Revocation, RevocationCheck, RevocationTarget};
     use postern_identity::handshake::LocalParty;
     use postern_identity::Identity;
     use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 
-    use crate::{RelayConfig, Revocations};
+    use crate::RelayConfig;
 
     type NodeEnd = (
         ControlReceiver<ReadHalf<DuplexStream>>,
@@ -519,18 +550,17 @@ mod tests {
     /// its handshake is done (`None`: the relay closed the handshake) and
     /// returns what it observed.
     async fn with_session<T>(
-        config: RelayConfig,
+        shared: &Shared,
         node: Identity,
         script: impl AsyncFnOnce(Option<NodeEnd>) -> T,
     ) -> T {
-        let shared = Shared::new(LocalParty::new(Identity::generate()).unwrap(), config);
         let relay_static = *shared.local.static_public();
         let (node_io, relay_io) = tokio::io::duplex(64 * 1024);
         let (rr, rw) = tokio::io::split(relay_io);
         let permits = tokio::sync::Semaphore::new(1);
         let permit = permits.try_acquire().unwrap();
         let addr: SocketAddr = ([192, 0, 2, 7], 4000).into();
-        let relay = run(&shared, rr, rw, addr, permit, CancellationToken::new());
+        let relay = run(shared, rr, rw, addr, permit, CancellationToken::new());
         let node = async move {
             let local = LocalParty::new(node).unwrap();
             let (nr, mut nw) = tokio::io::split(node_io);
@@ -567,10 +597,25 @@ mod tests {
         config
     }
 
+    fn relay(config: RelayConfig) -> Shared {
+        Shared::new(LocalParty::new(Identity::generate()).unwrap(), config)
+    }
+
+    fn revoke(seq: u64, who: Identifier) -> postern_identity::credential::RevocationEntry {
+        postern_identity::credential::RevocationEntry {
+            seq,
+            revocation: Revocation {
+                target: RevocationTarget::Identity(who),
+                revoked_at: 1,
+            },
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_node_is_dropped_after_the_idle_timeout() {
         let idle = Duration::from_secs(30);
-        let (goodbye, silent_for) = with_session(config(idle), Identity::generate(), async |end| {
+        let shared = relay(config(idle));
+        let (goodbye, silent_for) = with_session(&shared, Identity::generate(), async |end| {
             let (mut inbox, _outbox) = end.expect("handshake");
             let started = Instant::now();
             let msg = tokio::time::timeout(Duration::from_secs(3600), inbox.recv())
@@ -596,7 +641,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_node_that_keeps_talking_stays() {
         let idle = Duration::from_secs(30);
-        let lived = with_session(config(idle), Identity::generate(), async |end| {
+        let shared = relay(config(idle));
+        let lived = with_session(&shared, Identity::generate(), async |end| {
             let (mut inbox, mut outbox) = end.expect("handshake");
             let started = Instant::now();
             // Ten minutes of pings every 20 s: each is answered.
@@ -624,16 +670,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_revoked_identity_is_refused_whatever_it_presents() {
         let node = Identity::generate();
-        let mut list = RevocationList::new();
-        list.insert(Revocation {
-            target: RevocationTarget::Identity(node.identifier()),
-            revoked_at: 1,
-        });
+        let authority = Identity::generate().identifier();
         let mut config = config(Duration::from_secs(30));
-        config.authorities = [Identity::generate().identifier()].into_iter().collect();
-        config.revocations = Some(Revocations(Arc::new(list)));
+        config.authorities = [authority].into_iter().collect();
+        let shared = relay(config);
+        shared.apply_feed(&authority, vec![revoke(1, node.identifier())]);
         // Without any credential (the review's bypass).
-        let said = with_session(config.clone(), node, async |end| {
+        let said = with_session(&shared, node, async |end| {
             let (mut inbox, _outbox) = end.expect("handshake");
             inbox.recv().await.unwrap()
         })
@@ -646,12 +689,72 @@ mod tests {
             other => panic!("expected a refusal, got {other:?}"),
         }
         // Another identity gets in (the check is not blind).
-        let said = with_session(config, Identity::generate(), async |end| {
+        let said = with_session(&shared, Identity::generate(), async |end| {
             let (mut inbox, mut outbox) = end.expect("handshake");
             outbox.send(&Control::Ping { seq: 1 }).await.unwrap();
             inbox.recv().await.unwrap()
         })
         .await;
         assert!(matches!(said, Control::Pong { seq: 1 }), "{said:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trusted_authorities_feed_the_relay_on_their_hop_channel() {
+        let authority = Identity::generate();
+        let authority_id = authority.identifier();
+        let (victim, bystander) = (Identity::generate(), Identity::generate());
+        let (victim_id, bystander_id) = (victim.identifier(), bystander.identifier());
+        let mut config = config(Duration::from_secs(30));
+        config.authorities = [authority_id].into_iter().collect();
+        let shared = relay(config);
+        // A node that is not a trusted authority cannot feed revocations.
+        with_session(&shared, Identity::generate(), async |end| {
+            let (mut inbox, mut outbox) = end.expect("handshake");
+            outbox
+                .send(&Control::Revocations {
+                    entries: vec![revoke(1, bystander_id)],
+                })
+                .await
+                .unwrap();
+            outbox.send(&Control::Ping { seq: 1 }).await.unwrap();
+            assert!(matches!(inbox.recv().await.unwrap(), Control::Pong { .. }));
+        })
+        .await;
+        assert!(shared.feeds().identity_revocation(&bystander_id).is_none());
+        // The authority is asked for its log from the start, and its entries
+        // apply at once.
+        with_session(&shared, authority, async |end| {
+            let (mut inbox, mut outbox) = end.expect("handshake");
+            match inbox.recv().await.unwrap() {
+                Control::FollowRevocations { after } => assert_eq!(after, 0),
+                other => panic!("expected FollowRevocations, got {other:?}"),
+            }
+            outbox
+                .send(&Control::Revocations {
+                    entries: vec![revoke(1, victim_id)],
+                })
+                .await
+                .unwrap();
+            outbox.send(&Control::Ping { seq: 2 }).await.unwrap();
+            assert!(matches!(inbox.recv().await.unwrap(), Control::Pong { .. }));
+        })
+        .await;
+        assert!(shared.feeds().identity_revocation(&victim_id).is_some());
+        assert_eq!(shared.feeds().cursor(&authority_id), 1);
+        let said = with_session(&shared, victim, async |end| {
+            let (mut inbox, _outbox) = end.expect("handshake");
+            inbox.recv().await.unwrap()
+        })
+        .await;
+        assert!(
+            matches!(
+                said,
+                Control::Goodbye {
+                    code: RefusalCode::Denied,
+                    ..
+                }
+            ),
+            "{said:?}"
+        );
     }
 }

@@ -63,6 +63,9 @@ use crate::{Authority, AuthorityError, MemberSource};
 /// How often an open revocation feed looks for new revocations.
 const FEED_POLL: Duration = Duration::from_secs(1);
 
+use postern_identity::revocation::FEED_HEARTBEAT;
+use postern_identity::wire::MAX_REVOCATIONS_PER_MESSAGE;
+
 /// How long a browser login may take at most, from `OidcStart` to
 /// `OidcFinish` (the challenge's own expiry is usually sooner).
 const MAX_BROWSER_LOGIN: Duration = crate::oidc::LOGIN_TTL;
@@ -314,7 +317,16 @@ async fn session(
                 error!(%service, %reason, "relay refused the authority's registration");
                 return format!("registration refused: {reason}");
             }
-            Some(HopEvent::FollowRevocations(_)) => {}
+            Some(HopEvent::FollowRevocations(after)) => {
+                // The relay follows this authority's revocations on the hop
+                // channel itself, for as long as it lives.
+                let (authority, hop, stop) = (
+                    Arc::clone(&authority.authority),
+                    Arc::clone(hop),
+                    stop.clone(),
+                );
+                tasks.spawn(async move { feed_relay(&authority, &hop, after, &stop).await });
+            }
             Some(HopEvent::Incoming(_, token, _)) => {
                 let (local, authority, hop) =
                     (Arc::clone(local), authority.clone(), Arc::clone(hop));
@@ -646,13 +658,10 @@ fn credential_reply(
 }
 
 /// Streams revocations newer than `after` until the node hangs up.
-async fn feed(
-    authority: &Authority,
-    channel: &mut DataChannel,
-    mut after: u64,
-    stop: &CancellationToken,
-) -> Result<(), NodeError> {
-    let mut first = true;
+/// Streams revocations newer than `after` to the relay on its hop channel,
+/// with heartbeats, until the channel ends.
+async fn feed_relay(authority: &Authority, hop: &Hop, mut after: u64, stop: &CancellationToken) {
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         let entries = match authority.revocations_since(after) {
             Ok(entries) => entries,
@@ -661,10 +670,61 @@ async fn feed(
                 Vec::new()
             }
         };
-        if first || !entries.is_empty() {
+        let heartbeat = last_sent.is_none_or(|at| at.elapsed() >= FEED_HEARTBEAT);
+        if heartbeat || !entries.is_empty() {
+            after = entries.last().map_or(after, |e| e.seq);
+            let mut chunks = entries.chunks(MAX_REVOCATIONS_PER_MESSAGE).peekable();
+            if chunks.peek().is_none() {
+                if hop
+                    .send(Control::Revocations {
+                        entries: Vec::new(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            for chunk in chunks {
+                let msg = Control::Revocations {
+                    entries: chunk.to_vec(),
+                };
+                if hop.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            last_sent = Some(tokio::time::Instant::now());
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = hop.closed.cancelled() => return,
+            () = tokio::time::sleep(FEED_POLL) => {}
+        }
+    }
+}
+
+async fn feed(
+    authority: &Authority,
+    channel: &mut DataChannel,
+    mut after: u64,
+    stop: &CancellationToken,
+) -> Result<(), NodeError> {
+    let mut last_sent: Option<tokio::time::Instant> = None;
+    loop {
+        let entries = match authority.revocations_since(after) {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(error = %e, "cannot read revocations");
+                Vec::new()
+            }
+        };
+        // New entries at once; otherwise a heartbeat, so followers can tell
+        // a quiet feed from a dead one.
+        let heartbeat = last_sent.is_none_or(|at| at.elapsed() >= FEED_HEARTBEAT);
+        if heartbeat || !entries.is_empty() {
             after = entries.last().map_or(after, |e| e.seq);
             send_message(channel, &AuthorityReply::Revocations { entries }).await?;
-            first = false;
+            last_sent = Some(tokio::time::Instant::now());
         }
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
