@@ -81,12 +81,12 @@ async fn enroll_with_ticket_admit_by_attribute_and_revoke_live() -> Result<()> {
     let ticket = stdout_of(&out).trim().to_owned();
     ensure!(ticket.starts_with("pstn-ticket:"), "{ticket}");
 
-    let out = home.run(&["enroll", &ticket, "--identity", "analyst"])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", "analyst"])?;
     ensure!(out.status.success(), "enroll: {}", stderr_of(&out));
     let text = stdout_of(&out);
     ensure!(text.contains("enrolled") && text.contains("role"), "{text}");
     // Single use: a second machine with the same ticket is refused, clearly.
-    let out = home.run(&["enroll", &ticket, "--identity", "second"])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", "second"])?;
     ensure!(!out.status.success(), "a used ticket enrolled again");
     let err = stderr_of(&out);
     ensure!(
@@ -264,7 +264,7 @@ async fn admins_add_and_remove_members_and_withdraw_tickets() -> Result<()> {
         "ticket-remove {id}: {}",
         stderr_of(&out)
     );
-    let out = home.run(&["enroll", &ticket, "--identity", "laptop"])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", "laptop"])?;
     ensure!(
         !out.status.success(),
         "a withdrawn ticket enrolled a machine"
@@ -298,7 +298,7 @@ async fn five_second_credentials_are_renewed_during_a_long_query() -> Result<()>
     ])?;
     ensure!(out.status.success(), "ticket: {}", stderr_of(&out));
     let ticket = stdout_of(&out).trim().to_owned();
-    let out = home.run(&["enroll", &ticket, "--identity", "analyst"])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", "analyst"])?;
     ensure!(out.status.success(), "enroll: {}", stderr_of(&out));
 
     let mut outlet = home.spawn(&[

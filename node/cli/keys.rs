@@ -309,7 +309,7 @@ pub fn create(
 /// Says on standard error where the new identity is and how its key is
 /// protected; an unencrypted key gets a plain warning and the command that
 /// encrypts it, unless `--encrypt none` asked for exactly that.
-pub fn report_created(
+fn report_created(
     name: &str,
     path: &Path,
     source: &KeySource,
@@ -321,17 +321,11 @@ pub fn report_created(
         "created identity {name:?} in {} (keep this file private; its secret key is {protection})",
         path.display()
     );
-    if protection != Protection::Unencrypted {
+    // `--encrypt none` asked for exactly this, and the line above says it.
+    if protection != Protection::Unencrypted || encrypt == Some(Encryption::None) {
         return;
     }
     let encrypt_it = format!("postern identity encrypt{}", name_flag(name));
-    if encrypt == Some(Encryption::None) {
-        eprintln!(
-            "note: the secret key is not encrypted (--encrypt none): anyone who can read the \
-             file can act as this identity. Encrypt it later with `{encrypt_it}`."
-        );
-        return;
-    }
     if let Some(var) = [PASSPHRASE_VAR, KEY_FILE_VAR]
         .into_iter()
         .find(|var| secrets.is_set(var))

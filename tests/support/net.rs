@@ -546,6 +546,17 @@ impl PosternHome {
             .with_context(|| format!("running postern {args:?}"))
     }
 
+    /// `postern enroll args…` with `ticket` in `POSTERN_TICKET`, the way
+    /// automation gives it (a ticket on the command line is refused).
+    pub fn enroll_with_ticket(&self, ticket: &str, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["enroll"];
+        all.extend_from_slice(args);
+        self.command(&all)
+            .env("POSTERN_TICKET", ticket)
+            .output()
+            .with_context(|| format!("running postern {all:?}"))
+    }
+
     /// `postern identity create --name <name>`; returns the identifier.
     pub fn create_identity(&self, name: &str) -> Result<Identifier> {
         let out = self.run(&["identity", "create", "--name", name])?;
