@@ -20,7 +20,8 @@ use anyhow::{ensure, Context, Result};
 use postern_identity::keyfile::{self, KeySource};
 use postern_identity::sealed::Protection;
 use postern_identity::Identifier;
-use support::net::{postern_bin, relay_identifier_from, PosternHome, PosternProcess};
+use support::net::{postern_bin, relay_and_authority, PosternHome, PosternProcess};
+use support::oidc::{login_url_in, FakeUser, TestProvider, PUBLIC_CLIENT};
 use zeroize::Zeroizing;
 
 const PASSPHRASE: &str = "correct horse battery staple";
@@ -453,20 +454,7 @@ async fn tickets_come_from_a_prompt_a_file_stdin_or_the_environment_never_argv()
     let home = PosternHome::new()?;
     home.create_identity("relay")?;
     home.create_identity("authority")?;
-    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
-    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
-    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
-    let mut authority = home.spawn(&[
-        "authority",
-        "run",
-        "--relay",
-        &relay_addr,
-        "--relay-identity",
-        &relay_id,
-    ])?;
-    authority
-        .wait_for_stderr("authority registered at relay", STARTUP)
-        .await?;
+    let (_relay, _authority, relay_addr, relay_id) = relay_and_authority(&home, &[]).await?;
     let relay = (relay_addr.as_str(), relay_id.as_str());
     let (ticket, id) = issue_ticket(&home, relay, "5")?;
     let body = ticket.trim_start_matches("pstn-ticket:").to_owned();
@@ -604,5 +592,130 @@ async fn tickets_come_from_a_prompt_a_file_stdin_or_the_environment_never_argv()
     ensure!(protection(&home, "laptop") == Protection::Passphrase);
     opens_with(&home, "laptop", PASSPHRASE);
     ensure!(matches!(uses_left(&home, &id)?, None | Some(0)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_opened_for_a_login_never_sees_the_secret_variables() -> Result<()> {
+    let provider = TestProvider::start()?;
+    let home = PosternHome::new()?;
+    home.create_identity("relay")?;
+    let authority_id = home.create_identity("authority")?.to_string();
+    let config = home.path().join("oidc.toml");
+    std::fs::write(
+        &config,
+        provider.config_toml(PUBLIC_CLIENT, "name_claim = \"email\""),
+    )?;
+    let (_relay, _authority, relay_addr, relay_id) =
+        relay_and_authority(&home, &["--oidc-config", config.to_str().unwrap()]).await?;
+
+    // The person's identity is encrypted; enroll opens it with
+    // POSTERN_PASSPHRASE, which automation also gave a ticket and a key file.
+    let pass = [("POSTERN_PASSPHRASE", PASSPHRASE)];
+    let out = run(
+        &home,
+        &[
+            "identity",
+            "create",
+            "--name",
+            "erin",
+            "--encrypt",
+            "passphrase",
+        ],
+        &pass,
+    );
+    ensure!(out.status.success(), "{}", all(&out));
+
+    // A fake desktop: DISPLAY set, and an `xdg-open` first on PATH that
+    // writes down its environment and the address it was asked to open.
+    let bin = home.path().join("fake-desktop");
+    std::fs::create_dir(&bin)?;
+    let opener = bin.join("xdg-open");
+    std::fs::write(
+        &opener,
+        "#!/bin/sh\nenv > \"$POSTERN_TEST_DUMP.tmp\"\nprintf '%s' \"$1\" > \"$POSTERN_TEST_DUMP.url\"\n\
+         mv \"$POSTERN_TEST_DUMP.tmp\" \"$POSTERN_TEST_DUMP\"\n",
+    )?;
+    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755))?;
+    let dump = home.path().join("xdg-open.env");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ticket_value = "pstn-ticket:automation-left-this-here";
+    let mut command = without_secrets(home.command(&[
+        "enroll",
+        "--oidc",
+        "--identity",
+        "erin",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+        "--authority",
+        &authority_id,
+    ]));
+    command
+        .env("POSTERN_PASSPHRASE", PASSPHRASE)
+        .env("POSTERN_KEY_FILE", "/nonexistent/postern-key-file")
+        .env("POSTERN_TICKET", ticket_value)
+        .env("DISPLAY", ":99")
+        .env("PATH", path)
+        .env("POSTERN_TEST_DUMP", &dump);
+    let mut enroll = PosternProcess::from_command(command, "postern enroll --oidc".into())?;
+    let deadline = Instant::now() + STARTUP;
+    let url = loop {
+        if let Some(url) = login_url_in(&enroll.stderr()) {
+            break url;
+        }
+        ensure!(
+            Instant::now() < deadline && enroll.is_running(),
+            "no login address:\n{}",
+            enroll.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    FakeUser::new("alice")?
+        .authorize(&url)
+        .await
+        .with_context(|| format!("logging in; enroll stderr:\n{}", enroll.stderr()))?;
+    let status = enroll.wait_exit(STARTUP).await?;
+    ensure!(
+        status.success(),
+        "enroll --oidc failed:\n{}",
+        enroll.stderr()
+    );
+    ensure!(enrolled(&home, "erin"), "{}", enroll.stderr());
+
+    // The opener ran, for this login, with the rest of the environment…
+    let deadline = Instant::now() + STARTUP;
+    while !dump.exists() {
+        ensure!(Instant::now() < deadline, "xdg-open was never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let opened = std::fs::read_to_string(home.path().join("xdg-open.env.url"))?;
+    ensure!(
+        opened == url,
+        "xdg-open was asked to open {opened:?}, not {url:?}"
+    );
+    let environment = std::fs::read_to_string(&dump)?;
+    ensure!(
+        environment.contains("DISPLAY=:99") && environment.contains("POSTERN_TEST_DUMP="),
+        "{environment}"
+    );
+    // …and without a single secret.
+    for secret in [
+        "POSTERN_PASSPHRASE",
+        PASSPHRASE,
+        "POSTERN_KEY_FILE",
+        "POSTERN_TICKET",
+        ticket_value,
+    ] {
+        ensure!(
+            !environment.contains(secret),
+            "the browser's environment holds {secret:?}:\n{environment}"
+        );
+    }
     Ok(())
 }

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use support::net::{relay_identifier_from, PosternHome, PosternProcess};
+use support::net::{relay_and_authority, PosternHome};
 use support::pg::TempPg;
 
 const STARTUP: Duration = Duration::from_secs(20);
@@ -20,32 +20,6 @@ fn stdout_of(out: &std::process::Output) -> String {
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A relay and an authority behind it (`authority run` with `extra` flags),
-/// both running from `home`; returns them with the relay's address and
-/// identifier.
-async fn relay_and_authority(
-    home: &PosternHome,
-    extra: &[&str],
-) -> Result<(PosternProcess, PosternProcess, String, String)> {
-    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
-    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
-    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
-    let mut args = vec![
-        "authority",
-        "run",
-        "--relay",
-        &relay_addr,
-        "--relay-identity",
-        &relay_id,
-    ];
-    args.extend_from_slice(extra);
-    let mut authority = home.spawn(&args)?;
-    authority
-        .wait_for_stderr("authority registered at relay", STARTUP)
-        .await?;
-    Ok((relay, authority, relay_addr, relay_id))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

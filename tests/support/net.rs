@@ -840,6 +840,32 @@ pub fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
+/// A relay and an authority behind it (`authority run` with `extra` flags),
+/// both running from `home`; returns them with the relay's address and
+/// identifier.
+pub async fn relay_and_authority(
+    home: &PosternHome,
+    extra: &[&str],
+) -> Result<(PosternProcess, PosternProcess, String, String)> {
+    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
+    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
+    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
+    let mut args = vec![
+        "authority",
+        "run",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+    ];
+    args.extend_from_slice(extra);
+    let mut authority = home.spawn(&args)?;
+    authority
+        .wait_for_stderr("authority registered at relay", Duration::from_secs(20))
+        .await?;
+    Ok((relay, authority, relay_addr, relay_id))
+}
+
 /// The service [`echo_nodes`] serves.
 pub const SERVICE: &str = "limits";
 
