@@ -38,8 +38,8 @@ pub enum AuthorityCommand {
     /// Run the authority: registers it as a service at a relay (no open
     /// port) and serves enrollments, renewals and revocation feeds.
     Run(RunArgs),
-    /// Issue a one-time enrollment ticket and print it. Give it to the new
-    /// machine, which runs `postern enroll <ticket>`.
+    /// Issue a one-time enrollment ticket and print it. Give it privately to
+    /// the new machine's user, who runs `postern enroll` and pastes it.
     Ticket(TicketArgs),
     /// Revoke an identity (P…) or one credential (32 hex digits). Relays and
     /// outlets following the authority close its tunnels within seconds.
@@ -532,7 +532,7 @@ pub async fn run(
             let token = ticket.to_token()?;
             println!("{}", token.as_str());
             eprintln!(
-                "ticket {} for {} use(s), valid for {:?}; enroll with: postern enroll <ticket>",
+                "ticket {} for {} use(s), valid for {:?}; enroll with `postern enroll` (paste it when asked) or `postern enroll --ticket-file FILE`",
                 record.code_hash.short(),
                 spec.uses,
                 spec.ttl
