@@ -240,6 +240,25 @@ fn without_a_terminal_keys_stay_unencrypted_and_the_output_says_how_to_fix_it() 
     );
 }
 
+/// `postern identity create --name <name> --encrypt passphrase` with
+/// `POSTERN_PASSPHRASE`, without a terminal; returns the identifier.
+fn create_encrypted(home: &PosternHome, name: &str) -> Result<Identifier> {
+    let out = run(
+        home,
+        &[
+            "identity",
+            "create",
+            "--name",
+            name,
+            "--encrypt",
+            "passphrase",
+        ],
+        &[("POSTERN_PASSPHRASE", PASSPHRASE)],
+    );
+    ensure!(out.status.success(), "{}", all(&out));
+    Ok(identifier_in(&stdout(&out)))
+}
+
 /// The environment of process `pid`, as other processes of this user can
 /// read it.
 fn environ_of(pid: u32) -> String {
@@ -273,21 +292,7 @@ fn silent_listener() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_variables_leave_the_process_and_its_children() -> Result<()> {
     let home = PosternHome::new()?;
-    let pass = [("POSTERN_PASSPHRASE", PASSPHRASE)];
-    let out = run(
-        &home,
-        &[
-            "identity",
-            "create",
-            "--name",
-            "svc",
-            "--encrypt",
-            "passphrase",
-        ],
-        &pass,
-    );
-    ensure!(out.status.success(), "{}", all(&out));
-    let svc = identifier_in(&stdout(&out));
+    let svc = create_encrypted(&home, "svc")?;
     let (relay_addr, _) = silent_listener();
 
     // An outlet that opened its encrypted identity with POSTERN_PASSPHRASE
@@ -611,20 +616,7 @@ async fn the_browser_opened_for_a_login_never_sees_the_secret_variables() -> Res
 
     // The person's identity is encrypted; enroll opens it with
     // POSTERN_PASSPHRASE, which automation also gave a ticket and a key file.
-    let pass = [("POSTERN_PASSPHRASE", PASSPHRASE)];
-    let out = run(
-        &home,
-        &[
-            "identity",
-            "create",
-            "--name",
-            "erin",
-            "--encrypt",
-            "passphrase",
-        ],
-        &pass,
-    );
-    ensure!(out.status.success(), "{}", all(&out));
+    create_encrypted(&home, "erin")?;
 
     // A fake desktop: DISPLAY set, and an `xdg-open` first on PATH that
     // writes down its environment and the address it was asked to open.

@@ -137,6 +137,21 @@ fn passphrase_for(
     Ok((prompt(&format!("Passphrase for {what}: "))?, Origin::Typed))
 }
 
+/// The key file of identity `name` and how it is protected; an error
+/// saying how to create it if there is none.
+fn existing(home: &Path, name: &str) -> Result<(PathBuf, Protection)> {
+    let path = keyfile::resolve(home, name)?;
+    match keyfile::protection(&path) {
+        Ok(protection) => Ok((path, protection)),
+        Err(KeyFileError::Identity(IdentityError::NotFound { path, .. })) => bail!(
+            "no identity {name:?} at {}: create it first with `postern identity create{}`",
+            path.display(),
+            name_flag(name)
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Loads identity `name` (a name under `home`, or a key file path) whatever
 /// its protection, getting the passphrase or key as the module documentation
 /// says. `key_file` is a command's `--key-file` flag, if it has one.
@@ -146,20 +161,7 @@ pub fn load(
     key_file: Option<&Path>,
     secrets: &SecretEnv,
 ) -> Result<(Identity, Protection)> {
-    let path = keyfile::resolve(home, name)?;
-    let protection = match keyfile::protection(&path) {
-        Ok(protection) => protection,
-        Err(KeyFileError::Identity(IdentityError::NotFound { path, .. })) => bail!(
-            "no identity {name:?} at {}: create it first with `postern identity create{}`",
-            path.display(),
-            if name == keyfile::DEFAULT_NAME {
-                String::new()
-            } else {
-                format!(" --name {name}")
-            }
-        ),
-        Err(e) => return Err(e.into()),
-    };
+    let (path, protection) = existing(home, name)?;
     let identity = match protection {
         Protection::Unencrypted => keyfile::load_with(&path, &KeySource::DangerousUnencrypted)?,
         Protection::Passphrase => {
@@ -355,17 +357,7 @@ pub fn encrypt_existing(
     key_file: Option<&Path>,
     secrets: &SecretEnv,
 ) -> Result<(Identity, Protection)> {
-    let path = keyfile::resolve(home, name)?;
-    let protection = match keyfile::protection(&path) {
-        Ok(protection) => protection,
-        Err(KeyFileError::Identity(IdentityError::NotFound { path, .. })) => bail!(
-            "no identity {name:?} at {}: create it with `postern identity create{}`, which \
-             encrypts it from the start",
-            path.display(),
-            name_flag(name)
-        ),
-        Err(e) => return Err(e.into()),
-    };
+    let (path, protection) = existing(home, name)?;
     if protection != Protection::Unencrypted {
         bail!(
             "{} is already {protection}; nothing was changed",
