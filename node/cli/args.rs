@@ -42,7 +42,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create or show the identity (Ed25519 key pair) this machine uses.
+    /// Create, show or encrypt the identity (Ed25519 key pair) this machine
+    /// uses.
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
@@ -59,10 +60,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::authority::AuthorityCommand,
     },
-    /// Enroll this machine: with a ticket from an authority's admin, or by
-    /// logging in at the identity provider (--oidc, --device); --renew gets
-    /// a fresh credential. Creates the identity if needed and stores the
-    /// credential the authority issues.
+    /// Enroll this machine: with a ticket from an authority's admin (pasted
+    /// when asked, or --ticket-file, `-`, POSTERN_TICKET; never as an
+    /// argument), or by logging in at the identity provider (--oidc,
+    /// --device); --renew gets a fresh credential. Creates the identity if
+    /// needed and stores the credential the authority issues.
     Enroll(crate::authority::EnrollArgs),
     /// Check, test and explain Cedar access policies (offline; nothing is
     /// contacted).

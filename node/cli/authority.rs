@@ -200,7 +200,7 @@ Three ways to get a credential:
     postern enroll                                  (at a terminal: asks for the ticket)
     postern enroll --ticket-file ticket.txt
     pass show postern/ticket | postern enroll -
-    POSTERN_TICKET=… set by your automation (read once, then removed from the environment)
+    POSTERN_TICKET set by your automation: read once, then removed from the environment
 
   By logging in at your organisation's identity provider (OpenID Connect) in a browser.
   Postern listens on 127.0.0.1 for the provider's redirect and opens your browser (with
@@ -785,7 +785,7 @@ pub async fn enroll(home: &Path, args: EnrollArgs, secrets: &SecretEnv) -> Resul
     }
     let ticket = {
         let text = crate::ticket_source::read(
-            crate::ticket_source::TicketArgs {
+            crate::ticket_source::TicketSources {
                 positional: args.ticket.as_deref(),
                 file: args.ticket_file.as_deref(),
                 stdin: args.ticket_stdin,

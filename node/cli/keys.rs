@@ -203,7 +203,7 @@ pub fn load(
 /// which implies `--encrypt key-file`) ask. Without either, a passphrase
 /// when standard input is a terminal, otherwise no encryption (the caller
 /// says so: [`report_created`]).
-pub fn source_for_create(
+fn source_for_create(
     name: &str,
     encrypt: Option<Encryption>,
     key_file: Option<&Path>,

@@ -161,12 +161,12 @@ fn renew_in_background(
 
 async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
     let home = home(&cli.home);
-    let load_identity = |name: &str| load_identity(&home, name, secrets);
+    let load_identity = |home: &std::path::Path, name: &str| load_identity(home, name, secrets);
     match cli.command {
         Command::Identity { command } => identity(&home, command, secrets),
         Command::Relay(args) => {
             let mut cfg = config::relay(args)?;
-            let identity = load_identity(&cfg.identity)?;
+            let identity = load_identity(&home, &cfg.identity)?;
             // Revocations from the trusted authorities, heard through this
             // relay itself (the authorities are services behind it).
             let revocations = std::sync::Arc::new(postern_node::Trust::new(
@@ -186,7 +186,7 @@ async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
                 postern_node::RelayEndpoint::new(reachable(addr).to_string(), relay.identifier());
             for authority in authorities {
                 let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
-                    load_identity(&cfg.identity)?,
+                    load_identity(&home, &cfg.identity)?,
                 )?);
                 let route = postern_node::authority::AuthorityRoute {
                     relay: own.clone(),
@@ -206,13 +206,13 @@ async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
         }
         Command::Outlet(args) => {
             let cfg = config::outlet(&home, args)?;
-            let identity = load_identity(&cfg.identity)?;
+            let identity = load_identity(&home, &cfg.identity)?;
             // Revocations from each trusted authority, reached through the
             // outlet's relay, close the tunnels they no longer allow.
             let feeds = tokio_util::sync::CancellationToken::new();
             for &authority_id in cfg.outlet.trust.authorities().iter() {
                 let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
-                    load_identity(&cfg.identity)?,
+                    load_identity(&home, &cfg.identity)?,
                 )?);
                 let route = postern_node::authority::AuthorityRoute {
                     relay: cfg.outlet.relay.clone(),
@@ -228,7 +228,7 @@ async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
                 ));
             }
             renew_in_background(
-                &load_identity,
+                &|name| load_identity(&home, name),
                 &cfg.identity,
                 &cfg.outlet.relay,
                 &cfg.outlet.trust,
@@ -243,7 +243,7 @@ async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
             Ok(())
         }
         Command::Authority { command } => {
-            authority::run(&home, command, load_identity, on_signal).await
+            authority::run(&home, command, |name| load_identity(&home, name), on_signal).await
         }
         Command::Enroll(args) => authority::enroll(&home, args, secrets).await,
         Command::Policy { command } => policy::run_policy(command),
@@ -251,7 +251,7 @@ async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
         Command::Inlet(args) => {
             let check = args.check;
             let cfg = config::inlet(&home, args)?;
-            let identity = load_identity(&cfg.identity)?;
+            let identity = load_identity(&home, &cfg.identity)?;
             if check {
                 let report = postern_node::check(identity, &cfg.inlet).await?;
                 println!(
@@ -262,7 +262,7 @@ async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
             }
             let renewal = CancellationToken::new();
             renew_in_background(
-                &load_identity,
+                &|name| load_identity(&home, name),
                 &cfg.identity,
                 &cfg.inlet.relay,
                 &cfg.inlet.trust,

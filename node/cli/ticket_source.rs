@@ -47,7 +47,7 @@ Give it one of these ways instead:
 
 /// The ticket sources `postern enroll` was given.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct TicketArgs<'a> {
+pub struct TicketSources<'a> {
     /// The positional argument: `-` (standard input); anything else is
     /// refused.
     pub positional: Option<&'a str>,
@@ -60,7 +60,7 @@ pub struct TicketArgs<'a> {
 /// Reads the ticket from the one source given (see the module
 /// documentation); a prompt on the terminal when none is given and there is
 /// a terminal.
-pub fn read(args: TicketArgs<'_>, secrets: &SecretEnv) -> Result<Zeroizing<String>> {
+pub fn read(args: TicketSources<'_>, secrets: &SecretEnv) -> Result<Zeroizing<String>> {
     if let Some(arg) = args.positional.filter(|a| *a != "-") {
         bail!(refusal(arg));
     }
@@ -220,9 +220,9 @@ mod tests {
         let (token, short) = ticket();
         let body = token.strip_prefix(TICKET_PREFIX).unwrap();
         let secrets = SecretEnv::default();
-        let args = TicketArgs {
+        let args = TicketSources {
             positional: Some(&token),
-            ..TicketArgs::default()
+            ..TicketSources::default()
         };
         let message = read(args, &secrets).unwrap_err().to_string();
         assert!(!message.contains(body), "{message}");
@@ -236,9 +236,9 @@ mod tests {
             assert!(message.contains(needle), "lacks {needle:?}: {message}");
         }
         // Not a ticket: still refused, nothing echoed.
-        let args = TicketArgs {
+        let args = TicketSources {
             positional: Some("something-else"),
-            ..TicketArgs::default()
+            ..TicketSources::default()
         };
         let message = read(args, &secrets).unwrap_err().to_string();
         assert!(
@@ -247,9 +247,9 @@ mod tests {
         );
         // A ticket where a file name belongs.
         let path = Path::new(&token);
-        let args = TicketArgs {
+        let args = TicketSources {
             file: Some(path),
-            ..TicketArgs::default()
+            ..TicketSources::default()
         };
         let message = read(args, &secrets).unwrap_err().to_string();
         assert!(
@@ -262,15 +262,15 @@ mod tests {
     fn from_the_environment_or_a_file_but_one_way_only() {
         let (token, _) = ticket();
         let secrets = SecretEnv::from_values([(TICKET_VAR, token.as_str())]);
-        let got = read(TicketArgs::default(), &secrets).unwrap();
+        let got = read(TicketSources::default(), &secrets).unwrap();
         assert_eq!(*got, token);
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ticket");
         std::fs::write(&file, format!("{token}\n")).unwrap();
-        let from_file = TicketArgs {
+        let from_file = TicketSources {
             file: Some(&file),
-            ..TicketArgs::default()
+            ..TicketSources::default()
         };
         let got = read(from_file, &SecretEnv::default()).unwrap();
         assert_eq!(got.trim(), token);
@@ -313,9 +313,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("big");
         std::fs::write(&file, huge).unwrap();
-        let args = TicketArgs {
+        let args = TicketSources {
             file: Some(&file),
-            ..TicketArgs::default()
+            ..TicketSources::default()
         };
         let message = read(args, &SecretEnv::default()).unwrap_err().to_string();
         assert!(
