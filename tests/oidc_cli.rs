@@ -374,11 +374,15 @@ async fn oidc_enrollment_admission_renewal_and_audit() -> Result<()> {
     ])?;
     ensure!(out.status.success(), "ticket: {}", text(&out.stderr));
     let ticket = text(&out.stdout).trim().to_owned();
-    let out = lab.home.run(&["enroll", &ticket, "--identity", "carol"])?;
+    let out = lab
+        .home
+        .enroll_with_ticket(&ticket, &["--identity", "carol"])?;
     ensure!(out.status.success(), "ticket enroll: {}", text(&out.stderr));
     ensure!(text(&out.stdout).contains("role=analyst"));
     let carol_id = lab.credential("carol")?.subject.to_string();
-    let out = lab.home.run(&["enroll", &ticket, "--identity", "dave"])?;
+    let out = lab
+        .home
+        .enroll_with_ticket(&ticket, &["--identity", "dave"])?;
     ensure!(!out.status.success() && text(&out.stderr).contains("already been used"));
 
     // The outlet admits the groups=oncall credential and nobody else.

@@ -45,7 +45,12 @@ fn enroll(home: &PosternHome, relay: (&str, &str), name: &str, attrs: &[&str]) -
         args.extend(["--attr", attr]);
     }
     let ticket = run(home, &args)?.trim().to_owned();
-    run(home, &["enroll", &ticket, "--identity", name])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", name])?;
+    ensure!(
+        out.status.success(),
+        "postern enroll --identity {name} failed: {}",
+        text(&out.stderr)
+    );
     Ok(run(home, &["identity", "show", "--name", name])?
         .trim()
         .to_owned())

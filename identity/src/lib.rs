@@ -20,12 +20,16 @@
 //!   (one-line enrollment tickets), [`authority_wire`] (the messages nodes
 //!   and the authority exchange) and [`sealed`] (encryption of secret keys at
 //!   rest, used by [`keyfile`]).
+//! - [`secret_env`]: the environment variables that carry secrets
+//!   (passphrase, key file, enrollment ticket), taken out of the process at
+//!   start-up and kept from child processes.
 //!
 //! The authority itself (its logic and store, the OpenID Connect login, and
 //! the service that answers nodes) is the `postern-authority` crate, so that
 //! relays and nodes do not compile an HTTP client, TLS or a database.
 //!
-//! It does no I/O of its own beyond reading and writing key files: callers
+//! It does no I/O of its own beyond reading and writing key files (and, in
+//! [`secret_env`], wiping the secret variables from the process): callers
 //! feed it bytes and a clock, and send what it returns. It knows nothing of
 //! relays, services or policies.
 #![forbid(unsafe_code)]
@@ -43,6 +47,7 @@ pub mod keyfile;
 pub mod link;
 pub mod revocation;
 pub mod sealed;
+pub mod secret_env;
 pub mod ticket;
 pub mod time;
 pub mod transport;

@@ -42,7 +42,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create or show the identity (Ed25519 key pair) this machine uses.
+    /// Create, show or encrypt the identity (Ed25519 key pair) this machine
+    /// uses.
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
@@ -59,10 +60,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::authority::AuthorityCommand,
     },
-    /// Enroll this machine: with a ticket from an authority's admin, or by
-    /// logging in at the identity provider (--oidc, --device); --renew gets
-    /// a fresh credential. Creates the identity if needed and stores the
-    /// credential the authority issues.
+    /// Enroll this machine: with a ticket from an authority's admin (pasted
+    /// when asked, or --ticket-file, `-`, POSTERN_TICKET; never as an
+    /// argument), or by logging in at the identity provider (--oidc,
+    /// --device); --renew gets a fresh credential. Creates the identity if
+    /// needed and stores the credential the authority issues.
     Enroll(crate::authority::EnrollArgs),
     /// Check, test and explain Cedar access policies (offline; nothing is
     /// contacted).
@@ -95,16 +97,37 @@ pub enum Command {
 pub enum IdentityCommand {
     /// Create a new identity and print its identifier. Never overwrites.
     ///
-    /// Without --encrypt the secret key is stored unencrypted, protected only
-    /// by the file's mode (0600). Every role opens an encrypted identity with
-    /// POSTERN_PASSPHRASE (else a prompt on the terminal) or POSTERN_KEY_FILE.
+    /// At a terminal the secret key is encrypted with a passphrase (asked
+    /// twice, or POSTERN_PASSPHRASE) unless --encrypt says otherwise. Without
+    /// a terminal (scripts, services) it is stored unencrypted, protected
+    /// only by the file's mode (0600), unless --encrypt is given; the output
+    /// then says how to encrypt it (`postern identity encrypt`). Every role
+    /// opens an encrypted identity with POSTERN_PASSPHRASE (else a prompt on
+    /// the terminal) or POSTERN_KEY_FILE.
     Create {
         /// Name of the identity (stored as <home>/identities/<name>.key).
         #[arg(long, default_value = "default")]
         name: String,
-        /// Encrypt the secret key with a passphrase (POSTERN_PASSPHRASE, else
-        /// asked twice on the terminal) or with a key file (--key-file, else
-        /// POSTERN_KEY_FILE). [default: not encrypted]
+        /// How to protect the secret key: a passphrase (POSTERN_PASSPHRASE,
+        /// else asked twice on the terminal), a key file (--key-file, else
+        /// POSTERN_KEY_FILE), or none (explicitly unencrypted).
+        /// [default: passphrase at a terminal, otherwise none]
+        #[arg(long, value_name = "HOW")]
+        encrypt: Option<crate::keys::Encryption>,
+        /// Key file (mode 0600) for --encrypt key-file, which it implies.
+        /// [default: $POSTERN_KEY_FILE]
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
+    },
+    /// Encrypt the secret key of an existing, unencrypted identity, in place
+    /// (its identifier and credentials stay the same).
+    Encrypt {
+        /// Name of the identity, or a path to a key file.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// With a passphrase (POSTERN_PASSPHRASE, else asked twice on the
+        /// terminal) or a key file (--key-file, else POSTERN_KEY_FILE).
+        /// [default: passphrase]
         #[arg(long, value_name = "HOW")]
         encrypt: Option<crate::keys::Encryption>,
         /// Key file (mode 0600) for --encrypt key-file, which it implies.

@@ -21,6 +21,7 @@ use postern_identity::credential::{
     SignedCredential,
 };
 use postern_identity::handshake::LocalParty;
+use postern_identity::secret_env::{SecretEnv, TICKET_VAR};
 use postern_identity::ticket::{CodeHash, Ticket};
 use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
@@ -37,8 +38,8 @@ pub enum AuthorityCommand {
     /// Run the authority: registers it as a service at a relay (no open
     /// port) and serves enrollments, renewals and revocation feeds.
     Run(RunArgs),
-    /// Issue a one-time enrollment ticket and print it. Give it to the new
-    /// machine, which runs `postern enroll <ticket>`.
+    /// Issue a one-time enrollment ticket and print it. Give it privately to
+    /// the new machine's user, who runs `postern enroll` and pastes it.
     Ticket(TicketArgs),
     /// Revoke an identity (P…) or one credential (32 hex digits). Relays and
     /// outlets following the authority close its tunnels within seconds.
@@ -194,8 +195,14 @@ pub struct TicketArgs {
 const ENROLL_HELP: &str = "\
 Three ways to get a credential:
 
-  With a ticket from your admin (pstn-ticket:…, it names the relay and the authority):
-    postern enroll 'pstn-ticket:o2F2AWRjb2Rl…'
+  With a ticket from your admin (pstn-ticket:…, it names the relay and the authority). A ticket
+  is a secret: paste it when asked (it is not shown), or give it in a file or on standard input.
+  A ticket given as an argument is refused, since other users see arguments in `ps` and your
+  shell history keeps them:
+    postern enroll                                  (at a terminal: asks for the ticket)
+    postern enroll --ticket-file ticket.txt
+    pass show postern/ticket | postern enroll -
+    POSTERN_TICKET set by your automation: read once, then removed from the environment
 
   By logging in at your organisation's identity provider (OpenID Connect) in a browser.
   Postern listens on 127.0.0.1 for the provider's redirect and opens your browser (with
@@ -207,7 +214,10 @@ Three ways to get a credential:
     postern enroll --oidc --device --relay relay.example:4000 --relay-identity P3f2a… \\
         --authority P77c1…
 
-The identity (--identity, default \"default\") is created if it does not exist, and the
+The identity (--identity, default \"default\") is created if it does not exist. At a terminal its
+secret key is encrypted with a passphrase you choose (asked twice, or POSTERN_PASSPHRASE);
+--encrypt key-file or --encrypt none choose otherwise. Without a terminal it is stored
+unencrypted unless --encrypt is given (`postern identity encrypt` encrypts it later). The
 credential is stored at <home>/credentials/<identity>.cred, where inlets and outlets find it.
 The authority, not this machine, verifies the provider's ID token and keeps the provider's
 refresh token, so the credential can be renewed without a browser for as long as the provider
@@ -218,14 +228,21 @@ still accepts you:
 #[derive(Debug, Args)]
 #[command(after_help = ENROLL_HELP)]
 pub struct EnrollArgs {
-    /// The ticket printed by `postern authority ticket` (pstn-ticket:…).
-    /// Not with --oidc or --renew.
+    /// `-`: read the ticket from standard input (one line). A ticket given
+    /// here is refused (see below); without a ticket source, postern asks
+    /// for it on the terminal.
     #[arg(
-        value_name = "TICKET",
-        required_unless_present_any = ["oidc", "renew"],
-        conflicts_with_all = ["oidc", "renew"]
+        value_name = "-",
+        conflicts_with_all = ["oidc", "renew", "ticket_file", "ticket_stdin"]
     )]
     pub ticket: Option<String>,
+    /// Read the ticket (pstn-ticket:…) from this file; keep it private
+    /// (mode 0600) and delete it once enrolled.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["oidc", "renew", "ticket_stdin"])]
+    pub ticket_file: Option<PathBuf>,
+    /// Read the ticket from standard input (the same as `-`).
+    #[arg(long, conflicts_with_all = ["oidc", "renew"])]
+    pub ticket_stdin: bool,
     /// Identity to enroll (created if it does not exist yet). [default: default]
     #[arg(
         long,
@@ -234,6 +251,15 @@ pub struct EnrollArgs {
         value_name = "NAME|PATH"
     )]
     pub identity: String,
+    /// If the identity is created now: how to protect its secret key
+    /// (passphrase, key-file or none; see `postern identity create`).
+    /// [default: passphrase at a terminal, otherwise none]
+    #[arg(long, value_name = "HOW", conflicts_with = "renew")]
+    pub encrypt: Option<crate::keys::Encryption>,
+    /// Key file for --encrypt key-file, or that opens an identity encrypted
+    /// with a key. [default: $POSTERN_KEY_FILE]
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
     /// Log in at the authority's OpenID Connect identity provider instead of
     /// using a ticket (needs --relay, --relay-identity and --authority).
     #[arg(long, requires_all = ["relay", "relay_identity", "authority"])]
@@ -515,7 +541,7 @@ pub async fn run(
             let token = ticket.to_token()?;
             println!("{}", token.as_str());
             eprintln!(
-                "ticket {} for {} use(s), valid for {:?}; enroll with: postern enroll <ticket>",
+                "ticket {} for {} use(s), valid for {:?}; enroll with `postern enroll` (paste it when asked) or `postern enroll --ticket-file FILE`",
                 record.code_hash.short(),
                 spec.uses,
                 spec.ttl
@@ -708,19 +734,25 @@ fn format_attributes(attributes: &Attributes) -> String {
         .join(", ")
 }
 
-/// The identity to enroll: loaded, or created when it does not exist.
-fn identity_for_enrollment(home: &Path, name: &str) -> Result<Identity> {
+/// The identity to enroll: loaded, or created (protected as `--encrypt`
+/// and the terminal decide, see `keys`) when it does not exist.
+fn identity_for_enrollment(
+    home: &Path,
+    args: &EnrollArgs,
+    secrets: &SecretEnv,
+) -> Result<Identity> {
+    let name = &args.identity;
     let key_path = postern_identity::keyfile::resolve(home, name)?;
-    if key_path.exists() {
-        return Ok(crate::keys::load(home, name, None)?.0);
+    if key_path.symlink_metadata().is_ok() {
+        if args.encrypt.is_some() {
+            eprintln!(
+                "note: identity {name:?} exists already, so --encrypt does not apply (it is for \
+                 a new identity; `postern identity encrypt` encrypts an existing one)"
+            );
+        }
+        return Ok(crate::keys::load(home, name, args.key_file.as_deref(), secrets)?.0);
     }
-    let identity = postern_identity::keyfile::create(&key_path)?;
-    eprintln!(
-        "created identity {} at {}",
-        identity.identifier(),
-        key_path.display()
-    );
-    Ok(identity)
+    crate::keys::create(home, name, args.encrypt, args.key_file.as_deref(), secrets)
 }
 
 /// Stores a new credential where inlets and outlets look for it, and says
@@ -747,22 +779,34 @@ fn store_and_report(
 
 /// Runs `postern enroll`: with a ticket, by an OpenID Connect login
 /// (`--oidc`), or renews (`--renew`); stores the credential.
-pub async fn enroll(home: &Path, args: EnrollArgs) -> Result<()> {
+pub async fn enroll(home: &Path, args: EnrollArgs, secrets: &SecretEnv) -> Result<()> {
+    if (args.renew || args.oidc) && secrets.is_set(TICKET_VAR) {
+        eprintln!(
+            "note: {TICKET_VAR} is set but not used with --{}",
+            if args.renew { "renew" } else { "oidc" }
+        );
+    }
     if args.renew {
-        return renew(home, args).await;
+        return renew(home, args, secrets).await;
     }
     if args.oidc {
-        return enroll_oidc(home, args).await;
+        return enroll_oidc(home, args, secrets).await;
     }
-    let text = args
-        .ticket
-        .as_deref()
-        .ok_or_else(|| anyhow!("give the ticket from your admin, or use --oidc"))?;
-    let ticket = Ticket::parse(text)?;
+    let ticket = {
+        let text = crate::ticket_source::read(
+            crate::ticket_source::TicketSources {
+                positional: args.ticket.as_deref(),
+                file: args.ticket_file.as_deref(),
+                stdin: args.ticket_stdin,
+            },
+            secrets,
+        )?;
+        Ticket::parse(&text)?
+    };
     ticket
         .check_not_expired(unix_now())
         .context("ask the authority's admin for a new ticket")?;
-    let identity = identity_for_enrollment(home, &args.identity)?;
+    let identity = identity_for_enrollment(home, &args, secrets)?;
     let subject = identity.identifier();
     let local = Arc::new(LocalParty::new(identity)?);
     let credential = authority::enroll(&local, &ticket, &Timeouts::default()).await?;
@@ -808,9 +852,9 @@ fn browser_available() -> bool {
 }
 
 /// `postern enroll --oidc [--device]`.
-async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
+async fn enroll_oidc(home: &Path, args: EnrollArgs, secrets: &SecretEnv) -> Result<()> {
     let route = route_from(&args, None)?;
-    let identity = identity_for_enrollment(home, &args.identity)?;
+    let identity = identity_for_enrollment(home, &args, secrets)?;
     let subject = identity.identifier();
     let local = Arc::new(LocalParty::new(identity)?);
     let timeouts = Timeouts::default();
@@ -868,8 +912,8 @@ async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
 }
 
 /// `postern enroll --renew`.
-async fn renew(home: &Path, args: EnrollArgs) -> Result<()> {
-    let (identity, _) = crate::keys::load(home, &args.identity, None)?;
+async fn renew(home: &Path, args: EnrollArgs, secrets: &SecretEnv) -> Result<()> {
+    let (identity, _) = crate::keys::load(home, &args.identity, args.key_file.as_deref(), secrets)?;
     let subject = identity.identifier();
     let path = crate::config::credential_path(home, &args.identity);
     // The authority defaults to the issuer of the credential held now.

@@ -7,6 +7,7 @@ mod authority;
 mod config;
 mod keys;
 mod policy;
+mod ticket_source;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use postern_identity::keyfile;
+use postern_identity::secret_env::SecretEnv;
 use postern_identity::Identity;
 use postern_node::{Inlet, Outlet};
 use postern_relay::Relay;
@@ -22,8 +24,15 @@ use tokio_util::sync::CancellationToken;
 use args::{Cli, Command, IdentityCommand};
 
 fn main() -> ExitCode {
+    // First, while this is the only thread and before any child process
+    // exists: take POSTERN_PASSPHRASE, POSTERN_KEY_FILE and POSTERN_TICKET
+    // out of the environment (and out of /proc/<pid>/environ).
+    let (secrets, wiped) = SecretEnv::take_from_process();
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
+    if let Err(e) = wiped {
+        tracing::warn!("{e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -34,7 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(dispatch(cli, &secrets)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -67,8 +76,8 @@ fn home(cli_home: &Option<PathBuf>) -> PathBuf {
 /// Loads identity `name` for any role. An encrypted key file is opened with
 /// `$POSTERN_PASSPHRASE` (else a prompt on the terminal) or
 /// `$POSTERN_KEY_FILE`, as `keys` explains.
-fn load_identity(home: &std::path::Path, name: &str) -> Result<Identity> {
-    keys::load(home, name, None).map(|(identity, _)| identity)
+fn load_identity(home: &std::path::Path, name: &str, secrets: &SecretEnv) -> Result<Identity> {
+    keys::load(home, name, None, secrets).map(|(identity, _)| identity)
 }
 
 /// Cancels the returned token on Ctrl-C or SIGTERM.
@@ -111,10 +120,11 @@ fn drain_on_signals(node: &postern_node::NodeHandle) -> Result<()> {
     Ok(())
 }
 
-async fn dispatch(cli: Cli) -> Result<()> {
+async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
     let home = home(&cli.home);
+    let load_identity = |home: &std::path::Path, name: &str| load_identity(home, name, secrets);
     match cli.command {
-        Command::Identity { command } => identity(&home, command),
+        Command::Identity { command } => identity(&home, command, secrets),
         Command::Relay(args) => {
             let cfg = config::relay(args)?;
             let identity = load_identity(&home, &cfg.identity)?;
@@ -141,7 +151,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Authority { command } => {
             authority::run(&home, command, |name| load_identity(&home, name), on_signal).await
         }
-        Command::Enroll(args) => authority::enroll(&home, args).await,
+        Command::Enroll(args) => authority::enroll(&home, args, secrets).await,
         Command::Policy { command } => policy::run_policy(command),
         Command::Audit { command } => policy::run_audit(command),
         Command::Inlet(args) => {
@@ -170,38 +180,35 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn identity(home: &std::path::Path, command: IdentityCommand) -> Result<()> {
+fn identity(home: &std::path::Path, command: IdentityCommand, secrets: &SecretEnv) -> Result<()> {
     match command {
         IdentityCommand::Create {
             name,
             encrypt,
             key_file,
         } => {
-            let path = keyfile::resolve(home, &name)?;
-            // Refuse before asking for a passphrase that would be wasted.
-            if path.symlink_metadata().is_ok() {
-                return Err(postern_identity::IdentityError::AlreadyExists { path }.into());
-            }
-            let source = keys::source_for_create(&name, encrypt, key_file.as_deref())?;
-            let identity = keyfile::create_with(&path, &source)?;
+            let identity = keys::create(home, &name, encrypt, key_file.as_deref(), secrets)?;
             println!("{}", identity.identifier());
-            eprintln!(
-                "created identity {name:?} in {} (keep this file private; its secret key is {})",
-                path.display(),
-                source.protection()
-            );
-            if source.protection() == postern_identity::sealed::Protection::Unencrypted {
-                if let Some(var) = keys::secret_in_env() {
-                    eprintln!(
-                        "note: {var} is set but was not used, because --encrypt was not given"
-                    );
+            Ok(())
+        }
+        IdentityCommand::Encrypt {
+            name,
+            encrypt,
+            key_file,
+        } => {
+            let (identity, protection) =
+                keys::encrypt_existing(home, &name, encrypt, key_file.as_deref(), secrets)?;
+            println!("{}", identity.identifier());
+            let opened_with = match protection {
+                postern_identity::sealed::Protection::Key => {
+                    "every role opens it with POSTERN_KEY_FILE (or --key-file where a command has it)"
                 }
-                eprintln!(
-                    "hint: for a service or a shared machine, encrypt the key: `--encrypt passphrase` \
-                     (POSTERN_PASSPHRASE or a prompt), or `--encrypt key-file --key-file PATH` \
-                     (see `postern identity keygen`)"
-                );
-            }
+                _ => "every role opens it with POSTERN_PASSPHRASE, else asks on the terminal",
+            };
+            eprintln!(
+                "identity {name:?}: secret key now {protection}; {opened_with}. Copies of the old \
+                 file (backups) still hold the key unencrypted."
+            );
             Ok(())
         }
         IdentityCommand::Show {
@@ -210,7 +217,7 @@ fn identity(home: &std::path::Path, command: IdentityCommand) -> Result<()> {
             key_file,
         } => {
             let path = keyfile::resolve(home, &name)?;
-            let (identity, protection) = keys::load(home, &name, key_file.as_deref())?;
+            let (identity, protection) = keys::load(home, &name, key_file.as_deref(), secrets)?;
             println!("{}", identity.identifier());
             if show_path {
                 println!("{}", path.display());

@@ -546,6 +546,17 @@ impl PosternHome {
             .with_context(|| format!("running postern {args:?}"))
     }
 
+    /// `postern enroll args…` with `ticket` in `POSTERN_TICKET`, the way
+    /// automation gives it (a ticket on the command line is refused).
+    pub fn enroll_with_ticket(&self, ticket: &str, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["enroll"];
+        all.extend_from_slice(args);
+        self.command(&all)
+            .env("POSTERN_TICKET", ticket)
+            .output()
+            .with_context(|| format!("running postern {all:?}"))
+    }
+
     /// `postern identity create --name <name>`; returns the identifier.
     pub fn create_identity(&self, name: &str) -> Result<Identifier> {
         let out = self.run(&["identity", "create", "--name", name])?;
@@ -827,6 +838,32 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// A relay and an authority behind it (`authority run` with `extra` flags),
+/// both running from `home`; returns them with the relay's address and
+/// identifier.
+pub async fn relay_and_authority(
+    home: &PosternHome,
+    extra: &[&str],
+) -> Result<(PosternProcess, PosternProcess, String, String)> {
+    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
+    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
+    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
+    let mut args = vec![
+        "authority",
+        "run",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+    ];
+    args.extend_from_slice(extra);
+    let mut authority = home.spawn(&args)?;
+    authority
+        .wait_for_stderr("authority registered at relay", Duration::from_secs(20))
+        .await?;
+    Ok((relay, authority, relay_addr, relay_id))
 }
 
 /// The service [`echo_nodes`] serves.

@@ -674,16 +674,15 @@ async fn feed_relay(authority: &Authority, hop: &Hop, mut after: u64, stop: &Can
         if heartbeat || !entries.is_empty() {
             after = entries.last().map_or(after, |e| e.seq);
             let mut chunks = entries.chunks(MAX_REVOCATIONS_PER_MESSAGE).peekable();
-            if chunks.peek().is_none() {
-                if hop
+            if chunks.peek().is_none()
+                && hop
                     .send(Control::Revocations {
                         entries: Vec::new(),
                     })
                     .await
                     .is_err()
-                {
-                    return;
-                }
+            {
+                return;
             }
             for chunk in chunks {
                 let msg = Control::Revocations {

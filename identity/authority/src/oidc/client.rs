@@ -130,18 +130,9 @@ pub fn show_login_url(url: &str, open_browser: bool) {
     if !open_browser {
         return;
     }
-    let opener = if cfg!(target_os = "macos") {
-        "open"
-    } else {
-        "xdg-open"
-    };
-    match std::process::Command::new(opener)
-        .arg(url)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-    {
+    let mut command = browser_command(url);
+    let opener = command.get_program().to_string_lossy().into_owned();
+    match command.spawn() {
         Ok(mut child) => {
             // Reap it whenever it exits, without blocking the login.
             std::thread::spawn(move || child.wait());
@@ -150,6 +141,26 @@ pub fn show_login_url(url: &str, open_browser: bool) {
             "(could not start {opener} to open a browser: {e}; open the address yourself)"
         ),
     }
+}
+
+/// The command that opens `url` in the desktop's browser: `xdg-open` (or
+/// `open` on macOS), with no standard input or output, and without the
+/// secret variables of [`postern_identity::secret_env`] in its environment
+/// (the browser and everything it starts inherit it).
+fn browser_command(url: &str) -> std::process::Command {
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
+    let mut command = std::process::Command::new(opener);
+    command
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    postern_identity::secret_env::scrub_child(&mut command);
+    command
 }
 
 /// Prints a device-flow prompt on standard error.
@@ -560,6 +571,20 @@ mod tests {
             browser_login(&c, Duration::from_secs(1), |_| {}).await,
             Err(OidcError::BadChallenge(_))
         ));
+    }
+
+    #[test]
+    fn the_browser_never_inherits_secret_variables() {
+        let command = browser_command("http://127.0.0.1:9/auth?x=1");
+        let envs: Vec<_> = command.get_envs().collect();
+        for name in postern_identity::secret_env::SECRET_VARS {
+            assert!(
+                envs.contains(&(std::ffi::OsStr::new(name), None)),
+                "{name} would reach the browser: {envs:?}"
+            );
+        }
+        let args: Vec<_> = command.get_args().collect();
+        assert_eq!(args, ["http://127.0.0.1:9/auth?x=1"]);
     }
 
     #[test]
