@@ -625,6 +625,12 @@ impl PosternProcess {
         self.child.id()
     }
 
+    /// Kills the process (SIGKILL: no goodbye to anyone) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Everything written to stderr so far.
     pub fn stderr(&self) -> String {
         lock(&self.stderr).clone()
