@@ -68,7 +68,7 @@ where
                 .await?;
             let challenge = match channel.reply(wait).await? {
                 AuthorityReply::OidcLogin { challenge } => challenge,
-                AuthorityReply::Refused { reason } => {
+                AuthorityReply::Refused { reason, .. } => {
                     return Err(EnrollError::Refused(reason).into())
                 }
                 other => {
@@ -117,7 +117,7 @@ where
                 .await?;
             let prompt = match channel.reply(wait).await? {
                 AuthorityReply::OidcDevice { prompt } => prompt,
-                AuthorityReply::Refused { reason } => {
+                AuthorityReply::Refused { reason, .. } => {
                     return Err(EnrollError::Refused(reason).into())
                 }
                 other => {

@@ -312,6 +312,7 @@ impl OidcVerifier {
                 .verification_uri_complete()
                 .map(|u| u.secret().clone()),
             expires_at: now.saturating_add(details.expires_in().as_secs()),
+            enrolling: None,
         };
         Ok(DeviceLogin { prompt, details })
     }
