@@ -339,6 +339,13 @@ impl AuthorityStore for RedbStore {
         Ok(out)
     }
 
+    fn latest_revocation_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let log = txn.open_table(REVOCATIONS).map_err(backend)?;
+        let last = log.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
+        Ok(last)
+    }
+
     fn prune_expired(&self, before: u64) -> Result<usize, StoreError> {
         let txn = self.db.begin_write().map_err(backend)?;
         let mut removed = 0;
