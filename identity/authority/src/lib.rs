@@ -12,6 +12,10 @@
 //! - [`service`]: the authority behind a relay ([`service::serve`],
 //!   [`service::AuthorityService`]): enrollments, renewals, OpenID Connect
 //!   logins and revocation feeds, with an optional audit log.
+//! - [`admin`]: the admin commands' requests, carried out on the store
+//!   directly or through a running authority's local admin endpoint (a
+//!   Unix socket with a Noise channel on which both ends prove the
+//!   authority's identity).
 //! - [`client`]: a node enrolling with OpenID Connect
 //!   ([`client::enroll_oidc_browser`], [`client::enroll_oidc_device`]).
 //!
@@ -54,6 +58,7 @@
 //! `spawn_blocking` or accept short stalls.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod authority;
 pub mod client;
 pub mod oidc;
