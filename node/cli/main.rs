@@ -181,7 +181,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 let route = postern_node::authority::AuthorityRoute {
                     relay: own.clone(),
                     authority,
-                    service: postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse()?,
+                    service: postern_identity::wire::ServiceName::of_authority(&authority),
                 };
                 tokio::spawn(postern_node::authority::follow_revocations(
                     local,
@@ -207,7 +207,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 let route = postern_node::authority::AuthorityRoute {
                     relay: cfg.outlet.relay.clone(),
                     authority: authority_id,
-                    service: postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse()?,
+                    service: postern_identity::wire::ServiceName::of_authority(&authority_id),
                 };
                 tokio::spawn(postern_node::authority::follow_revocations(
                     local,

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use postern_identity::credential::SignedCredential;
 use postern_identity::handshake::LocalParty;
-use postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE;
 use postern_identity::wire::ServiceName;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -49,9 +48,6 @@ pub async fn keep_renewed(
     save_to: Option<PathBuf>,
     stop: CancellationToken,
 ) {
-    let Ok(service) = DEFAULT_AUTHORITY_SERVICE.parse::<ServiceName>() else {
-        return;
-    };
     let mut retry = RETRY_MIN;
     loop {
         let Some(credential) = trust.credential() else {
@@ -66,10 +62,13 @@ pub async fn keep_renewed(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
+        // The authority registers under its own name, where relays keep it
+        // for that identity alone.
+        let authority = credential.claimed_issuer();
         let route = AuthorityRoute {
             relay: relay.clone(),
-            authority: credential.claimed_issuer(),
-            service: service.clone(),
+            authority,
+            service: ServiceName::of_authority(&authority),
         };
         let renewed = tokio::select! {
             () = stop.cancelled() => return,

@@ -36,7 +36,7 @@ use postern_identity::handshake::{ChannelKind, LocalParty};
 use postern_identity::link::{self, FramedReader, LinkError};
 use postern_identity::transport::{Opener, Sealer};
 use postern_identity::wire::{self, Hello, ServiceName};
-use postern_identity::{Attributes, ChannelError, Identifier};
+use postern_identity::{Attributes, ChannelError, Identifier, Identity};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -48,7 +48,8 @@ use tracing::{debug, info, warn};
 
 use crate::oidc::SecretString;
 use crate::{
-    Authority, AuthorityError, EnrollmentRoute, Member, MemberSource, TicketRecord, TicketSpec,
+    Authority, AuthorityConfig, AuthorityError, EnrollmentRoute, Member, MemberSource, RedbStore,
+    StoreError, TicketRecord, TicketSpec,
 };
 
 /// How long an admin command may take to connect and prove itself.
@@ -132,6 +133,9 @@ pub enum AdminReply {
         entry: RevocationEntry,
         /// Whether it was already revoked before this request.
         already: bool,
+        /// Whose identity or credential it is, when the authority knows
+        /// (for the audit record).
+        subject: Option<Identifier>,
     },
     /// The member added or replaced.
     Member {
@@ -218,7 +222,17 @@ fn run(
         AdminRequest::Revoke { target } => {
             let already = authority.store().revocation(&target)?.is_some();
             let entry = authority.revoke(target, now)?;
-            AdminReply::Revoked { entry, already }
+            let subject = match target {
+                RevocationTarget::Identity(id) => Some(id),
+                RevocationTarget::Credential(id) => {
+                    authority.store().issued_credential(&id)?.map(|r| r.subject)
+                }
+            };
+            AdminReply::Revoked {
+                entry,
+                already,
+                subject,
+            }
         }
         AdminRequest::AddMember {
             identifier,
@@ -264,6 +278,10 @@ pub enum AdminError {
         /// What failed.
         source: LinkError,
     },
+    /// The authority's store could not be opened (when no authority runs),
+    /// or the authority could not be set up on it.
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
     /// The endpoint is not the authority this command holds the key of, or
     /// the endpoint refused this command's identity.
     #[error("the admin endpoint {path} refused: {reason}")]
@@ -273,6 +291,48 @@ pub enum AdminError {
         /// Why.
         reason: String,
     },
+}
+
+/// How long an admin command waits for a store that another admin command
+/// holds open (when no authority runs, each opens the store in turn).
+const STORE_BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// Carries out `request` for the authority `identity` whose store is at
+/// `store`: through the admin endpoint when an authority runs there (its
+/// feeds send a revocation at once), else on the store itself, opened for
+/// this request (waiting a few seconds while another admin command holds
+/// it).
+pub async fn request(
+    store: &Path,
+    identity: &Identity,
+    request: AdminRequest,
+) -> Result<AdminReply, AdminError> {
+    let local = LocalParty::new(identity.clone()).map_err(|e| AdminError::Link {
+        path: socket_path(store),
+        source: e.into(),
+    })?;
+    let deadline = tokio::time::Instant::now() + STORE_BUSY_WAIT;
+    loop {
+        if let Some(mut client) = AdminClient::connect(store, &local).await? {
+            return client.request(&request).await;
+        }
+        let (path, identity, req) = (store.to_owned(), identity.clone(), request.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            let store = RedbStore::open(&path)?;
+            let authority = Authority::new(identity, Box::new(store), AuthorityConfig::default())?;
+            Ok::<_, AuthorityError>(execute(&authority, req, postern_identity::time::unix_now()))
+        })
+        .await
+        .map_err(|e| AuthorityError::Internal(format!("the store task failed: {e}")))?;
+        match opened {
+            Err(AuthorityError::Store(StoreError::Locked { .. }))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 /// Where the admin endpoint of the authority whose store is `store` listens:

@@ -43,7 +43,7 @@ pub const MAX_ATTRIBUTES: usize = 64;
 #[non_exhaustive]
 pub enum StoreError {
     /// Another process holds the database.
-    #[error("authority database {path} is in use by another process (is `postern authority` already running?)")]
+    #[error("authority database {path} is in use by another process, and no running authority answers on its admin endpoint (another admin command may hold it for a moment, or an older Postern runs the authority): try again, or stop that process")]
     Locked {
         /// The database file.
         path: std::path::PathBuf,

@@ -258,22 +258,34 @@ fn issue_event(credential: &SignedCredential) -> Option<AuditEvent> {
 /// The audit record of a revocation found in the store. Reads the store
 /// (the subject of a revoked credential): call it off the async threads.
 pub fn revoke_event(authority: &Authority, entry: &RevocationEntry, reason: String) -> AuditEvent {
-    let (credential, subject) = match entry.revocation.target {
-        RevocationTarget::Identity(id) => (None, Some(id)),
-        RevocationTarget::Credential(id) => {
-            let subject = authority
-                .store()
-                .issued_credential(&id)
-                .ok()
-                .flatten()
-                .map(|r| r.subject);
-            (Label::new(&id.to_string()), subject)
-        }
+    let subject = match entry.revocation.target {
+        RevocationTarget::Identity(id) => Some(id),
+        RevocationTarget::Credential(id) => authority
+            .store()
+            .issued_credential(&id)
+            .ok()
+            .flatten()
+            .map(|r| r.subject),
+    };
+    revocation_event(authority.identifier(), entry, subject, reason)
+}
+
+/// The audit record of a revocation by authority `by`, of `subject`'s
+/// identity or credential (when known).
+pub fn revocation_event(
+    by: Identifier,
+    entry: &RevocationEntry,
+    subject: Option<Identifier>,
+    reason: String,
+) -> AuditEvent {
+    let credential = match entry.revocation.target {
+        RevocationTarget::Identity(_) => None,
+        RevocationTarget::Credential(id) => Label::new(&id.to_string()),
     };
     AuditEvent::Revoke {
         credential,
         subject,
-        by: Some(authority.identifier()),
+        by: Some(by),
         reason,
     }
 }

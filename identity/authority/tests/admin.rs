@@ -120,7 +120,9 @@ async fn admin_commands_reach_the_running_authority() {
         })
         .await
         .unwrap();
-    assert!(matches!(reply, AdminReply::Revoked { entry, already: false } if entry.seq == 1));
+    assert!(
+        matches!(reply, AdminReply::Revoked { entry, already: false, subject } if entry.seq == 1 && subject == Some(revoked))
+    );
     tokio::time::timeout(Duration::from_secs(1), newest.changed())
         .await
         .expect("the revocation reached the watchers within a second")
