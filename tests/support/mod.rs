@@ -4,6 +4,7 @@
 //! `support::pg::TempPg` to get a throwaway PostgreSQL cluster.
 #![allow(dead_code)]
 
+pub mod authority;
 pub mod net;
 pub mod netns;
 pub mod oidc;

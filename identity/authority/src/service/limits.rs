@@ -16,7 +16,6 @@ use super::feed::FEED_HEARTBEAT;
 
 /// Limits of the authority service ([`super::AuthorityService::with_limits`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct ServiceLimits {
     /// Channels served at once, all identities together (default 1,024).
     /// Each holds a task and about 200 KiB of buffers; open revocation
