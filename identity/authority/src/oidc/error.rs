@@ -225,9 +225,6 @@ pub enum OidcError {
     /// No redirect arrived in time.
     #[error("no login arrived from the browser within {}: open the URL printed above in a browser on this machine, or use the device flow (--device) on a machine without one", format_duration(.0.as_secs()))]
     Timeout(Duration),
-    /// The redirect's `state` does not match.
-    #[error("the login redirect carried the wrong state: it did not come from the login started here (a stale browser tab, or an attempted login forgery); start the login again")]
-    StateMismatch,
     /// The redirect names another issuer (RFC 9207 mix-up defence).
     #[error("the login redirect came from issuer {found}, expected {expected}: refused")]
     IssuerMismatch {
