@@ -21,8 +21,11 @@ use tokio::sync::watch;
 
 mod memory_store;
 mod redb_store;
+mod sealing;
 pub use memory_store::MemoryStore;
 pub use redb_store::RedbStore;
+use sealing::TokenKey;
+pub use sealing::{SealedToken, StoredToken, TOKEN_KEY_PURPOSE};
 
 /// Default credential life for people.
 pub const DEFAULT_PERSON_LIFETIME: Duration = Duration::from_secs(8 * 3600);
@@ -294,9 +297,10 @@ pub struct OidcSession {
     pub subject: String,
     /// The human-readable name at the last login or refresh.
     pub name: String,
-    /// The provider's refresh token (`None`: the provider issued none, so
-    /// the login cannot be re-checked). Secret: redacted in `Debug`.
-    pub refresh_token: Option<SecretString>,
+    /// The provider's refresh token, sealed under the authority's key
+    /// (`None`: the provider issued none, so the login cannot be
+    /// re-checked). [`Authority::oidc_refresh_token`] opens it.
+    pub refresh_token: Option<StoredToken>,
     /// When the person logged in (unix seconds).
     pub logged_in_at: u64,
     /// When the provider last confirmed the login (login or refresh).
@@ -383,6 +387,17 @@ pub trait AuthorityStore: Send + Sync + fmt::Debug {
     fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError>;
     /// Adds or replaces a member's OpenID Connect login.
     fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError>;
+    /// Every OpenID Connect login kept.
+    fn oidc_sessions(&self) -> Result<Vec<OidcSession>, StoreError>;
+
+    /// Rewrites the stored data so that values replaced or deleted so far
+    /// are gone from the underlying storage too (a file keeps old pages
+    /// until it reuses them), not only from what reads return. Called once
+    /// at start when secrets stored in clear were sealed. Nothing to do for
+    /// a store without such leftovers.
+    fn rewrite(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Forgets a member's OpenID Connect login; whether there was one.
     fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError>;
 }
@@ -501,23 +516,37 @@ pub struct Authority {
     /// [`Authority::revoke`]: revocation feeds wait on it instead of
     /// polling the store.
     newest_revocation: watch::Sender<u64>,
+    /// Seals the refresh tokens kept for OpenID Connect members.
+    token_key: TokenKey,
 }
 
 impl Authority {
     /// An authority signing with `identity`, keeping state in `store`.
-    /// Reads the store once (the newest revocation).
+    /// Reads the store (the newest revocation), and seals the refresh
+    /// tokens an older Postern stored in clear, then has the store rewrite
+    /// itself without them ([`AuthorityStore::rewrite`]).
     pub fn new(
         identity: Identity,
-        store: Box<dyn AuthorityStore>,
+        mut store: Box<dyn AuthorityStore>,
         config: AuthorityConfig,
     ) -> Result<Self, AuthorityError> {
         config.validate()?;
         let newest = store.latest_revocation_seq()?;
+        let token_key = TokenKey::derive(&identity);
+        let sealed = seal_plain_tokens(store.as_ref(), &token_key)?;
+        if sealed > 0 {
+            store.rewrite()?;
+            tracing::info!(
+                tokens = sealed,
+                "sealed the OpenID Connect refresh tokens an older Postern stored in clear, and rewrote the store without them"
+            );
+        }
         Ok(Authority {
             identity,
             store,
             config,
             newest_revocation: watch::Sender::new(newest),
+            token_key,
         })
     }
 
@@ -684,6 +713,9 @@ impl Authority {
                 subject: login.subject.clone(),
             },
         };
+        let refresh_token = refresh_token
+            .map(|token| self.token_key.seal(&subject, &token))
+            .transpose()?;
         self.store.put_oidc_session(&OidcSession {
             identifier: subject,
             issuer: login.issuer.clone(),
@@ -713,10 +745,15 @@ impl Authority {
         &self,
         subject: &Identifier,
     ) -> Result<Option<(OidcSession, Option<SecretString>)>, AuthorityError> {
-        Ok(self.store.oidc_session(subject)?.map(|session| {
-            let token = session.refresh_token.clone();
-            (session, token)
-        }))
+        let Some(session) = self.store.oidc_session(subject)? else {
+            return Ok(None);
+        };
+        let token = session
+            .refresh_token
+            .as_ref()
+            .map(|stored| self.token_key.open(subject, stored))
+            .transpose()?;
+        Ok(Some((session, token)))
     }
 
     /// Renews the credential of an OpenID Connect member after the provider
@@ -752,7 +789,7 @@ impl Authority {
         })?;
         member.attributes = oidc_attributes(login)?;
         if let Some(token) = rotated {
-            session.refresh_token = Some(token);
+            session.refresh_token = Some(self.token_key.seal(&subject, &token)?);
         }
         session.name = login.name.clone();
         session.checked_at = now;
@@ -948,6 +985,19 @@ impl Authority {
     }
 }
 
+/// Seals every refresh token `store` keeps in clear; how many there were.
+fn seal_plain_tokens(store: &dyn AuthorityStore, key: &TokenKey) -> Result<usize, AuthorityError> {
+    let mut sealed = 0;
+    for mut session in store.oidc_sessions()? {
+        if let Some(StoredToken::Plain(token)) = &session.refresh_token {
+            session.refresh_token = Some(key.seal(&session.identifier, token)?);
+            store.put_oidc_session(&session)?;
+            sealed += 1;
+        }
+    }
+    Ok(sealed)
+}
+
 /// A login's attributes for its member: the mapped claims, plus
 /// [`NAME_ATTRIBUTE`] with the login's name unless a claim is mapped to it.
 fn oidc_attributes(login: &VerifiedLogin) -> Result<Attributes, AuthorityError> {
@@ -1060,14 +1110,15 @@ mod tests {
                 subject: "alice".into()
             }
         );
-        let session = authority
-            .oidc_session(&node)
+        let (session, token) = authority
+            .oidc_refresh_token(&node)
             .expect("read")
             .expect("session");
-        assert_eq!(
-            session.refresh_token.as_ref().map(SecretString::expose),
-            Some("rt-1")
-        );
+        assert_eq!(token.as_ref().map(SecretString::expose), Some("rt-1"));
+        assert!(matches!(
+            session.refresh_token,
+            Some(StoredToken::Sealed(_))
+        ));
         assert!(!format!("{session:?}").contains("rt-1"), "token redacted");
 
         // The plain member path does not renew an OIDC member.
@@ -1101,14 +1152,11 @@ mod tests {
                 "oncall".into()
             ]))
         );
-        let session = authority
-            .oidc_session(&node)
+        let (session, token) = authority
+            .oidc_refresh_token(&node)
             .expect("read")
             .expect("session");
-        assert_eq!(
-            session.refresh_token.as_ref().map(SecretString::expose),
-            Some("rt-2")
-        );
+        assert_eq!(token.as_ref().map(SecretString::expose), Some("rt-2"));
         assert_eq!(session.checked_at, NOW + 30);
         let via: Vec<IssuedVia> = authority
             .issued(Some(&node))

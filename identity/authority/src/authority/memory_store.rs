@@ -149,6 +149,9 @@ impl AuthorityStore for MemoryStore {
             .insert(session.identifier, session.clone());
         Ok(())
     }
+    fn oidc_sessions(&self) -> Result<Vec<OidcSession>, StoreError> {
+        Ok(self.state().oidc_sessions.values().cloned().collect())
+    }
     fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError> {
         Ok(self.state().oidc_sessions.remove(id).is_some())
     }
