@@ -204,8 +204,10 @@ Three ways to get a credential:
   --no-browser, or without a desktop, it prints the address to open on this machine):
     postern enroll --oidc --relay relay.example:4000 --relay-identity P3f2a… --authority P77c1…
 
-  On a machine without a browser (a server, a container), the device flow: open the printed
-  address on any device (your phone, your laptop) and type the printed code:
+  On a machine without a browser (a server, a container), the device flow, if the authority
+  allows it: open the printed address on any device (your phone, your laptop) and type the
+  printed code. Enter a code only for an enrollment you started yourself: whoever enters it
+  gives the printed identity their access.
     postern enroll --oidc --device --relay relay.example:4000 --relay-identity P3f2a… \\
         --authority P77c1…
 
@@ -240,8 +242,9 @@ pub struct EnrollArgs {
     /// using a ticket (needs --relay, --relay-identity and --authority).
     #[arg(long, requires_all = ["relay", "relay_identity", "authority"])]
     pub oidc: bool,
-    /// With --oidc: the device flow, for a machine without a browser. Prints
-    /// an address and a code to enter on any other device.
+    /// With --oidc: the device flow, for a machine without a browser (if the
+    /// authority allows it). Prints the identity being enrolled, an address
+    /// and a code to enter on any other device.
     #[arg(long, requires = "oidc")]
     pub device: bool,
     /// With --oidc: print the login address instead of opening a browser.
