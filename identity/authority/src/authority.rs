@@ -165,18 +165,11 @@ impl AuthorityError {
     /// [`RefusalCode::Invalid`]).
     pub fn refusal_code(&self) -> RefusalCode {
         match self {
-            AuthorityError::TicketUnknown
-            | AuthorityError::TicketExpired { .. }
-            | AuthorityError::TicketUsedUp { .. }
-            | AuthorityError::NotAMember { .. }
-            | AuthorityError::Revoked { .. }
-            | AuthorityError::OidcLoginRequired { .. }
-            | AuthorityError::OidcUnavailable => RefusalCode::Denied,
-            AuthorityError::InvalidRequest(_) => RefusalCode::Invalid,
             AuthorityError::Oidc(e) => e.refusal_code(),
-            AuthorityError::Store(_)
-            | AuthorityError::Credential(_)
-            | AuthorityError::Internal(_) => RefusalCode::RetryLater,
+            AuthorityError::InvalidRequest(_) => RefusalCode::Invalid,
+            AuthorityError::OidcUnavailable => RefusalCode::Denied,
+            client if client.is_client_error() => RefusalCode::Denied,
+            _ => RefusalCode::RetryLater,
         }
     }
 
