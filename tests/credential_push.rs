@@ -72,7 +72,7 @@ async fn renewed_credentials_keep_tunnels_and_expired_ones_close_them() -> Resul
     let relay = TestRelay::start().await?;
     let authority = Identity::generate();
     // Nodes that trust an authority follow its revocations: it runs.
-    let _running = TestAuthority::start(authority.clone(), relay.endpoint())?;
+    let _running = TestAuthority::start_as(authority.clone(), &relay, |s| s).await?;
     let trusted = || Trust::new([authority.identifier()].into_iter().collect());
 
     let outlet_identity = Identity::generate();

@@ -88,7 +88,7 @@ impl Stack {
             "register.cedar",
             &format!(
                 r#"@id("authority-serves-itself")
-permit(principal == Identity::"{authority_id}", action == Action::"register", resource == Service::"postern-authority");
+permit(principal == Identity::"{authority_id}", action == Action::"register", resource == Service::"authority-{authority_id}");
 @id("db-outlets")
 permit(principal, action == Action::"register", resource == Service::"db")
 when {{ principal has role && principal.role == "db-outlet" }};

@@ -437,7 +437,7 @@ async fn an_embedded_outlet_closes_a_revoked_tunnel() -> Result<()> {
     // Everything through the library: relay, authority, outlet, inlets.
     let echo = EchoServer::start().await?;
     let relay = TestRelay::start().await?;
-    let authority = TestAuthority::start(Identity::generate(), relay.endpoint())?;
+    let authority = TestAuthority::start(&relay, |s| s).await?;
     let trust = || Trust::new([authority.identifier()].into_iter().collect());
     let outlet_identity = Identity::generate();
     let outlet_id = outlet_identity.identifier();

@@ -201,6 +201,43 @@ async fn admins_add_and_remove_members_and_withdraw_tickets() -> Result<()> {
     let listed = stdout_of(&home.run(&["authority", "list"])?);
     ensure!(listed.contains(&member_id), "{listed}");
 
+    // The running authority holds its store; a local user without the
+    // authority's key gets nothing from its admin endpoint, nor the store.
+    home.create_identity("intruder")?;
+    let store = home.path().join("authority/authority.redb");
+    let store = store.to_str().context("store path")?;
+    for args in [
+        &[
+            "authority",
+            "list",
+            "--identity",
+            "intruder",
+            "--store",
+            store,
+        ][..],
+        &[
+            "authority",
+            "revoke",
+            &member_id,
+            "--identity",
+            "intruder",
+            "--store",
+            store,
+        ],
+    ] {
+        let out = home.run(args)?;
+        let err = stderr_of(&out);
+        ensure!(
+            !out.status.success() && err.contains("refused") && err.contains(&authority_id),
+            "{args:?} by another identity: {err}"
+        );
+    }
+    let listed = stdout_of(&home.run(&["authority", "list"])?);
+    ensure!(
+        listed.trim_end().ends_with("revocations:"),
+        "the intruder's revocation was carried out:\n{listed}"
+    );
+
     // Removed: no new credential, with a clear refusal.
     let out = home.run(&["authority", "member", "remove", &member_id])?;
     ensure!(out.status.success(), "member remove: {}", stderr_of(&out));

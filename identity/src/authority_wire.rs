@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use crate::credential::{RevocationEntry, SignedCredential};
+use crate::wire::RefusalCode;
+use crate::Identifier;
 
 /// A node's request to the authority.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +67,12 @@ pub enum AuthorityReply {
     },
     /// The request was refused, and why (safe to show the node's user).
     Refused {
+        /// What kind of refusal, so that a node retries only what may
+        /// succeed: `Limit` and `RetryLater` may pass later, `Denied` and
+        /// `Invalid` will not until someone changes something. A refusal
+        /// from an authority older than this field reads as `Denied`.
+        #[serde(default = "unknown_refusal")]
+        code: RefusalCode,
         /// The reason.
         reason: String,
     },
@@ -83,7 +91,21 @@ pub enum AuthorityReply {
     },
 }
 
+/// What a refusal without a code (from an older authority) counts as: not
+/// worth retrying on its own.
+fn unknown_refusal() -> RefusalCode {
+    RefusalCode::Denied
+}
+
 impl AuthorityReply {
+    /// A refusal of kind `code` saying `reason`.
+    pub fn refused(code: RefusalCode, reason: impl Into<String>) -> Self {
+        AuthorityReply::Refused {
+            code,
+            reason: reason.into(),
+        }
+    }
+
     /// What kind of answer this is, for messages (`"a credential"`, …).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -177,6 +199,12 @@ pub struct DevicePrompt {
     pub verification_uri_complete: Option<String>,
     /// When the code stops working (unix seconds).
     pub expires_at: u64,
+    /// The identity this login enrolls (the one the authority's channel
+    /// authenticated): the client shows it, so that the person can tell
+    /// their own enrollment from someone else's code. Absent from older
+    /// authorities.
+    #[serde(default)]
+    pub enrolling: Option<Identifier>,
 }
 
 #[cfg(test)]
@@ -190,6 +218,32 @@ mod tests {
         let back: AuthorityRequest = wire::decode(&wire::encode(&msg).unwrap()).unwrap();
         assert!(matches!(back, AuthorityRequest::Redeem { code } if code == [7; 32]));
         assert!(wire::decode::<AuthorityReply>(b"\xff\x00garbage").is_err());
+    }
+
+    #[test]
+    fn refusals_carry_their_code_and_old_ones_read_as_denied() {
+        let reply = AuthorityReply::refused(RefusalCode::Limit, "too many feeds");
+        let back: AuthorityReply = wire::decode(&wire::encode(&reply).unwrap()).unwrap();
+        assert!(matches!(
+            back,
+            AuthorityReply::Refused { code: RefusalCode::Limit, ref reason } if reason == "too many feeds"
+        ));
+        /// The reply as authorities before the code sent it.
+        #[derive(Serialize)]
+        enum Old {
+            Refused { reason: String },
+        }
+        let old = wire::encode(&Old::Refused {
+            reason: "no".into(),
+        })
+        .unwrap();
+        assert!(matches!(
+            wire::decode::<AuthorityReply>(&old).unwrap(),
+            AuthorityReply::Refused {
+                code: RefusalCode::Denied,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -219,6 +273,7 @@ mod tests {
             verification_uri: "https://id.example.com/device".into(),
             verification_uri_complete: None,
             expires_at: 1_700_000_600,
+            enrolling: Some(crate::Identity::generate().identifier()),
         };
         let reply = AuthorityReply::OidcDevice {
             prompt: prompt.clone(),

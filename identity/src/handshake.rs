@@ -50,6 +50,9 @@ pub enum ChannelKind {
     EndToEnd,
     /// A node attaching a data connection at the relay (IK).
     Attach,
+    /// An admin command talking to its running authority over the local
+    /// admin endpoint (both ends prove the authority's own identity).
+    AuthorityAdmin,
 }
 
 impl ChannelKind {
@@ -58,6 +61,7 @@ impl ChannelKind {
             ChannelKind::Hop => b"postern/1 hop",
             ChannelKind::EndToEnd => b"postern/1 end-to-end",
             ChannelKind::Attach => b"postern/1 attach",
+            ChannelKind::AuthorityAdmin => b"postern/1 authority admin",
         }
     }
 }
@@ -531,13 +535,26 @@ mod tests {
 
     #[test]
     fn kinds_do_not_mix() {
-        let (a, b) = (party(), party());
-        let (init, m1) = Initiator::start(&a, ChannelKind::Hop).unwrap();
-        let (_resp, m2) = Responder::new(&b, ChannelKind::EndToEnd)
-            .unwrap()
-            .handle_hello(&m1, &b, &Hello::default())
-            .unwrap();
-        assert!(init.handle_response(&m2).is_err());
+        let kinds = [
+            ChannelKind::Hop,
+            ChannelKind::EndToEnd,
+            ChannelKind::AuthorityAdmin,
+        ];
+        for ours in kinds {
+            for theirs in kinds {
+                let (a, b) = (party(), party());
+                let (init, m1) = Initiator::start(&a, ours).unwrap();
+                let (_resp, m2) = Responder::new(&b, theirs)
+                    .unwrap()
+                    .handle_hello(&m1, &b, &Hello::default())
+                    .unwrap();
+                assert_eq!(
+                    init.handle_response(&m2).is_ok(),
+                    ours == theirs,
+                    "{ours:?} against {theirs:?}"
+                );
+            }
+        }
     }
 
     #[test]

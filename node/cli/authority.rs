@@ -9,20 +9,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
+use postern_authority::admin::{self, AdminEndpoint, AdminReply, AdminRequest};
 use postern_authority::oidc::{OidcConfig, OidcVerifier};
 use postern_authority::service::AuthorityService;
-use postern_authority::{
-    Authority, AuthorityConfig, AuthorityError, AuthorityStore, EnrollmentRoute, IssuedRecord,
-    Member, MemberSource, OidcSession, RedbStore, StoreError, TicketRecord, TicketSpec,
-    NAME_ATTRIBUTE,
-};
-use postern_identity::credential::{
-    format_timestamp, CredentialId, Kind, Revocation, RevocationEntry, RevocationTarget,
-    SignedCredential,
-};
+use postern_authority::{Authority, AuthorityConfig, RedbStore, NAME_ATTRIBUTE};
+use postern_identity::credential::{format_timestamp, Kind, RevocationTarget, SignedCredential};
 use postern_identity::handshake::LocalParty;
 use postern_identity::secret_env::{SecretEnv, TICKET_VAR};
-use postern_identity::ticket::{CodeHash, Ticket};
+use postern_identity::ticket::Ticket;
 use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier, Identity};
@@ -36,13 +30,16 @@ use postern_node::{RelayEndpoint, Timeouts};
 #[derive(Debug, Subcommand)]
 pub enum AuthorityCommand {
     /// Run the authority: registers it as a service at a relay (no open
-    /// port) and serves enrollments, renewals and revocation feeds.
+    /// port) and serves enrollments, renewals and revocation feeds. It holds
+    /// its store open, and the admin commands below reach it through a local
+    /// admin endpoint beside the store (<store>.admin/socket).
     Run(RunArgs),
     /// Issue a one-time enrollment ticket and print it. Give it privately to
     /// the new machine's user, who runs `postern enroll` and pastes it.
     Ticket(TicketArgs),
-    /// Revoke an identity (P…) or one credential (32 hex digits). Relays and
-    /// outlets following the authority close its tunnels within seconds.
+    /// Revoke an identity (P…) or one credential (32 hex digits). A running
+    /// authority sends it to every relay and outlet following it at once,
+    /// and they close its tunnels within seconds.
     Revoke {
         #[command(flatten)]
         store: StoreArgs,
@@ -51,7 +48,7 @@ pub enum AuthorityCommand {
         target: RevocationTarget,
         /// Also record the revocation in this audit log. A running
         /// `postern authority run --audit-log` records every revocation in
-        /// its own log within a second, so use this only while no authority
+        /// its own log as it is made, so use this only while no authority
         /// runs, and never with the file a running process writes (one
         /// process per audit log).
         #[arg(long, value_name = "FILE")]
@@ -112,7 +109,9 @@ pub enum MemberCommand {
     },
 }
 
-/// Where the authority keeps its state.
+/// Where the authority keeps its state. An admin command talks to the
+/// authority running on that store, if one runs, else opens the store
+/// itself.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The authority's database. [default: <home>/authority/<identity>.redb]
@@ -135,7 +134,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "P…")]
     pub relay_identity: Identifier,
     /// Service name to register under. [default: authority-<its identifier>,
-    /// which relays reserve for it]
+    /// a name relays keep for this authority alone]. With another name
+    /// (such as the older default, postern-authority), the authority also
+    /// registers its own, where nodes look for it to renew credentials and
+    /// follow revocations.
     #[arg(long, value_name = "NAME")]
     pub service: Option<ServiceName>,
     /// Let people enroll by logging in at your OpenID Connect provider
@@ -182,8 +184,8 @@ pub struct TicketArgs {
     /// That relay's identifier.
     #[arg(long, value_name = "P…")]
     pub relay_identity: Identifier,
-    /// The authority's service name at the relay. [default:
-    /// authority-<its identifier>]
+    /// The authority's service name at the relay, carried in the ticket.
+    /// [default: authority-<its identifier>, as `authority run` registers]
     #[arg(long, value_name = "NAME")]
     pub service: Option<ServiceName>,
     /// A note for the admin listing tickets later.
@@ -209,8 +211,10 @@ Three ways to get a credential:
   --no-browser, or without a desktop, it prints the address to open on this machine):
     postern enroll --oidc --relay relay.example:4000 --relay-identity P3f2a… --authority P77c1…
 
-  On a machine without a browser (a server, a container), the device flow: open the printed
-  address on any device (your phone, your laptop) and type the printed code:
+  On a machine without a browser (a server, a container), the device flow, if the authority
+  allows it: open the printed address on any device (your phone, your laptop) and type the
+  printed code. Enter a code only for an enrollment you started yourself: whoever enters it
+  gives the printed identity their access.
     postern enroll --oidc --device --relay relay.example:4000 --relay-identity P3f2a… \\
         --authority P77c1…
 
@@ -264,8 +268,9 @@ pub struct EnrollArgs {
     /// using a ticket (needs --relay, --relay-identity and --authority).
     #[arg(long, requires_all = ["relay", "relay_identity", "authority"])]
     pub oidc: bool,
-    /// With --oidc: the device flow, for a machine without a browser. Prints
-    /// an address and a code to enter on any other device.
+    /// With --oidc: the device flow, for a machine without a browser (if the
+    /// authority allows it). Prints the identity being enrolled, an address
+    /// and a code to enter on any other device.
     #[arg(long, requires = "oidc")]
     pub device: bool,
     /// With --oidc: print the login address instead of opening a browser.
@@ -290,8 +295,8 @@ pub struct EnrollArgs {
     /// With --oidc or --renew: the authority's identifier (ask its admin).
     #[arg(long, value_name = "P…")]
     pub authority: Option<Identifier>,
-    /// The authority's service name at the relay. [default:
-    /// authority-<the authority's identifier>]
+    /// With --oidc or --renew: the authority's service name at the relay.
+    /// [default: authority-<the authority's identifier>]
     #[arg(long, value_name = "NAME")]
     pub authority_service: Option<ServiceName>,
 }
@@ -330,113 +335,130 @@ fn store_path(home: &Path, args: &StoreArgs) -> PathBuf {
     })
 }
 
-/// The authority's database, opened for each operation so that admin
-/// commands work while `postern authority run` serves (redb allows one
-/// process at a time; a busy database is retried for a few seconds).
-#[derive(Debug)]
-struct SharedStore {
-    path: PathBuf,
-}
-
-impl SharedStore {
-    fn with<T, E: From<StoreError>>(
-        &self,
-        op: impl Fn(&RedbStore) -> Result<T, E>,
-    ) -> Result<T, E> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match RedbStore::open(&self.path) {
-                Ok(store) => return op(&store),
-                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl AuthorityStore for SharedStore {
-    fn member(&self, id: &Identifier) -> Result<Option<Member>, StoreError> {
-        self.with(|s| s.member(id))
-    }
-    fn members(&self) -> Result<Vec<Member>, StoreError> {
-        self.with(|s| s.members())
-    }
-    fn put_member(&self, member: &Member) -> Result<(), StoreError> {
-        self.with(|s| s.put_member(member))
-    }
-    fn remove_member(&self, id: &Identifier) -> Result<bool, StoreError> {
-        self.with(|s| s.remove_member(id))
-    }
-    fn insert_ticket(&self, ticket: &TicketRecord) -> Result<(), StoreError> {
-        self.with(|s| s.insert_ticket(ticket))
-    }
-    fn tickets(&self) -> Result<Vec<TicketRecord>, StoreError> {
-        self.with(|s| s.tickets())
-    }
-    fn remove_ticket(&self, hash: &CodeHash) -> Result<bool, StoreError> {
-        self.with(|s| s.remove_ticket(hash))
-    }
-    fn redeem_ticket(
-        &self,
-        hash: &CodeHash,
-        subject: Identifier,
-        now: u64,
-    ) -> Result<Member, AuthorityError> {
-        self.with(|s| s.redeem_ticket(hash, subject, now))
-    }
-    fn record_issued(&self, record: &IssuedRecord) -> Result<(), StoreError> {
-        self.with(|s| s.record_issued(record))
-    }
-    fn issued_credential(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError> {
-        self.with(|s| s.issued_credential(id))
-    }
-    fn issued(&self, subject: Option<&Identifier>) -> Result<Vec<IssuedRecord>, StoreError> {
-        self.with(|s| s.issued(subject))
-    }
-    fn revoke(&self, revocation: Revocation) -> Result<RevocationEntry, StoreError> {
-        self.with(|s| s.revoke(revocation))
-    }
-    fn revocation(&self, target: &RevocationTarget) -> Result<Option<Revocation>, StoreError> {
-        self.with(|s| s.revocation(target))
-    }
-    fn revocations_since(&self, after_seq: u64) -> Result<Vec<RevocationEntry>, StoreError> {
-        self.with(|s| s.revocations_since(after_seq))
-    }
-    fn prune_expired(&self, before: u64) -> Result<usize, StoreError> {
-        self.with(|s| s.prune_expired(before))
-    }
-    fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError> {
-        self.with(|s| s.oidc_session(id))
-    }
-    fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError> {
-        self.with(|s| s.put_oidc_session(session))
-    }
-    fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError> {
-        self.with(|s| s.remove_oidc_session(id))
-    }
-}
-
-fn open_authority(home: &Path, args: &StoreArgs, identity: Identity) -> Result<Authority> {
-    open_authority_with(home, args, identity, AuthorityConfig::default())
-}
-
-/// [`open_authority`] with credential lifetimes other than the defaults.
-fn open_authority_with(
+/// Carries out an admin command: through the running authority's admin
+/// endpoint when it runs, else on its store.
+async fn admin_request(
     home: &Path,
-    args: &StoreArgs,
-    identity: Identity,
-    config: AuthorityConfig,
-) -> Result<Authority> {
-    let path = store_path(home, args);
+    store: &StoreArgs,
+    identity: &Identity,
+    request: AdminRequest,
+) -> Result<AdminReply> {
+    let path = store_path(home, store);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let store = SharedStore { path };
-    // Create the database now so that errors show up here, not at the first request.
-    store.with(|_| Ok::<(), StoreError>(()))?;
-    Ok(Authority::new(identity, Box::new(store), config)?)
+    match admin::request(&path, identity, request).await? {
+        AdminReply::Failed { message } => Err(anyhow!(message)),
+        reply => Ok(reply),
+    }
+}
+
+/// An admin reply of another kind than the command asked for.
+fn unexpected(reply: &AdminReply) -> anyhow::Error {
+    anyhow!("the authority answered something unexpected: {reply:?}")
+}
+
+/// `postern authority run`.
+async fn run_authority(
+    home: &Path,
+    args: RunArgs,
+    identity: Identity,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let mut config = AuthorityConfig::default();
+    if let Some(life) = args.person_lifetime {
+        config.person_lifetime = life;
+    }
+    if let Some(life) = args.service_lifetime {
+        config.service_lifetime = life;
+    }
+    config
+        .validate()
+        .context("--person-lifetime / --service-lifetime")?;
+    let path = store_path(home, &args.store);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // The store stays open for as long as the authority runs; admin
+    // commands reach it through the admin endpoint.
+    let (signing, store_at) = (identity.clone(), path.clone());
+    let authority = tokio::task::spawn_blocking(move || {
+        let store = RedbStore::open(&store_at)?;
+        Authority::new(signing, Box::new(store), config)
+    })
+    .await??;
+    let authority = Arc::new(authority);
+    let endpoint = AdminEndpoint::bind(&path)?;
+    let local = Arc::new(LocalParty::new(identity)?);
+    let mut service = AuthorityService::new(Arc::clone(&authority));
+    if let Some(path) = &args.audit_log {
+        let log = AuditLog::open(path).context("--audit-log")?;
+        service = service.with_audit(Arc::new(log));
+    }
+    let oidc = match &args.oidc_config {
+        Some(path) => {
+            let config = read_oidc_config(path)?;
+            let verifier = OidcVerifier::discover(config)
+                .await
+                .with_context(|| format!("--oidc-config {}", path.display()))?;
+            Some(Arc::new(verifier))
+        }
+        None => None,
+    };
+    let name = args
+        .service
+        .unwrap_or_else(|| ServiceName::of_authority(&authority.identifier()));
+    eprintln!(
+        "authority {} serving \"{name}\" at relay {}",
+        authority.identifier(),
+        args.relay
+    );
+    eprintln!(
+        "admin commands (postern authority ticket, revoke, member, list) reach it at {}",
+        endpoint.path().display()
+    );
+    if let Some(verifier) = oidc {
+        let config = verifier.config();
+        let device = match (verifier.supports_device_flow(), config.allow_device_flow()) {
+            (false, _) => "not offered by the provider",
+            (true, false) => "not allowed (allow_device_flow = false)",
+            (true, true) => "allowed",
+        };
+        eprintln!(
+            "OpenID Connect login (postern enroll --oidc) at {} as client {:?} ({}); device flow (--device) {device}",
+            verifier.issuer(),
+            config.client_id(),
+            if config.is_confidential() { "with a client secret" } else { "public client with PKCE" },
+        );
+        if let Some(why) = config.open_to_everyone() {
+            eprintln!("WARNING: {why}");
+        }
+        service = service.with_oidc(verifier);
+    }
+    if let Some(path) = &args.audit_log {
+        eprintln!(
+            "auditing enrollments, credentials and revocations to {}",
+            path.display()
+        );
+    }
+    let admin = tokio::spawn(endpoint.serve(
+        Arc::clone(&local),
+        Arc::clone(&authority),
+        stop.child_token(),
+    ));
+    let relay = RelayEndpoint::new(args.relay, args.relay_identity);
+    postern_authority::service::serve(
+        local,
+        service,
+        relay,
+        name,
+        Timeouts::default(),
+        stop.clone(),
+    )
+    .await;
+    stop.cancel();
+    let _ = admin.await;
+    Ok(())
 }
 
 /// Runs `postern authority …`.
@@ -449,102 +471,37 @@ pub async fn run(
     match command {
         AuthorityCommand::Run(args) => {
             let identity = load_identity(&args.store.identity)?;
-            let serving = load_identity(&args.store.identity)?;
-            let mut config = AuthorityConfig::default();
-            if let Some(life) = args.person_lifetime {
-                config.person_lifetime = life;
-            }
-            if let Some(life) = args.service_lifetime {
-                config.service_lifetime = life;
-            }
-            config
-                .validate()
-                .context("--person-lifetime / --service-lifetime")?;
-            let authority = Arc::new(open_authority_with(home, &args.store, identity, config)?);
-            let local = Arc::new(LocalParty::new(serving)?);
-            let mut service = AuthorityService::new(Arc::clone(&authority));
-            if let Some(path) = &args.audit_log {
-                let log = AuditLog::open(path).context("--audit-log")?;
-                service = service.with_audit(Arc::new(log));
-            }
-            let oidc = match &args.oidc_config {
-                Some(path) => {
-                    let config = read_oidc_config(path)?;
-                    let verifier = OidcVerifier::discover(config)
-                        .await
-                        .with_context(|| format!("--oidc-config {}", path.display()))?;
-                    Some(Arc::new(verifier))
-                }
-                None => None,
-            };
-            let service_name = args
-                .service
-                .clone()
-                .unwrap_or_else(|| ServiceName::of_authority(&authority.identifier()));
-            eprintln!(
-                "authority {} serving \"{}\" at relay {}",
-                authority.identifier(),
-                service_name,
-                args.relay
-            );
-            if let Some(verifier) = oidc {
-                let config = verifier.config();
-                eprintln!(
-                    "OpenID Connect login (postern enroll --oidc) at {} as client {:?} ({}); device flow (--device) {}",
-                    verifier.issuer(),
-                    config.client_id(),
-                    if config.is_confidential() { "with a client secret" } else { "public client with PKCE" },
-                    if verifier.supports_device_flow() { "available" } else { "not offered by the provider" },
-                );
-                service = service.with_oidc(verifier);
-            }
-            if let Some(path) = &args.audit_log {
-                eprintln!(
-                    "auditing enrollments, credentials and revocations to {}",
-                    path.display()
-                );
-            }
-            let relay = RelayEndpoint::new(args.relay, args.relay_identity);
-            postern_authority::service::serve(
-                local,
-                service,
-                relay,
-                service_name,
-                Timeouts::default(),
-                stop()?,
-            )
-            .await;
-            Ok(())
+            run_authority(home, args, identity, stop()?).await
         }
         AuthorityCommand::Ticket(args) => {
             let identity = load_identity(&args.store.identity)?;
-            let authority = open_authority(home, &args.store, identity)?;
-            let spec = TicketSpec {
+            let service = args
+                .service
+                .unwrap_or_else(|| ServiceName::of_authority(&identity.identifier()));
+            let request = AdminRequest::CreateTicket {
                 kind: if args.service_member {
                     Kind::Service
                 } else {
                     Kind::Person
                 },
                 attributes: parse_attributes(&args.attrs)?,
-                ttl: args.ttl,
+                ttl_secs: args.ttl.as_secs(),
                 uses: args.uses,
                 note: args.note,
-            };
-            let route = EnrollmentRoute {
                 relay_addr: args.relay,
                 relay: args.relay_identity,
-                authority_service: args
-                    .service
-                    .unwrap_or_else(|| ServiceName::of_authority(&authority.identifier())),
+                service,
             };
-            let (ticket, record) = authority.create_ticket(&spec, &route, unix_now())?;
-            let token = ticket.to_token()?;
-            println!("{}", token.as_str());
+            let reply = admin_request(home, &args.store, &identity, request).await?;
+            let AdminReply::Ticket { token, record } = reply else {
+                return Err(unexpected(&reply));
+            };
+            println!("{}", token.expose());
             eprintln!(
                 "ticket {} for {} use(s), valid for {:?}; enroll with `postern enroll` (paste it when asked) or `postern enroll --ticket-file FILE`",
                 record.code_hash.short(),
-                spec.uses,
-                spec.ttl
+                record.uses_total,
+                args.ttl
             );
             Ok(())
         }
@@ -558,9 +515,16 @@ pub async fn run(
                 Some(path) => Some(AuditLog::open(path).context("--audit-log")?),
                 None => None,
             };
-            let authority = open_authority(home, &store, identity)?;
-            let already = authority.store().revocation(&target)?.is_some();
-            let entry = authority.revoke(target, unix_now())?;
+            let reply =
+                admin_request(home, &store, &identity, AdminRequest::Revoke { target }).await?;
+            let AdminReply::Revoked {
+                entry,
+                already,
+                subject,
+            } = reply
+            else {
+                return Err(unexpected(&reply));
+            };
             if already {
                 println!(
                     "{} was already revoked (revocation #{})",
@@ -577,8 +541,11 @@ pub async fn run(
                     "revoked with `postern authority revoke` (revocation #{})",
                     entry.seq
                 );
-                log.record(&postern_authority::service::revoke_event(
-                    &authority, &entry, reason,
+                log.record(&postern_authority::service::revocation_event(
+                    identity.identifier(),
+                    &entry,
+                    subject,
+                    reason,
                 ))
                 .context("the revocation is in force, but the audit record failed")?;
             }
@@ -595,19 +562,20 @@ pub async fn run(
         } => {
             let attributes = parse_attributes(&attrs)?;
             let identity = load_identity(&store.identity)?;
-            let authority = open_authority(home, &store, identity)?;
             let kind = if service_member {
                 Kind::Service
             } else {
                 Kind::Person
             };
-            let member = authority.add_member(
+            let request = AdminRequest::AddMember {
                 identifier,
                 kind,
                 attributes,
-                MemberSource::Admin,
-                unix_now(),
-            )?;
+            };
+            let reply = admin_request(home, &store, &identity, request).await?;
+            let AdminReply::Member { member } = reply else {
+                return Err(unexpected(&reply));
+            };
             println!(
                 "member {} ({:?}): {}; it gets its credential with `postern enroll --renew`",
                 member.identifier,
@@ -620,33 +588,47 @@ pub async fn run(
             command: MemberCommand::Remove { store, identifier },
         } => {
             let identity = load_identity(&store.identity)?;
-            let authority = open_authority(home, &store, identity)?;
-            if authority.remove_member(&identifier)? {
-                println!("removed member {identifier}: no new credentials; revoke it to end the current one at once");
-                Ok(())
-            } else {
-                Err(anyhow!(
+            let request = AdminRequest::RemoveMember { identifier };
+            match admin_request(home, &store, &identity, request).await? {
+                AdminReply::MemberRemoved { existed: true } => {
+                    println!("removed member {identifier}: no new credentials; revoke it to end the current one at once");
+                    Ok(())
+                }
+                AdminReply::MemberRemoved { existed: false } => Err(anyhow!(
                     "{identifier} is not a member of this authority (see `postern authority list`)"
-                ))
+                )),
+                other => Err(unexpected(&other)),
             }
         }
         AuthorityCommand::TicketRemove { store, id } => {
             let identity = load_identity(&store.identity)?;
-            let authority = open_authority(home, &store, identity)?;
-            let removed = authority.remove_ticket(&id)?;
+            let request = AdminRequest::RemoveTicket { selector: id };
+            let reply = admin_request(home, &store, &identity, request).await?;
+            let AdminReply::TicketRemoved { record } = reply else {
+                return Err(unexpected(&reply));
+            };
             println!(
                 "removed ticket {} ({} use(s) left); it can no longer enroll anyone",
-                removed.code_hash.short(),
-                removed.uses_left
+                record.code_hash.short(),
+                record.uses_left
             );
             Ok(())
         }
         AuthorityCommand::List { store } => {
             let identity = load_identity(&store.identity)?;
-            let authority = open_authority(home, &store, identity)?;
-            println!("authority {}", authority.identifier());
+            let reply = admin_request(home, &store, &identity, AdminRequest::List).await?;
+            let AdminReply::Listing {
+                authority,
+                members,
+                tickets,
+                revocations,
+            } = reply
+            else {
+                return Err(unexpected(&reply));
+            };
+            println!("authority {authority}");
             println!("members:");
-            for m in authority.members()? {
+            for m in members {
                 println!(
                     "  {} {:?} {} (via {})",
                     m.identifier,
@@ -656,16 +638,16 @@ pub async fn run(
                 );
             }
             println!("tickets:");
-            for t in authority.tickets()? {
+            for t in tickets {
                 println!(
                     "  {} uses left {} expires {}",
                     t.code_hash.short(),
                     t.uses_left,
-                    t.expires_at
+                    format_timestamp(t.expires_at)
                 );
             }
             println!("revocations:");
-            for r in authority.revocations_since(0)? {
+            for r in revocations {
                 println!("  #{} {}", r.seq, r.revocation);
             }
             Ok(())

@@ -220,7 +220,7 @@ impl AuthorityChannel {
 pub fn expect_credential(reply: AuthorityReply) -> Result<SignedCredential, EnrollError> {
     match reply {
         AuthorityReply::Credential { credential } => Ok(credential),
-        AuthorityReply::Refused { reason } => Err(EnrollError::Refused(reason)),
+        AuthorityReply::Refused { reason, .. } => Err(EnrollError::Refused(reason)),
         other => Err(EnrollError::Protocol(format!(
             "{} instead of a credential",
             other.kind()

@@ -68,7 +68,7 @@ where
                 .await?;
             let challenge = match channel.reply(wait).await? {
                 AuthorityReply::OidcLogin { challenge } => challenge,
-                AuthorityReply::Refused { reason } => {
+                AuthorityReply::Refused { reason, .. } => {
                     return Err(EnrollError::Refused(reason).into())
                 }
                 other => {
@@ -93,10 +93,12 @@ where
 }
 
 /// Enrolls with the OpenID provider's device flow (RFC 8628), for a machine
-/// without a browser: `show` gets the code and the address where the person
-/// enters it on any device ([`oidc::show_device_prompt`]); the authority
-/// polls the provider and issues the credential once the person approved,
-/// before the code expires.
+/// without a browser: `show` gets the code, the address where the person
+/// enters it on any device, and the identity being enrolled
+/// ([`oidc::show_device_prompt`] prints them, with a warning against
+/// entering a code someone else sent); the authority polls the provider and
+/// issues the credential once the person approved, before the code expires.
+/// The authority must allow the device flow (`allow_device_flow`).
 pub async fn enroll_oidc_device<F>(
     local: &Arc<LocalParty>,
     route: &AuthorityRoute,
@@ -117,7 +119,7 @@ where
                 .await?;
             let prompt = match channel.reply(wait).await? {
                 AuthorityReply::OidcDevice { prompt } => prompt,
-                AuthorityReply::Refused { reason } => {
+                AuthorityReply::Refused { reason, .. } => {
                     return Err(EnrollError::Refused(reason).into())
                 }
                 other => {
@@ -128,6 +130,15 @@ where
                     .into())
                 }
             };
+            // The authority names the identity its channel authenticated:
+            // ours, or something is wrong between us.
+            let own = local.identity().identifier();
+            if let Some(other) = prompt.enrolling.filter(|who| *who != own) {
+                return Err(EnrollError::Protocol(format!(
+                    "the authority's device login enrolls {other}, not this machine's {own}"
+                ))
+                .into());
+            }
             show(&prompt);
             // The authority answers when the person approved, declined, or the
             // code expired; then it still verifies the ID token.

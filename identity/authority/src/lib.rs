@@ -12,6 +12,10 @@
 //! - [`service`]: the authority behind a relay ([`service::serve`],
 //!   [`service::AuthorityService`]): enrollments, renewals, OpenID Connect
 //!   logins and revocation feeds, with an optional audit log.
+//! - [`admin`]: the admin commands' requests, carried out on the store
+//!   directly or through a running authority's local admin endpoint (a
+//!   Unix socket with a Noise channel on which both ends prove the
+//!   authority's identity).
 //! - [`client`]: a node enrolling with OpenID Connect
 //!   ([`client::enroll_oidc_browser`], [`client::enroll_oidc_device`]).
 //!
@@ -47,13 +51,20 @@
 //! ([`Authority::renew_oidc`], after `OidcVerifier::refresh`), so a person
 //! disabled at the provider gets no new credential; [`Authority::issue_for_member`]
 //! refuses them ([`AuthorityError::OidcLoginRequired`]). The refresh token is
-//! stored as the store stores everything (the redb file is mode `0600`) and is
-//! never logged.
+//! sealed before it reaches the store ([`StoredToken`]: XChaCha20-Poly1305
+//! under a key derived from the authority's identity with HKDF, bound to the
+//! member), so the store file holds no token bytes; tokens an older Postern
+//! stored in clear are sealed, and the store rewritten without them, when
+//! [`Authority::new`] opens it. Tokens are never logged.
 //!
-//! Store methods are blocking (redb does file I/O); async callers should use
-//! `spawn_blocking` or accept short stalls.
+//! Store methods are blocking (redb does file I/O): async code calls the
+//! authority through [`Authority::blocking`], which runs them on tokio's
+//! blocking threads. Every [`Authority::revoke`] that records a new entry
+//! updates [`Authority::watch_revocations`], on which revocation feeds
+//! wait.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod authority;
 pub mod client;
 pub mod oidc;
@@ -62,7 +73,7 @@ pub mod service;
 pub use authority::{
     check_attributes, member_from_ticket, take_ticket_use, Authority, AuthorityConfig,
     AuthorityError, AuthorityStore, EnrollmentRoute, IssuedRecord, IssuedVia, Member, MemberSource,
-    MemoryStore, OidcSession, RedbStore, StoreError, TicketRecord, TicketSpec,
-    DEFAULT_PERSON_LIFETIME, DEFAULT_SERVICE_LIFETIME, MAX_ATTRIBUTES, MAX_CREDENTIAL_LIFETIME,
-    MAX_TICKET_TTL, MAX_TICKET_USES, NAME_ATTRIBUTE,
+    MemoryStore, OidcSession, RedbStore, SealedToken, StoreError, StoredToken, TicketRecord,
+    TicketSpec, DEFAULT_PERSON_LIFETIME, DEFAULT_SERVICE_LIFETIME, MAX_ATTRIBUTES,
+    MAX_CREDENTIAL_LIFETIME, MAX_TICKET_TTL, MAX_TICKET_USES, NAME_ATTRIBUTE, TOKEN_KEY_PURPOSE,
 };

@@ -1,10 +1,12 @@
 //! The authority as a service behind a relay.
 //!
 //! The authority opens no port: like an outlet, it dials out to a relay and
-//! registers a service name (by default `postern-authority`). Nodes reach it
-//! through an end-to-end Noise channel pinned to the authority's identifier
-//! (which an enrollment ticket carries), and exchange one CBOR message per
-//! data frame ([`AuthorityRequest`], [`AuthorityReply`]):
+//! registers a service name, by default its own `authority-P…`
+//! ([`ServiceName::of_authority`], which relays keep for that identity
+//! alone). Nodes reach it through an end-to-end Noise channel pinned to the
+//! authority's identifier (which an enrollment ticket carries, with the
+//! service name), and exchange one CBOR message per data frame
+//! ([`AuthorityRequest`], [`AuthorityReply`]):
 //!
 //! - `Redeem { code }` → `Credential`: enrollment with a one-time ticket code;
 //!   the subject is the identity the handshake authenticated.
@@ -12,9 +14,14 @@
 //!   member that enrolled with OpenID Connect, the authority first asks the
 //!   provider again with the refresh token it keeps, so a person disabled at
 //!   the provider is refused here.
-//! - `Revocations { after }` → `Revocations` now and whenever new ones are
-//!   recorded, for as long as the channel stays open (relays and outlets
-//!   keep one open to learn of revocations within seconds).
+//! - `Revocations { after }` → `Revocations` with the entries after `after`,
+//!   then each new one as soon as it is recorded, and an empty
+//!   `Revocations` every [`FEED_HEARTBEAT`] when nothing happened, for as
+//!   long as the channel stays open (relays and outlets keep one open; a
+//!   follower that hears nothing for longer than its bound treats the feed
+//!   as down). Entries come in batches of at most
+//!   [`MAX_REVOCATIONS_PER_MESSAGE`]. Nothing polls: [`Authority::revoke`]
+//!   wakes every feed ([`feed`]).
 //! - `OidcStart { device: false }` → `OidcLogin { challenge }`, then, on the
 //!   same channel, `OidcFinish { grant }` → `Credential`: the browser login.
 //!   The client runs the person's part ([`crate::oidc::browser_login`]:
@@ -26,9 +33,21 @@
 //! - `OidcStart { device: true }` → `OidcDevice { prompt }`, then, when the
 //!   person has approved the code at the provider, `Credential` (the device
 //!   flow, RFC 8628: the authority polls the provider; the device code never
-//!   leaves it).
+//!   leaves it). Only when the configuration allows it
+//!   (`allow_device_flow`); the prompt names the identity being enrolled.
 //!
-//! Every refusal is a `Refused { reason }` the node's user can act on.
+//! The relay may also ask on the authority's own hop channel
+//! (`Control::FollowRevocations { after }`, when it trusts this authority):
+//! the same feed then runs there as `Control::Revocations` messages, for as
+//! long as that hop session lives.
+//!
+//! Every refusal is a `Refused { code, reason }`: the reason for the node's
+//! user, the [`RefusalCode`] for its retry logic. Work is bounded
+//! ([`ServiceLimits`]): channels served at once in all and per identity,
+//! revocation feeds and pending logins per identity, each refused with
+//! [`RefusalCode::Limit`] beyond its cap. Every store call runs on a
+//! blocking thread ([`Authority::blocking`]).
+//!
 //! With an audit log ([`AuthorityService::with_audit`]), every enrollment
 //! attempt (allowed or refused, with the reason), renewal, issued credential
 //! and revocation becomes one record; tokens, codes and secrets never do.
@@ -39,7 +58,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postern_identity::authority_wire::{AuthorityReply, AuthorityRequest};
 use postern_identity::credential::{RevocationEntry, RevocationTarget, SignedCredential};
@@ -47,32 +66,39 @@ use postern_identity::handshake::{ChannelKind, LocalParty};
 use postern_identity::link;
 use postern_identity::ticket::TicketCode;
 use postern_identity::time::unix_now;
-use postern_identity::wire::{Control, DataFrame, Hello, ServiceName, Side, TunnelToken};
+use postern_identity::wire::{
+    Control, DataFrame, Hello, RefusalCode, ServiceName, Side, TunnelToken,
+};
 use postern_identity::{Attributes, ChannelError, Identifier};
 use postern_node::authority::{recv_message, send_message};
 use postern_node::service::{Backoff, ChannelHalves, DataChannel, Hop, HopEvent};
 use postern_node::{NodeError, RelayEndpoint, Timeouts};
 use postern_policies::audit::{AuditEvent, AuditLog, Label, Verdict};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::oidc::{OidcError, OidcLogin, OidcVerifier};
-use crate::{Authority, AuthorityError, MemberSource};
+use crate::oidc::{OidcLogin, OidcVerifier};
+use crate::{Authority, AuthorityError};
 
-/// How often an open revocation feed looks for new revocations.
-const FEED_POLL: Duration = Duration::from_secs(1);
+mod feed;
+mod limits;
+mod login;
 
-use postern_identity::revocation::FEED_HEARTBEAT;
-use postern_identity::wire::MAX_REVOCATIONS_PER_MESSAGE;
+pub use feed::{FeedCursor, FeedStep, FEED_HEARTBEAT, MAX_REVOCATIONS_PER_MESSAGE};
+pub use limits::ServiceLimits;
 
-/// How long a browser login may take at most, from `OidcStart` to
-/// `OidcFinish` (the challenge's own expiry is usually sooner).
-const MAX_BROWSER_LOGIN: Duration = crate::oidc::LOGIN_TTL;
+use feed::{run_feed, FeedEnd, FeedSink};
+use limits::{Admission, Slot};
+use login::{oidc_login, renew_member};
+
+/// How often, at most, the service warns that it turns channels away.
+const BUSY_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the authority service serves with: the authority itself, and
 /// optionally an OpenID provider for `postern enroll --oidc` and an audit
-/// log.
+/// log, within [`ServiceLimits`].
 #[derive(Debug, Clone)]
 pub struct AuthorityService {
     authority: Arc<Authority>,
@@ -82,17 +108,38 @@ pub struct AuthorityService {
     /// and two concurrent refreshes with the same token would make the
     /// second look like a replay (some providers then revoke the login).
     refreshing: Arc<StdMutex<HashMap<Identifier, Arc<tokio::sync::Mutex<()>>>>>,
+    admission: Arc<Admission>,
+    /// Channels served at once.
+    channels: Arc<Semaphore>,
+    /// Channels taken on beyond that only to be refused with a reason.
+    refusing: Arc<Semaphore>,
+    /// When the service last warned that it turns channels away.
+    busy_warned: Arc<StdMutex<Option<Instant>>>,
 }
 
 impl AuthorityService {
-    /// Tickets, renewals and revocation feeds; no OpenID Connect, no audit.
+    /// Tickets, renewals and revocation feeds, within the default
+    /// [`ServiceLimits`]; no OpenID Connect, no audit.
     pub fn new(authority: Arc<Authority>) -> Self {
+        let limits = ServiceLimits::default();
         AuthorityService {
             authority,
             oidc: None,
             audit: None,
             refreshing: Arc::default(),
+            channels: Arc::new(Semaphore::new(limits.max_channels)),
+            refusing: Arc::new(Semaphore::new(limits.max_refusing)),
+            admission: Admission::new(limits),
+            busy_warned: Arc::default(),
         }
+    }
+
+    /// Serves within `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: ServiceLimits) -> Self {
+        self.channels = Arc::new(Semaphore::new(limits.max_channels));
+        self.refusing = Arc::new(Semaphore::new(limits.max_refusing));
+        self.admission = Admission::new(limits);
+        self
     }
 
     /// Also logs people in with this OpenID provider
@@ -115,6 +162,11 @@ impl AuthorityService {
         &self.authority
     }
 
+    /// The limits in force.
+    pub fn limits(&self) -> &ServiceLimits {
+        self.admission.limits()
+    }
+
     /// Appends `events`, in this order, off the async threads (each record
     /// is synced to disk). A failure to write is logged loudly.
     fn audit(&self, events: Vec<AuditEvent>) {
@@ -135,6 +187,40 @@ impl AuthorityService {
             Err(_) => write(),
         }
     }
+
+    /// Room for one more channel: to serve it, or (all taken) to refuse it
+    /// with a reason; `None` when even the refusals are all taken.
+    fn capacity(&self) -> Option<Capacity> {
+        if let Ok(permit) = Arc::clone(&self.channels).try_acquire_owned() {
+            return Some(Capacity::Serve(permit));
+        }
+        let warn_now = {
+            let mut last = self.busy_warned.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= BUSY_WARNING_INTERVAL);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if warn_now {
+            warn!(
+                limit = self.limits().max_channels,
+                "the authority serves as many channels as it may at once: new ones are refused (\"try again later\") until some finish"
+            );
+        }
+        Arc::clone(&self.refusing)
+            .try_acquire_owned()
+            .ok()
+            .map(Capacity::Refuse)
+    }
+}
+
+/// Whether a channel is served or only told that the authority is busy; the
+/// permit is held for as long as the channel lives.
+#[derive(Debug)]
+enum Capacity {
+    Serve(#[allow(dead_code)] OwnedSemaphorePermit),
+    Refuse(#[allow(dead_code)] OwnedSemaphorePermit),
 }
 
 /// The record of an enrollment (or renewal) decision.
@@ -169,30 +255,49 @@ fn issue_event(credential: &SignedCredential) -> Option<AuditEvent> {
     })
 }
 
-/// The audit record of a revocation found in the store.
+/// The audit record of a revocation found in the store. Reads the store
+/// (the subject of a revoked credential): call it off the async threads.
 pub fn revoke_event(authority: &Authority, entry: &RevocationEntry, reason: String) -> AuditEvent {
-    let (credential, subject) = match entry.revocation.target {
-        RevocationTarget::Identity(id) => (None, Some(id)),
-        RevocationTarget::Credential(id) => {
-            let subject = authority
-                .store()
-                .issued_credential(&id)
-                .ok()
-                .flatten()
-                .map(|r| r.subject);
-            (Label::new(&id.to_string()), subject)
-        }
+    let subject = match entry.revocation.target {
+        RevocationTarget::Identity(id) => Some(id),
+        RevocationTarget::Credential(id) => authority
+            .store()
+            .issued_credential(&id)
+            .ok()
+            .flatten()
+            .map(|r| r.subject),
+    };
+    revocation_event(authority.identifier(), entry, subject, reason)
+}
+
+/// The audit record of a revocation by authority `by`, of `subject`'s
+/// identity or credential (when known).
+pub fn revocation_event(
+    by: Identifier,
+    entry: &RevocationEntry,
+    subject: Option<Identifier>,
+    reason: String,
+) -> AuditEvent {
+    let credential = match entry.revocation.target {
+        RevocationTarget::Identity(_) => None,
+        RevocationTarget::Credential(id) => Label::new(&id.to_string()),
     };
     AuditEvent::Revoke {
         credential,
         subject,
-        by: Some(authority.identifier()),
+        by: Some(by),
         reason,
     }
 }
 
 /// Runs the authority behind `relay` under `service` until `stop`:
-/// registers, serves every incoming channel, reconnects with back-off.
+/// registers, serves every incoming channel, answers the relay's request
+/// for revocations, reconnects with back-off.
+///
+/// When `service` is not the authority's own name
+/// ([`ServiceName::of_authority`]), the authority registers under that name
+/// too: nodes look for their authority there to renew their credentials and
+/// follow its revocations (a relay refusing it is logged, not fatal).
 pub async fn serve(
     local: Arc<LocalParty>,
     authority: AuthorityService,
@@ -203,26 +308,28 @@ pub async fn serve(
 ) {
     let tasks = TaskTracker::new();
     let mut backoff = Backoff::new(&timeouts);
-    info!(authority = %authority.authority.identifier(), %service, relay = %relay.address, "authority starting");
-    if authority.audit.is_some() {
-        tasks.spawn(audit_revocations(authority.clone(), stop.clone()));
-    }
+    let own = ServiceName::of_authority(&authority.authority.identifier());
+    let names = if service == own {
+        vec![service]
+    } else {
+        vec![service, own]
+    };
+    info!(authority = %authority.authority.identifier(), service = %names[0], relay = %relay.address, "authority starting");
+    tasks.spawn(watch_revocations(authority.clone(), stop.clone()));
     while !stop.is_cancelled() {
         let ended =
             match postern_node::service::connect(&local, &relay, &timeouts, None, &stop).await {
                 Ok((hop, events)) => {
-                    session(
-                        &local,
-                        &authority,
-                        &hop,
-                        events,
-                        &service,
-                        &timeouts,
-                        &tasks,
-                        &mut backoff,
-                        &stop,
-                    )
-                    .await
+                    let session = Session {
+                        local: &local,
+                        service: &authority,
+                        hop: &hop,
+                        names: &names,
+                        timeouts: &timeouts,
+                        tasks: &tasks,
+                        stop: &stop,
+                    };
+                    session.run(events, &mut backoff).await
                 }
                 Err(e) => e.to_string(),
             };
@@ -241,379 +348,406 @@ pub async fn serve(
     info!("authority stopped");
 }
 
-/// Audits every revocation recorded in the store while the authority runs,
-/// including those `postern authority revoke` makes from another process.
-async fn audit_revocations(service: AuthorityService, stop: CancellationToken) {
-    let read = |after: u64| {
-        let authority = Arc::clone(&service.authority);
-        tokio::task::spawn_blocking(move || authority.revocations_since(after))
-    };
-    let mut seen = match read(0).await {
-        Ok(Ok(entries)) => entries.last().map_or(0, |e| e.seq),
-        Ok(Err(e)) => {
-            warn!(error = %e, "cannot read revocations; revocations are not audited");
-            return;
-        }
-        Err(_) => return,
-    };
+/// Logs, and audits when there is an audit log, every revocation recorded
+/// while the authority runs, however it was made (a node's channel, the
+/// admin endpoint, an embedding program), as it is recorded.
+async fn watch_revocations(service: AuthorityService, stop: CancellationToken) {
+    let mut newest = service.authority.watch_revocations();
+    let mut seen = *newest.borrow_and_update();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(FEED_POLL) => {}
+            changed = newest.changed() => if changed.is_err() { return },
         }
-        let entries = match read(seen).await {
-            Ok(Ok(entries)) => entries,
-            Ok(Err(e)) => {
-                debug!(error = %e, "cannot read revocations");
+        newest.borrow_and_update();
+        let audited = service.audit.is_some();
+        let after = seen;
+        let recorded = service
+            .authority
+            .blocking(move |a| {
+                let entries = a.revocations_since(after)?;
+                Ok(entries
+                    .into_iter()
+                    .map(|entry| {
+                        let reason = format!(
+                            "revoked by the authority's admin (revocation #{})",
+                            entry.seq
+                        );
+                        let event = audited.then(|| revoke_event(a, &entry, reason));
+                        (entry, event)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        let recorded = match recorded {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                warn!(error = %e, "cannot read revocations; the new ones are not audited yet");
                 continue;
             }
-            Err(_) => return,
         };
-        for entry in entries {
-            seen = entry.seq;
+        for (entry, event) in recorded {
+            seen = seen.max(entry.seq);
             info!(target = %entry.revocation.target, seq = entry.seq, "revocation recorded");
-            let reason = format!(
-                "revoked by the authority's admin (revocation #{})",
-                entry.seq
-            );
-            service.audit(vec![revoke_event(&service.authority, &entry, reason)]);
+            service.audit(event.into_iter().collect());
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    local: &Arc<LocalParty>,
-    authority: &AuthorityService,
-    hop: &Arc<Hop>,
-    mut events: tokio::sync::mpsc::Receiver<HopEvent>,
-    service: &ServiceName,
-    timeouts: &Timeouts,
-    tasks: &TaskTracker,
-    backoff: &mut Backoff,
-    stop: &CancellationToken,
-) -> String {
-    if let Err(e) = hop
-        .send(Control::Register {
-            service: service.clone(),
-        })
-        .await
-    {
-        return e.to_string();
-    }
-    loop {
-        let event = tokio::select! {
-            () = stop.cancelled() => return "stopped".into(),
-            () = hop.closed.cancelled() => break,
-            event = events.recv() => event,
-        };
-        match event {
-            None => break,
-            Some(HopEvent::Registered(service)) => {
-                backoff.reset();
-                info!(%service, "authority registered at relay");
+/// One hop session to the relay and what it needs.
+struct Session<'a> {
+    local: &'a Arc<LocalParty>,
+    service: &'a AuthorityService,
+    hop: &'a Arc<Hop>,
+    /// The names to register; the first one is the configured one.
+    names: &'a [ServiceName],
+    timeouts: &'a Timeouts,
+    tasks: &'a TaskTracker,
+    stop: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    /// Registers, then serves the relay's events until the session ends;
+    /// returns why it ended.
+    async fn run(
+        &self,
+        mut events: tokio::sync::mpsc::Receiver<HopEvent>,
+        backoff: &mut Backoff,
+    ) -> String {
+        for name in self.names {
+            let register = Control::Register {
+                service: name.clone(),
+            };
+            if let Err(e) = self.hop.send(register).await {
+                return e.to_string();
             }
-            Some(HopEvent::RegisterRefused(service, reason)) => {
-                error!(%service, %reason, "relay refused the authority's registration");
-                return format!("registration refused: {reason}");
-            }
-            Some(HopEvent::FollowRevocations(after)) => {
-                // The relay follows this authority's revocations on the hop
-                // channel itself, for as long as it lives.
-                let (authority, hop, stop) = (
-                    Arc::clone(&authority.authority),
-                    Arc::clone(hop),
-                    stop.clone(),
-                );
-                tasks.spawn(async move { feed_relay(&authority, &hop, after, &stop).await });
-            }
-            Some(HopEvent::Incoming(_, token, _)) => {
-                let (local, authority, hop) =
-                    (Arc::clone(local), authority.clone(), Arc::clone(hop));
-                let (service, timeouts, stop) = (service.clone(), timeouts.clone(), stop.clone());
-                tasks.spawn(async move {
-                    if let Err(e) =
-                        serve_one(&local, &authority, &hop, token, &service, &timeouts, stop).await
-                    {
-                        debug!(error = %e, "authority channel ended with an error");
+        }
+        // The feed the relay asked for on this session, if any.
+        let mut relay_feed: Option<CancellationToken> = None;
+        let ended = loop {
+            let event = tokio::select! {
+                () = self.stop.cancelled() => break Some("stopped".to_string()),
+                () = self.hop.closed.cancelled() => break None,
+                event = events.recv() => event,
+            };
+            match event {
+                None => break None,
+                Some(HopEvent::Registered(service)) => {
+                    backoff.reset();
+                    info!(%service, "authority registered at relay");
+                }
+                Some(HopEvent::RegisterRefused(service, refusal)) => {
+                    if self.names.first() == Some(&service) {
+                        error!(%service, reason = %refusal, "relay refused the authority's registration");
+                        break Some(format!("registration refused: {refusal}"));
                     }
-                });
+                    warn!(%service, reason = %refusal, "relay refused the authority's own name: nodes that look for it there (to renew, and to follow revocations) cannot reach it through this relay");
+                }
+                Some(HopEvent::FollowRevocations(after)) => {
+                    if let Some(previous) = relay_feed.take() {
+                        previous.cancel();
+                    }
+                    let stop = self.stop.child_token();
+                    relay_feed = Some(stop.clone());
+                    info!(after, "the relay follows this authority's revocations");
+                    let (authority, hop) =
+                        (Arc::clone(&self.service.authority), Arc::clone(self.hop));
+                    let heartbeat = self.service.limits().feed_heartbeat;
+                    self.tasks.spawn(async move {
+                        let mut sink = HopFeed(hop);
+                        let end = run_feed(&authority, after, heartbeat, &mut sink, &stop).await;
+                        debug!(?end, "the relay's revocation feed ended");
+                    });
+                }
+                Some(HopEvent::Incoming(service, token, _)) => {
+                    let Some(capacity) = self.service.capacity() else {
+                        debug!("a tunnel request dropped: the authority is at its limit of channels and of refusals");
+                        continue;
+                    };
+                    let (local, authority, hop) = (
+                        Arc::clone(self.local),
+                        self.service.clone(),
+                        Arc::clone(self.hop),
+                    );
+                    let (timeouts, stop) = (self.timeouts.clone(), self.stop.clone());
+                    self.tasks.spawn(async move {
+                        let channel = Channel {
+                            local: &local,
+                            service: &authority,
+                            hop: &hop,
+                            name: &service,
+                            timeouts: &timeouts,
+                        };
+                        if let Err(e) = channel.serve(token, capacity, stop).await {
+                            debug!(error = %e, "authority channel ended with an error");
+                        }
+                    });
+                }
             }
+        };
+        if let Some(feed) = relay_feed {
+            feed.cancel();
         }
+        ended
+            .or_else(|| self.hop.ended_because())
+            .unwrap_or_else(|| "relay session closed".into())
     }
-    hop.ended_because()
-        .unwrap_or_else(|| "relay session closed".into())
 }
 
-async fn serve_one(
-    local: &LocalParty,
-    service: &AuthorityService,
-    hop: &Hop,
-    token: TunnelToken,
-    service_name: &ServiceName,
-    timeouts: &Timeouts,
-    stop: CancellationToken,
-) -> Result<(), NodeError> {
-    let tunnel_error = |source| NodeError::Tunnel {
-        service: service_name.clone(),
-        source,
-    };
-    let (mut reader, mut writer) = hop.attach(local, timeouts, Side::Outlet, token).await?;
-    let hello = Hello {
-        service: Some(service_name.clone()),
-        credential: None,
-    };
-    let handshake = link::respond(
-        &mut reader,
-        &mut writer,
-        local,
-        ChannelKind::EndToEnd,
-        &hello,
-    );
-    let (peer, transport) = link::within(timeouts.handshake, "end-to-end handshake", handshake)
+/// The relay's revocation feed: on the authority's own hop channel.
+struct HopFeed(Arc<Hop>);
+
+impl FeedSink for HopFeed {
+    async fn send(&mut self, entries: Vec<RevocationEntry>) -> Result<(), NodeError> {
+        self.0.send(Control::Revocations { entries }).await
+    }
+
+    async fn gone(&mut self) {
+        self.0.closed.cancelled().await;
+    }
+}
+
+/// A node's revocation feed: on its end-to-end channel. Anything the node
+/// sends, or its hang-up, ends it.
+struct ChannelFeed<'a>(&'a mut DataChannel);
+
+impl FeedSink for ChannelFeed<'_> {
+    async fn send(&mut self, entries: Vec<RevocationEntry>) -> Result<(), NodeError> {
+        send_message(self.0, &AuthorityReply::Revocations { entries }).await
+    }
+
+    async fn gone(&mut self) {
+        let _ = self
+            .0
+            .reader
+            .next_frame(postern_identity::frame::MAX_NOISE_MESSAGE)
+            .await;
+    }
+}
+
+/// One end-to-end channel from a node, and what it needs.
+struct Channel<'a> {
+    local: &'a LocalParty,
+    service: &'a AuthorityService,
+    hop: &'a Hop,
+    /// The name the node asked for.
+    name: &'a ServiceName,
+    timeouts: &'a Timeouts,
+}
+
+impl Channel<'_> {
+    /// Attaches, runs the handshake, reads the node's request and answers
+    /// it.
+    async fn serve(
+        &self,
+        token: TunnelToken,
+        capacity: Capacity,
+        stop: CancellationToken,
+    ) -> Result<(), NodeError> {
+        let tunnel_error = |source| NodeError::Tunnel {
+            service: self.name.clone(),
+            source,
+        };
+        let (mut reader, mut writer) = self
+            .hop
+            .attach(self.local, self.timeouts, Side::Outlet, token)
+            .await?;
+        let hello = Hello {
+            service: Some(self.name.clone()),
+            credential: None,
+        };
+        let handshake = link::respond(
+            &mut reader,
+            &mut writer,
+            self.local,
+            ChannelKind::EndToEnd,
+            &hello,
+        );
+        let (peer, transport) =
+            link::within(self.timeouts.handshake, "end-to-end handshake", handshake)
+                .await
+                .map_err(tunnel_error)?;
+        let node = peer.identity.identifier();
+        let (sealer, opener) = transport.split();
+        let mut channel = ChannelHalves {
+            reader,
+            writer,
+            sealer,
+            opener,
+        };
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        postern_node::service::send_frame(
+            &mut channel.writer,
+            &mut channel.sealer,
+            &DataFrame::Ready,
+            &mut scratch,
+            &mut out,
+        )
         .await
         .map_err(tunnel_error)?;
-    let node = peer.identity.identifier();
-    let (sealer, opener) = transport.split();
-    let mut channel = ChannelHalves {
-        reader,
-        writer,
-        sealer,
-        opener,
-    };
-    let (mut scratch, mut out) = (Vec::new(), Vec::new());
-    postern_node::service::send_frame(
-        &mut channel.writer,
-        &mut channel.sealer,
-        &DataFrame::Ready,
-        &mut scratch,
-        &mut out,
-    )
-    .await
-    .map_err(tunnel_error)?;
-    let mut plain = vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE];
-    let request = tokio::select! {
-        () = stop.cancelled() => return Ok(()),
-        r = link::within(timeouts.handshake, "authority request", async {
-            recv_message::<AuthorityRequest>(&mut channel, &mut plain).await.map_err(|e| link::LinkError::Channel(ChannelError::BadMessage(e.to_string())))
-        }) => r.map_err(tunnel_error)?,
-    };
-    let Some(request) = request else {
-        return Ok(());
-    };
-    let authority = &service.authority;
-    let reply = match request {
-        AuthorityRequest::Redeem { code } => {
-            let code = TicketCode::from_bytes(code);
-            let hash = code.hash();
-            let result = authority.redeem_ticket(&code, node, unix_now());
-            let detail = format!("ticket {}", hash.short());
-            credential_reply(service, result, node, "ticket", &detail, "enrollment")
+        let mut plain = vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE];
+        let request = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            r = link::within(self.timeouts.handshake, "authority request", async {
+                recv_message::<AuthorityRequest>(&mut channel, &mut plain).await.map_err(|e| link::LinkError::Channel(ChannelError::BadMessage(e.to_string())))
+            }) => r.map_err(tunnel_error)?,
+        };
+        let Some(request) = request else {
+            return Ok(());
+        };
+        // The request is read before any refusal, so that the node reads the
+        // refusal as its answer rather than a reset.
+        if let Capacity::Refuse(_) = capacity {
+            let reason = format!(
+                "the authority is serving as many channels as it may at once ({}): try again in a few seconds",
+                self.service.limits().max_channels
+            );
+            debug!(%node, "channel refused: the authority is busy");
+            return send_message(
+                &mut channel,
+                &AuthorityReply::refused(RefusalCode::Limit, reason),
+            )
+            .await;
         }
-        AuthorityRequest::Renew => {
-            let (method, result) = renew_member(service, node).await;
-            let detail = if method == "renew-oidc" {
-                "renewal after the OpenID provider confirmed the login again"
-            } else {
-                "renewal of a current member"
-            };
-            credential_reply(service, result, node, method, detail, "renewal")
+        let _channel_place = match self.service.admission.admit(node, Slot::Channel) {
+            Ok(place) => place,
+            Err(refusal) => {
+                warn!(%node, reason = %refusal, "channel refused");
+                return send_message(&mut channel, &refused(refusal)).await;
+            }
+        };
+        let reply = match request {
+            AuthorityRequest::Revocations { after } => {
+                let _feed_place = match self.service.admission.admit(node, Slot::Feed) {
+                    Ok(place) => place,
+                    Err(refusal) => {
+                        warn!(%node, reason = %refusal, "revocation feed refused");
+                        return send_message(&mut channel, &refused(refusal)).await;
+                    }
+                };
+                let heartbeat = self.service.limits().feed_heartbeat;
+                let mut sink = ChannelFeed(&mut channel);
+                let end =
+                    run_feed(&self.service.authority, after, heartbeat, &mut sink, &stop).await;
+                return match end {
+                    FeedEnd::Send(e) => Err(e),
+                    FeedEnd::Closed | FeedEnd::Store => Ok(()),
+                };
+            }
+            AuthorityRequest::OidcStart { device } => {
+                let _login_place = match self.service.admission.admit(node, Slot::Login) {
+                    Ok(place) => place,
+                    Err(refusal) => {
+                        warn!(%node, reason = %refusal, "OpenID Connect login refused");
+                        return send_message(&mut channel, &refused(refusal)).await;
+                    }
+                };
+                match self
+                    .login(node, device, &mut channel, &mut plain, &stop)
+                    .await
+                {
+                    Some(reply) => reply,
+                    None => return Ok(()),
+                }
+            }
+            other => self.answer(node, other).await,
+        };
+        send_message(&mut channel, &reply).await
+    }
+
+    /// The answer to a request that needs one exchange: a ticket, a
+    /// renewal, or a stray `OidcFinish`.
+    async fn answer(&self, node: Identifier, request: AuthorityRequest) -> AuthorityReply {
+        let service = self.service;
+        match request {
+            AuthorityRequest::Redeem { code } => {
+                let code = TicketCode::from_bytes(code);
+                let detail = format!("ticket {}", code.hash().short());
+                let result = service
+                    .authority
+                    .blocking(move |a| a.redeem_ticket(&code, node, unix_now()))
+                    .await;
+                credential_reply(service, result, node, "ticket", &detail, "enrollment")
+            }
+            AuthorityRequest::Renew => {
+                let (method, result) = renew_member(service, node).await;
+                let detail = if method == "renew-oidc" {
+                    "renewal after the OpenID provider confirmed the login again"
+                } else {
+                    "renewal of a current member"
+                };
+                credential_reply(service, result, node, method, detail, "renewal")
+            }
+            AuthorityRequest::OidcFinish { .. } => AuthorityReply::refused(
+                RefusalCode::Invalid,
+                "OidcFinish without OidcStart on this channel: start the login again",
+            ),
+            AuthorityRequest::Revocations { .. } | AuthorityRequest::OidcStart { .. } => {
+                AuthorityReply::refused(
+                    RefusalCode::Invalid,
+                    "this request is not answered with one message",
+                )
+            }
         }
-        AuthorityRequest::Revocations { after } => {
-            return feed(authority, &mut channel, after, &stop).await;
-        }
-        AuthorityRequest::OidcStart { device } => {
-            let method = if device { "oidc-device" } else { "oidc" };
-            let what = "OpenID Connect enrollment";
-            match oidc_login(service, &mut channel, &mut plain, device, &stop).await {
-                Ok(Some(OidcLogin {
-                    login,
-                    refresh_token,
-                })) => {
-                    let detail = format!(
+    }
+
+    /// An OpenID Connect login for `node`, and the credential it earns;
+    /// `None` when the node went away before it finished.
+    async fn login(
+        &self,
+        node: Identifier,
+        device: bool,
+        channel: &mut DataChannel,
+        plain: &mut [u8],
+        stop: &CancellationToken,
+    ) -> Option<AuthorityReply> {
+        let service = self.service;
+        let method = if device { "oidc-device" } else { "oidc" };
+        let what = "OpenID Connect enrollment";
+        match oidc_login(service, node, channel, plain, device, stop).await {
+            Ok(Some(OidcLogin {
+                login,
+                refresh_token,
+            })) => {
+                let detail = if device {
+                    info!(%node, name = %login.name, "device login for {node} approved by {}", login.name);
+                    format!(
+                        "device login for {node} approved by {} at {} (subject {})",
+                        login.name, login.issuer, login.subject
+                    )
+                } else {
+                    format!(
                         "logged in at {} as {} (subject {})",
                         login.issuer, login.name, login.subject
-                    );
-                    // The login may have taken minutes: read the clock again.
-                    let issued = authority.enroll_oidc(node, &login, refresh_token, unix_now());
-                    credential_reply(service, issued, node, method, &detail, what)
-                }
-                Ok(None) => {
-                    let reason = "the client ended the channel before the login finished";
-                    info!(%node, "OpenID Connect login abandoned: {reason}");
-                    service.audit(
-                        enroll_event(node, method, None, reason.into())
-                            .into_iter()
-                            .collect(),
-                    );
-                    return Ok(());
-                }
-                Err(e) => credential_reply(service, Err(e), node, method, "", what),
+                    )
+                };
+                // The login may have taken minutes: read the clock again.
+                let issued = service
+                    .authority
+                    .blocking(move |a| a.enroll_oidc(node, &login, refresh_token, unix_now()))
+                    .await;
+                Some(credential_reply(
+                    service, issued, node, method, &detail, what,
+                ))
             }
-        }
-        AuthorityRequest::OidcFinish { .. } => AuthorityReply::Refused {
-            reason: "OidcFinish without OidcStart on this channel: start the login again".into(),
-        },
-    };
-    send_message(&mut channel, &reply).await
-}
-
-/// Renews `node`'s credential: a member enrolled with OpenID Connect only
-/// after the provider accepted its refresh token again. Returns the audit
-/// method (`renew` or `renew-oidc`) and the result.
-async fn renew_member(
-    service: &AuthorityService,
-    node: Identifier,
-) -> (&'static str, Result<SignedCredential, AuthorityError>) {
-    let authority = &service.authority;
-    let member = match authority.renewable_member(node) {
-        Ok(member) => member,
-        Err(e) => return ("renew", Err(e)),
-    };
-    let MemberSource::Oidc { issuer, subject } = member.source else {
-        return ("renew", authority.issue_for_member(node, unix_now()));
-    };
-    let method = "renew-oidc";
-    let required = |reason: String| {
-        Err(AuthorityError::OidcLoginRequired {
-            subject: node,
-            reason,
-        })
-    };
-    let Some(verifier) = &service.oidc else {
-        return (
-            method,
-            required("this authority now runs without an OpenID provider (--oidc-config)".into()),
-        );
-    };
-    if verifier.issuer() != issuer {
-        return (
-            method,
-            required(format!(
-                "it logged in at {issuer}, and this authority now uses {}",
-                verifier.issuer()
-            )),
-        );
-    }
-    let lock = {
-        let mut map = service.refreshing.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, l| Arc::strong_count(l) > 1);
-        Arc::clone(map.entry(node).or_default())
-    };
-    let _one_at_a_time = lock.lock().await;
-    let session = match authority.oidc_session(&node) {
-        Ok(Some(session)) => session,
-        Ok(None) => {
-            return (
-                method,
-                required("the authority holds no login for it".into()),
-            )
-        }
-        Err(e) => return (method, Err(e)),
-    };
-    let Some(token) = session.refresh_token else {
-        let reason = match session.refresh_refused_at {
-            Some(at) => format!(
-                "the provider refused the login at {}: the user was disabled or signed out there",
-                postern_identity::credential::format_timestamp(at)
-            ),
-            None => "the provider issued no refresh token; add offline_access to `scopes` in the authority's OIDC configuration".into(),
-        };
-        return (method, required(reason));
-    };
-    match verifier.refresh(&token, &subject, unix_now()).await {
-        Ok(OidcLogin {
-            login,
-            refresh_token,
-        }) => (
-            method,
-            authority.renew_oidc(node, &login, refresh_token, unix_now()),
-        ),
-        Err(e) => {
-            if matches!(e, OidcError::RefreshRefused { .. }) {
-                // The token will never work again: later attempts are
-                // refused without bothering the provider.
-                if let Err(forget) = authority.oidc_refresh_refused(&node, unix_now()) {
-                    warn!(%node, error = %forget, "cannot forget a refused refresh token");
-                }
-            }
-            (method, Err(e.into()))
-        }
-    }
-}
-
-/// Runs an OpenID Connect login on `channel`. `Ok(None)`: the client went
-/// away (or the authority is stopping) before it finished.
-async fn oidc_login(
-    service: &AuthorityService,
-    channel: &mut DataChannel,
-    plain: &mut [u8],
-    device: bool,
-    stop: &CancellationToken,
-) -> Result<Option<OidcLogin>, AuthorityError> {
-    let Some(verifier) = service.oidc.as_deref() else {
-        return Err(AuthorityError::OidcUnavailable);
-    };
-    if device {
-        let login = verifier.start_device_login(unix_now()).await?;
-        let prompt = login.prompt().clone();
-        if let Err(e) = send_message(channel, &AuthorityReply::OidcDevice { prompt }).await {
-            debug!(error = %e, "OpenID Connect login channel failed");
-            return Ok(None);
-        }
-        let result = tokio::select! {
-            () = stop.cancelled() => return Ok(None),
-            // The client sends nothing more: anything, or its hang-up, ends
-            // the login (and stops polling the provider).
-            _ = channel.reader.next_frame(postern_identity::frame::MAX_NOISE_MESSAGE) => return Ok(None),
-            result = verifier.finish_device_login(login) => result,
-        };
-        return Ok(Some(result?));
-    }
-    let challenge = verifier.new_login(unix_now())?;
-    let nonce = challenge.nonce.clone();
-    let wait =
-        Duration::from_secs(challenge.expires_at.saturating_sub(unix_now())).min(MAX_BROWSER_LOGIN);
-    let grant = async {
-        send_message(channel, &AuthorityReply::OidcLogin { challenge })
-            .await
-            .map_err(|e| {
-                debug!(error = %e, "OpenID Connect login channel failed");
+            Ok(None) => {
+                let reason = "the client ended the channel before the login finished";
+                info!(%node, "OpenID Connect login abandoned: {reason}");
+                service.audit(
+                    enroll_event(node, method, None, reason.into())
+                        .into_iter()
+                        .collect(),
+                );
                 None
-            })?;
-        let next = tokio::select! {
-            () = stop.cancelled() => return Err(None),
-            next = tokio::time::timeout(wait, recv_message::<AuthorityRequest>(channel, plain)) => next,
-        };
-        match next {
-            Err(_) => Err(Some(OidcError::UnknownLogin)),
-            Ok(Err(e)) => {
-                debug!(error = %e, "OpenID Connect login channel failed");
-                Err(None)
             }
-            Ok(Ok(None)) => Err(None),
-            // The login must be the one started on this channel.
-            Ok(Ok(Some(AuthorityRequest::OidcFinish { grant }))) if grant.nonce == nonce => {
-                Ok(grant)
-            }
-            Ok(Ok(Some(AuthorityRequest::OidcFinish { .. }))) => Err(Some(OidcError::UnknownLogin)),
-            Ok(Ok(Some(_))) => Err(Some(OidcError::BadGrant(
-                "expected the login's result (OidcFinish) on this channel".into(),
-            ))),
+            Err(e) => Some(credential_reply(service, Err(e), node, method, "", what)),
         }
     }
-    .await;
-    match grant {
-        Ok(grant) => Ok(Some(verifier.exchange_code(grant, unix_now()).await?)),
-        Err(why) => {
-            // Unfinished: free its place among the pending logins at once.
-            verifier.cancel_login(&nonce);
-            match why {
-                Some(e) => Err(e.into()),
-                None => Ok(None),
-            }
-        }
-    }
+}
+
+/// A refusal by a limit, as the node receives it.
+fn refused(refusal: postern_identity::wire::Refusal) -> AuthorityReply {
+    AuthorityReply::refused(refusal.code, refusal.reason)
 }
 
 /// Turns an issuance into the reply, and logs and audits it: `method` names
@@ -650,86 +784,7 @@ fn credential_reply(
                     .into_iter()
                     .collect(),
             );
-            AuthorityReply::Refused {
-                reason: e.client_message(),
-            }
-        }
-    }
-}
-
-/// Streams revocations newer than `after` until the node hangs up.
-/// Streams revocations newer than `after` to the relay on its hop channel,
-/// with heartbeats, until the channel ends.
-async fn feed_relay(authority: &Authority, hop: &Hop, mut after: u64, stop: &CancellationToken) {
-    let mut last_sent: Option<tokio::time::Instant> = None;
-    loop {
-        let entries = match authority.revocations_since(after) {
-            Ok(entries) => entries,
-            Err(e) => {
-                warn!(error = %e, "cannot read revocations");
-                Vec::new()
-            }
-        };
-        let heartbeat = last_sent.is_none_or(|at| at.elapsed() >= FEED_HEARTBEAT);
-        if heartbeat || !entries.is_empty() {
-            after = entries.last().map_or(after, |e| e.seq);
-            let mut chunks = entries.chunks(MAX_REVOCATIONS_PER_MESSAGE).peekable();
-            if chunks.peek().is_none()
-                && hop
-                    .send(Control::Revocations {
-                        entries: Vec::new(),
-                    })
-                    .await
-                    .is_err()
-            {
-                return;
-            }
-            for chunk in chunks {
-                let msg = Control::Revocations {
-                    entries: chunk.to_vec(),
-                };
-                if hop.send(msg).await.is_err() {
-                    return;
-                }
-            }
-            last_sent = Some(tokio::time::Instant::now());
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = hop.closed.cancelled() => return,
-            () = tokio::time::sleep(FEED_POLL) => {}
-        }
-    }
-}
-
-async fn feed(
-    authority: &Authority,
-    channel: &mut DataChannel,
-    mut after: u64,
-    stop: &CancellationToken,
-) -> Result<(), NodeError> {
-    let mut last_sent: Option<tokio::time::Instant> = None;
-    loop {
-        let entries = match authority.revocations_since(after) {
-            Ok(entries) => entries,
-            Err(e) => {
-                warn!(error = %e, "cannot read revocations");
-                Vec::new()
-            }
-        };
-        // New entries at once; otherwise a heartbeat, so followers can tell
-        // a quiet feed from a dead one.
-        let heartbeat = last_sent.is_none_or(|at| at.elapsed() >= FEED_HEARTBEAT);
-        if heartbeat || !entries.is_empty() {
-            after = entries.last().map_or(after, |e| e.seq);
-            send_message(channel, &AuthorityReply::Revocations { entries }).await?;
-            last_sent = Some(tokio::time::Instant::now());
-        }
-        tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            () = tokio::time::sleep(FEED_POLL) => {}
-            // Anything from the node (or its hang-up) ends the feed.
-            _ = channel.reader.next_frame(postern_identity::frame::MAX_NOISE_MESSAGE) => return Ok(()),
+            AuthorityReply::refused(e.refusal_code(), e.client_message())
         }
     }
 }
@@ -737,7 +792,7 @@ async fn feed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oidc::{SecretString, VerifiedLogin};
+    use crate::oidc::{OidcError, SecretString, VerifiedLogin};
     use crate::{AuthorityConfig, MemoryStore};
     use postern_identity::credential::Kind;
     use postern_identity::{AttrValue, Identity};
@@ -832,9 +887,10 @@ mod tests {
             "",
             "renewal",
         );
-        let AuthorityReply::Refused { reason } = reply else {
+        let AuthorityReply::Refused { code, reason } = reply else {
             panic!("not refused: {reply:?}")
         };
+        assert_eq!(code, RefusalCode::Denied);
         assert!(
             reason.contains("disabled") && reason.contains("postern enroll --oidc"),
             "{reason}"

@@ -189,6 +189,9 @@ impl OidcVerifier {
             check_endpoint(d.url())
                 .map_err(|m| discovery(format!("device authorization endpoint: {m}")))?;
         }
+        if let Some(why) = config.open_to_everyone() {
+            tracing::warn!("{why}");
+        }
         tracing::debug!(
             issuer = %issuer_text,
             keys = metadata.jwks().keys().len(),
@@ -312,6 +315,7 @@ impl OidcVerifier {
                 .verification_uri_complete()
                 .map(|u| u.secret().clone()),
             expires_at: now.saturating_add(details.expires_in().as_secs()),
+            enrolling: None,
         };
         Ok(DeviceLogin { prompt, details })
     }
