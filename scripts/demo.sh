@@ -285,10 +285,13 @@ ok "database \"demo\" with a table \"customers\" (5 rows)"
 
 step "Creating identities (POSTERN_HOME=$DEMO_DIR/home)"
 export POSTERN_HOME="$DEMO_DIR/home"
-unset POSTERN_IDENTITY POSTERN_LOG
+unset POSTERN_IDENTITY POSTERN_LOG POSTERN_PASSPHRASE POSTERN_KEY_FILE POSTERN_TICKET
 declare -A ID
+# The demo's throwaway keys are stored unencrypted on purpose (--encrypt none):
+# at a terminal, `postern identity create` would otherwise ask for a passphrase.
 for name in relay outlet authority intruder; do
-    ID[$name]=$("$POSTERN" identity create --name "$name" 2>/dev/null) || die "postern identity create --name $name failed"
+    ID[$name]=$("$POSTERN" identity create --name "$name" --encrypt none 2>/dev/null) ||
+        die "postern identity create --name $name failed"
     info "$(printf '%-9s %s' "$name" "${ID[$name]}")"
 done
 
@@ -319,8 +322,10 @@ TICKET=$("$POSTERN" -q authority ticket --attr role=analyst --attr team=data --t
     --relay "$RELAY" --relay-identity "${ID[relay]}" 2>"$DEMO_DIR/logs/ticket.log") ||
     die "postern authority ticket failed: $(cat "$DEMO_DIR/logs/ticket.log")"
 info "│ ${TICKET:0:48}…"
-info "\$ postern enroll <ticket> --identity analyst     # on the analyst's laptop"
-enrolled=$("$POSTERN" -q enroll "$TICKET" --identity analyst 2>&1) || die "postern enroll failed: $enrolled"
+info "\$ postern enroll --identity analyst     # on the analyst's laptop; paste the ticket when asked"
+# Here the ticket arrives on standard input (`-`); a ticket on the command line is refused.
+enrolled=$(printf '%s\n' "$TICKET" | "$POSTERN" -q enroll - --identity analyst --encrypt none 2>&1) ||
+    die "postern enroll failed: $enrolled"
 printf '%s\n' "$enrolled" | indent
 ID[analyst]=$("$POSTERN" identity show --name analyst 2>/dev/null) ||
     die "the analyst has no identity after enrolling"

@@ -8,6 +8,8 @@
 #   - runuser (util-linux): tests run as root start PostgreSQL as `postgres`
 #   - ip (iproute2) and nft (nftables) or iptables, for the network-namespace
 #     tests; ps/pkill (procps)
+#   - python3, whose pty module lets tests/secrets_cli.rs run `postern` on a
+#     pseudo-terminal (tests/support/pty_run.py)
 #   - Node.js and npm (packages nodejs, npm; the machine image usually has a
 #     newer Node.js already), then the npm packages of tests/oidc-provider
 #     (`npm ci` there: the `oidc-provider` package that tests/oidc.rs runs as
@@ -132,6 +134,7 @@ have runuser || [ -x /usr/sbin/runuser ] || [ -x /sbin/runuser ] || need util-li
 have ip || need iproute2 "ip"
 have nft || have iptables || need nftables "nft (or iptables)"
 { have ps && have pkill; } || need procps "ps/pkill"
+have python3 || need python3 "python3, to run postern on a pseudo-terminal in tests"
 have node || need nodejs "node, for the test OIDC provider"
 have npm || need npm "npm, for the test OIDC provider"
 

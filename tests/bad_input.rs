@@ -20,7 +20,7 @@ use postern_identity::handshake::{ChannelKind, LocalParty};
 use postern_identity::link::{
     self, ControlReceiver, ControlSender, FramedReader, CONTROL_READ_BUFFER,
 };
-use postern_identity::wire::{Control, Hello, PREAMBLE_ATTACH, PREAMBLE_HOP};
+use postern_identity::wire::{Control, Hello, RefusalCode, PREAMBLE_ATTACH, PREAMBLE_HOP};
 use postern_identity::{ChannelError, Identifier, Identity};
 use postern_node::RelayEndpoint;
 use support::net::{echo_round, relay_identifier_from, EchoServer, PosternHome, TestNode};
@@ -181,12 +181,24 @@ async fn hostile_input_to_the_relay_ends_only_that_connection() -> Result<()> {
         // …until a frame announces 65535 bytes.
         wr.write_all(&[0xff, 0xff]).await?;
         wr.write_all(&[0u8; 1024]).await?;
+        // The relay says why (a protocol error, not worth retrying) and
+        // closes the channel.
+        let said = tokio::time::timeout(CLOSE_WITHIN, inbox.recv())
+            .await
+            .context("the relay kept a hop channel carrying an oversized frame")?;
+        match said {
+            Ok(Control::Goodbye { code, reason }) => {
+                ensure!(code == RefusalCode::Invalid, "{code:?}: {reason}");
+                ensure!(reason.contains("exceeds the limit"), "{reason}");
+            }
+            other => anyhow::bail!("expected the relay's goodbye, got {other:?}"),
+        }
         let end = tokio::time::timeout(CLOSE_WITHIN, inbox.recv())
             .await
             .context("the relay kept a hop channel carrying an oversized frame")?;
         ensure!(
             end.is_err(),
-            "the relay answered an oversized frame: {end:?}"
+            "the relay answered after its goodbye: {end:?}"
         );
     }
 

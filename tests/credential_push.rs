@@ -1,5 +1,5 @@
 //! Credential refresh on live tunnels: an inlet whose credential is replaced
-//! (as `postern_node::renewal` does before expiry) sends the new one through
+//! (as the node's renewal does before expiry) sends the new one through
 //! every open tunnel, and the outlet keeps the tunnel open past the old
 //! credential's expiry; a tunnel whose credential expires without renewal is
 //! closed by the outlet within seconds, with the reason. A renewed
@@ -20,6 +20,7 @@ use postern_identity::{AttrValue, Identifier, Identity};
 use postern_node::trust::unix_now;
 use postern_node::{InletConfig, OutletConfig, Trust};
 use postern_policies::AllowList;
+use support::authority::TestAuthority;
 use support::net::{any_loopback, echo_round, service, EchoServer, TestNode, TestRelay};
 use tokio::net::TcpStream;
 
@@ -70,6 +71,8 @@ async fn renewed_credentials_keep_tunnels_and_expired_ones_close_them() -> Resul
     let echo = EchoServer::start().await?;
     let relay = TestRelay::start().await?;
     let authority = Identity::generate();
+    // Nodes that trust an authority follow its revocations: it runs.
+    let _running = TestAuthority::start_as(authority.clone(), &relay, |s| s).await?;
     let trusted = || Trust::new([authority.identifier()].into_iter().collect());
 
     let outlet_identity = Identity::generate();

@@ -27,8 +27,8 @@ use postern_identity::handshake::{
 };
 use postern_identity::ticket::{Ticket, TicketCode, TICKET_PREFIX};
 use postern_identity::wire::{
-    self, Attach, AttachReply, CloseReason, Control, DataFrame, Hello, Side, TunnelToken,
-    PROTOCOL_VERSION,
+    self, Attach, AttachReply, CloseReason, Control, DataFrame, Hello, RefusalCode, Side,
+    TunnelToken, PROTOCOL_VERSION,
 };
 use postern_identity::{AttrValue, Attributes, Identifier, Identity};
 use rand::rngs::StdRng;
@@ -194,6 +194,7 @@ fn regenerate_corpus() {
         },
         Control::RegisterRefused {
             service: "db-prod".parse().unwrap(),
+            code: RefusalCode::Denied,
             reason: "held".into(),
         },
         Control::Open {
@@ -206,6 +207,7 @@ fn regenerate_corpus() {
         },
         Control::OpenRefused {
             request: 1,
+            code: RefusalCode::UnknownService,
             reason: "not registered".into(),
         },
         Control::Incoming {
@@ -215,6 +217,22 @@ fn regenerate_corpus() {
         },
         Control::Ping { seq: 7 },
         Control::Pong { seq: 7 },
+        Control::Goodbye {
+            code: RefusalCode::Limit,
+            reason: "too many".into(),
+        },
+        Control::FollowRevocations { after: 3 },
+        Control::Revocations {
+            entries: vec![credential::RevocationEntry {
+                seq: 4,
+                revocation: credential::Revocation {
+                    target: credential::RevocationTarget::Credential(CredentialId::from_bytes(
+                        [5; 16],
+                    )),
+                    revoked_at: 1_700_000_000,
+                },
+            }],
+        },
     ];
     for (i, c) in controls.iter().enumerate() {
         write(
@@ -250,7 +268,11 @@ fn regenerate_corpus() {
     write(
         "data_frame",
         "seed-attach-reply",
-        &wire::encode(&AttachReply::Refused { reason: "x".into() }).unwrap(),
+        &wire::encode(&AttachReply::Refused {
+            code: RefusalCode::Limit,
+            reason: "x".into(),
+        })
+        .unwrap(),
     );
     write(
         "data_frame",

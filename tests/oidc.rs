@@ -5,8 +5,13 @@
 //! over HTTP, as a person would in a browser.
 //!
 //! Covered: the browser flow (authorization code + PKCE on a loopback
-//! redirect, nonce issued by the authority and single use) with the
-//! `groups` claim mapped to attributes; the device flow; refresh, and its
+//! redirect, nonce issued by the authority and single use, a stray request
+//! to the loopback listener ignored) with the `groups` claim mapped to
+//! attributes; an e-mail address the provider did not verify never naming
+//! the person; the device flow; and, through an authority service behind
+//! a relay, the device flow refused unless the configuration allows it (the
+//! prompt naming the identity enrolled when it does) and pending logins
+//! capped per identity, an abandoned one freeing its place; refresh, and its
 //! refusal once the user is disabled at the provider; a confidential
 //! client; and refusals with a clear reason for an ID token issued to
 //! another application (wrong audience), an expired one, one issued "in the
@@ -23,11 +28,16 @@ use openidconnect::core::{
     CoreIdToken, CoreIdTokenClaims, CoreJwsSigningAlgorithm, CoreRsaPrivateSigningKey,
 };
 use openidconnect::JsonWebKeyId;
-use postern_identity::oidc::{
+use postern_authority::oidc::{
     browser_login, CodeGrant, LoginChallenge, OidcConfig, OidcError, OidcVerifier,
 };
+use postern_identity::authority_wire::{AuthorityReply, AuthorityRequest};
+use postern_identity::wire::RefusalCode;
 use postern_identity::AttrValue;
+use postern_identity::Identity;
 use serde_json::json;
+use support::authority::{OpenChannel, TestAuthority};
+use support::net::TestRelay;
 use support::oidc::{
     foreign_rsa_key_pem, FakeUser, TestProvider, OTHER_CLIENT, OTHER_CLIENT_SECRET, PUBLIC_CLIENT,
 };
@@ -103,6 +113,19 @@ fn groups(values: &[&str]) -> AttrValue {
     AttrValue::Many(values.iter().map(|s| s.to_string()).collect())
 }
 
+/// A request to the loopback listener from another local process, with a
+/// made-up state; returns the page it got.
+async fn stray_request(auth_url: &str) -> Result<String> {
+    let auth = reqwest::Url::parse(auth_url)?;
+    let redirect = auth
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| v.into_owned())
+        .context("no redirect_uri")?;
+    let res = reqwest::get(format!("{redirect}?state=x&code=stray")).await?;
+    Ok(res.text().await?)
+}
+
 #[tokio::test]
 async fn browser_login_with_pkce_maps_groups_to_attributes() -> Result<()> {
     let started = Instant::now();
@@ -111,7 +134,22 @@ async fn browser_login_with_pkce_maps_groups_to_attributes() -> Result<()> {
 
     let challenge = verifier.new_login(now())?;
     assert_eq!(challenge.client_id, PUBLIC_CLIENT);
-    let (grant, page) = browser_grant(&challenge, &FakeUser::new("alice")?).await?;
+    // A stray `GET /callback?state=x` first: ignored, and the real login
+    // that follows goes through.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let user = FakeUser::new("alice")?;
+    let grant = browser_login(&challenge, LOGIN_TIMEOUT, move |url| {
+        let url = url.to_string();
+        tokio::spawn(async move {
+            let stray = stray_request(&url).await;
+            let _ = tx.send((stray, user.authorize(&url).await));
+        });
+    })
+    .await?;
+    let (stray, real) = rx.await.context("the scripted user vanished")?;
+    let stray = stray?;
+    assert!(stray.contains("was ignored"), "{stray}");
+    let (_, page) = real?;
     assert!(page.contains("Login complete"), "browser page: {page}");
     assert!(grant.redirect_uri.starts_with("http://127.0.0.1:"));
 
@@ -152,6 +190,134 @@ async fn browser_login_with_pkce_maps_groups_to_attributes() -> Result<()> {
         "took {:?}",
         started.elapsed()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unverified_email_does_not_name_the_person() -> Result<()> {
+    let provider = TestProvider::start()?;
+    // carol's profile says ceo@example.com, which the provider never
+    // verified: the name falls back to her username.
+    let verifier = postern_verifier(&provider).await?;
+    let challenge = verifier.new_login(now())?;
+    let (grant, _) = browser_grant(&challenge, &FakeUser::new("carol")?).await?;
+    let login = verifier.exchange_code(grant, now()).await?.login;
+    assert_eq!(login.name, "carol");
+    // The canary: alice's verified address does name her.
+    let challenge = verifier.new_login(now())?;
+    let (grant, _) = browser_grant(&challenge, &FakeUser::new("alice")?).await?;
+    assert_eq!(
+        verifier.exchange_code(grant, now()).await?.login.name,
+        "alice@example.com"
+    );
+
+    // With `name_claim = "email"`, carol is refused, with the reason.
+    let strict = verifier_for(&provider, PUBLIC_CLIENT, "name_claim = \"email\"").await?;
+    let challenge = strict.new_login(now())?;
+    let (grant, _) = browser_grant(&challenge, &FakeUser::new("carol")?).await?;
+    let err = strict.exchange_code(grant, now()).await.unwrap_err();
+    assert!(matches!(err, OidcError::EmailNotVerified(_)), "{err}");
+    assert!(err.to_string().contains("not verified"), "{err}");
+    Ok(())
+}
+
+/// An authority service with this provider, behind a relay.
+async fn oidc_authority(
+    provider: &TestProvider,
+    extra: &str,
+) -> Result<(TestRelay, TestAuthority)> {
+    let verifier = std::sync::Arc::new(verifier_for(provider, PUBLIC_CLIENT, extra).await?);
+    let relay = TestRelay::start().await?;
+    let authority = TestAuthority::start(&relay, |s| s.with_oidc(verifier)).await?;
+    Ok((relay, authority))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_flow_is_refused_unless_allowed() -> Result<()> {
+    let provider = TestProvider::start()?;
+    let node = Identity::generate();
+    let start = AuthorityRequest::OidcStart { device: true };
+
+    let (_relay, authority) = oidc_authority(&provider, "").await?;
+    let mut channel = OpenChannel::open(&node, &authority.route, start.clone()).await?;
+    match channel.next(Duration::from_secs(10)).await? {
+        AuthorityReply::Refused { code, reason } => {
+            assert_eq!(code, RefusalCode::Denied);
+            assert!(
+                reason.contains("allow_device_flow") && reason.contains("without --device"),
+                "{reason}"
+            );
+        }
+        other => panic!("the device flow was not refused: {other:?}"),
+    }
+
+    // Allowed: the prompt names the identity being enrolled.
+    let (_relay, authority) = oidc_authority(&provider, "allow_device_flow = true").await?;
+    let mut channel = OpenChannel::open(&node, &authority.route, start).await?;
+    match channel.next(Duration::from_secs(10)).await? {
+        AuthorityReply::OidcDevice { prompt } => {
+            assert_eq!(prompt.enrolling, Some(node.identifier()));
+            assert!(!prompt.user_code.is_empty());
+        }
+        other => panic!("no device prompt: {other:?}"),
+    }
+    channel.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_logins_are_capped_per_identity_and_an_abandoned_one_frees_its_place() -> Result<()>
+{
+    let provider = TestProvider::start()?;
+    let (_relay, authority) = oidc_authority(&provider, "").await?;
+    let start = AuthorityRequest::OidcStart { device: false };
+    let wait = Duration::from_secs(10);
+    let mallory = Identity::generate();
+    let open = |who: Identity| {
+        let (route, start) = (authority.route.clone(), start.clone());
+        async move { OpenChannel::open(&who, &route, start).await }
+    };
+
+    // Two logins left waiting for a person: both get their challenge.
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        let mut login = open(mallory.clone()).await?;
+        match login.next(wait).await? {
+            AuthorityReply::OidcLogin { .. } => pending.push(login),
+            other => panic!("{other:?}"),
+        }
+    }
+    // A third is refused with a Limit code, saying why.
+    let mut third = open(mallory.clone()).await?;
+    match third.next(wait).await? {
+        AuthorityReply::Refused { code, reason } => {
+            assert_eq!(code, RefusalCode::Limit);
+            assert!(reason.contains("logins waiting"), "{reason}");
+        }
+        other => panic!("a third pending login was accepted: {other:?}"),
+    }
+    // Someone else is not affected.
+    let mut alice = open(Identity::generate()).await?;
+    assert!(matches!(
+        alice.next(wait).await?,
+        AuthorityReply::OidcLogin { .. }
+    ));
+
+    // Mallory abandons one (closes `postern enroll`): its place is free.
+    if let Some(abandoned) = pending.pop() {
+        abandoned.close().await;
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        let mut again = open(mallory.clone()).await?;
+        match again.next(wait).await? {
+            AuthorityReply::OidcLogin { .. } => break,
+            AuthorityReply::Refused { .. } if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("the abandoned login kept its place: {other:?}"),
+        }
+    }
     Ok(())
 }
 

@@ -285,7 +285,10 @@ async fn oidc_enrollment_admission_renewal_and_audit() -> Result<()> {
     let config = lab.path("oidc.toml");
     std::fs::write(
         &config,
-        provider.config_toml(PUBLIC_CLIENT, "name_claim = \"email\""),
+        provider.config_toml(
+            PUBLIC_CLIENT,
+            "name_claim = \"email\"\nallow_device_flow = true",
+        ),
     )?;
     let audit = lab.path("authority-audit.jsonl");
     let mut authority = lab
@@ -298,7 +301,7 @@ async fn oidc_enrollment_admission_renewal_and_audit() -> Result<()> {
         .await?;
     let started = authority.stderr();
     ensure!(
-        started.contains(provider.issuer()) && started.contains("device flow (--device) available"),
+        started.contains(provider.issuer()) && started.contains("device flow (--device) allowed"),
         "{started}"
     );
 
@@ -346,6 +349,15 @@ async fn oidc_enrollment_admission_renewal_and_audit() -> Result<()> {
     )?;
     let (uri, user_code) = run.wait_for(device_prompt_in).await?;
     ensure!(uri.starts_with(provider.issuer()), "{uri}");
+    // The person sees which identity they are about to enroll.
+    let shown = run.stderr();
+    let bob_key = lab.home.run(&["identity", "show", "--name", "bob"])?;
+    let bob_key = text(&bob_key.stdout).trim().to_owned();
+    ensure!(
+        shown.contains(&format!("You are enrolling {bob_key}"))
+            && shown.contains("only if you started"),
+        "{shown}"
+    );
     FakeUser::new("bob")?
         .approve_device(&uri, &user_code)
         .await
@@ -374,11 +386,15 @@ async fn oidc_enrollment_admission_renewal_and_audit() -> Result<()> {
     ])?;
     ensure!(out.status.success(), "ticket: {}", text(&out.stderr));
     let ticket = text(&out.stdout).trim().to_owned();
-    let out = lab.home.run(&["enroll", &ticket, "--identity", "carol"])?;
+    let out = lab
+        .home
+        .enroll_with_ticket(&ticket, &["--identity", "carol"])?;
     ensure!(out.status.success(), "ticket enroll: {}", text(&out.stderr));
     ensure!(text(&out.stdout).contains("role=analyst"));
     let carol_id = lab.credential("carol")?.subject.to_string();
-    let out = lab.home.run(&["enroll", &ticket, "--identity", "dave"])?;
+    let out = lab
+        .home
+        .enroll_with_ticket(&ticket, &["--identity", "dave"])?;
     ensure!(!out.status.success() && text(&out.stderr).contains("already been used"));
 
     // The outlet admits the groups=oncall credential and nobody else.
@@ -532,7 +548,16 @@ async fn oidc_enrollment_admission_renewal_and_audit() -> Result<()> {
     ensure!(alice_login["reason"]
         .as_str()
         .is_some_and(|r| r.contains("alice@example.com")));
-    ensure!(find(&log, |r| is(r, "enroll", "oidc-device", "allow", &bob_id)).is_some());
+    let device = find(&log, |r| is(r, "enroll", "oidc-device", "allow", &bob_id))
+        .with_context(|| format!("no device enroll for bob in:\n{all}"))?;
+    ensure!(
+        device["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&format!(
+                "device login for {bob_id} approved by bob@example.org"
+            ))),
+        "{device}"
+    );
     ensure!(find(&log, |r| is(r, "enroll", "ticket", "allow", &carol_id)).is_some());
     ensure!(
         find(&log, |r| r["event"] == "enroll"

@@ -45,7 +45,12 @@ fn enroll(home: &PosternHome, relay: (&str, &str), name: &str, attrs: &[&str]) -
         args.extend(["--attr", attr]);
     }
     let ticket = run(home, &args)?.trim().to_owned();
-    run(home, &["enroll", &ticket, "--identity", name])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", name])?;
+    ensure!(
+        out.status.success(),
+        "postern enroll --identity {name} failed: {}",
+        text(&out.stderr)
+    );
     Ok(run(home, &["identity", "show", "--name", name])?
         .trim()
         .to_owned())
@@ -83,7 +88,7 @@ impl Stack {
             "register.cedar",
             &format!(
                 r#"@id("authority-serves-itself")
-permit(principal == Identity::"{authority_id}", action == Action::"register", resource == Service::"postern-authority");
+permit(principal == Identity::"{authority_id}", action == Action::"register", resource == Service::"authority-{authority_id}");
 @id("db-outlets")
 permit(principal, action == Action::"register", resource == Service::"db")
 when {{ principal has role && principal.role == "db-outlet" }};
@@ -402,13 +407,13 @@ async fn policies_decide_register_connect_and_live_tunnels() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("relay audit log: {e}"))?;
 
     // Revoking the outlet reaches the relay too: it drops the outlet's hop
-    // channel (and so the registration) within seconds and refuses the
-    // revoked credential when the outlet comes back.
+    // channel (and so the registration) within seconds, telling it why, and
+    // refuses the revoked identity when the outlet comes back.
     run(&stack.home, &["authority", "revoke", &outlet_id])?;
     outlet
-        .wait_for_stderr("relay refused the registration", Duration::from_secs(8))
+        .wait_for_stderr("the relay refused this outlet", Duration::from_secs(8))
         .await
-        .context("the relay kept the revoked outlet's registration")?;
+        .context("the relay kept the revoked outlet's hop channel")?;
     let log = outlet.stderr();
     ensure!(log.contains("revoked"), "unclear refusal: {log}");
     drop(stack.relay_policies);

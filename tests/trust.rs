@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use support::net::{relay_identifier_from, PosternHome, PosternProcess};
+use support::net::{relay_and_authority, PosternHome};
 use support::pg::TempPg;
 
 const STARTUP: Duration = Duration::from_secs(20);
@@ -20,32 +20,6 @@ fn stdout_of(out: &std::process::Output) -> String {
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A relay and an authority behind it (`authority run` with `extra` flags),
-/// both running from `home`; returns them with the relay's address and
-/// identifier.
-async fn relay_and_authority(
-    home: &PosternHome,
-    extra: &[&str],
-) -> Result<(PosternProcess, PosternProcess, String, String)> {
-    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
-    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
-    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
-    let mut args = vec![
-        "authority",
-        "run",
-        "--relay",
-        &relay_addr,
-        "--relay-identity",
-        &relay_id,
-    ];
-    args.extend_from_slice(extra);
-    let mut authority = home.spawn(&args)?;
-    authority
-        .wait_for_stderr("authority registered at relay", STARTUP)
-        .await?;
-    Ok((relay, authority, relay_addr, relay_id))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,12 +55,12 @@ async fn enroll_with_ticket_admit_by_attribute_and_revoke_live() -> Result<()> {
     let ticket = stdout_of(&out).trim().to_owned();
     ensure!(ticket.starts_with("pstn-ticket:"), "{ticket}");
 
-    let out = home.run(&["enroll", &ticket, "--identity", "analyst"])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", "analyst"])?;
     ensure!(out.status.success(), "enroll: {}", stderr_of(&out));
     let text = stdout_of(&out);
     ensure!(text.contains("enrolled") && text.contains("role"), "{text}");
     // Single use: a second machine with the same ticket is refused, clearly.
-    let out = home.run(&["enroll", &ticket, "--identity", "second"])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", "second"])?;
     ensure!(!out.status.success(), "a used ticket enrolled again");
     let err = stderr_of(&out);
     ensure!(
@@ -227,6 +201,43 @@ async fn admins_add_and_remove_members_and_withdraw_tickets() -> Result<()> {
     let listed = stdout_of(&home.run(&["authority", "list"])?);
     ensure!(listed.contains(&member_id), "{listed}");
 
+    // The running authority holds its store; a local user without the
+    // authority's key gets nothing from its admin endpoint, nor the store.
+    home.create_identity("intruder")?;
+    let store = home.path().join("authority/authority.redb");
+    let store = store.to_str().context("store path")?;
+    for args in [
+        &[
+            "authority",
+            "list",
+            "--identity",
+            "intruder",
+            "--store",
+            store,
+        ][..],
+        &[
+            "authority",
+            "revoke",
+            &member_id,
+            "--identity",
+            "intruder",
+            "--store",
+            store,
+        ],
+    ] {
+        let out = home.run(args)?;
+        let err = stderr_of(&out);
+        ensure!(
+            !out.status.success() && err.contains("refused") && err.contains(&authority_id),
+            "{args:?} by another identity: {err}"
+        );
+    }
+    let listed = stdout_of(&home.run(&["authority", "list"])?);
+    ensure!(
+        listed.trim_end().ends_with("revocations:"),
+        "the intruder's revocation was carried out:\n{listed}"
+    );
+
     // Removed: no new credential, with a clear refusal.
     let out = home.run(&["authority", "member", "remove", &member_id])?;
     ensure!(out.status.success(), "member remove: {}", stderr_of(&out));
@@ -264,7 +275,7 @@ async fn admins_add_and_remove_members_and_withdraw_tickets() -> Result<()> {
         "ticket-remove {id}: {}",
         stderr_of(&out)
     );
-    let out = home.run(&["enroll", &ticket, "--identity", "laptop"])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", "laptop"])?;
     ensure!(
         !out.status.success(),
         "a withdrawn ticket enrolled a machine"
@@ -298,7 +309,7 @@ async fn five_second_credentials_are_renewed_during_a_long_query() -> Result<()>
     ])?;
     ensure!(out.status.success(), "ticket: {}", stderr_of(&out));
     let ticket = stdout_of(&out).trim().to_owned();
-    let out = home.run(&["enroll", &ticket, "--identity", "analyst"])?;
+    let out = home.enroll_with_ticket(&ticket, &["--identity", "analyst"])?;
     ensure!(out.status.success(), "enroll: {}", stderr_of(&out));
 
     let mut outlet = home.spawn(&[

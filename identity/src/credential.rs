@@ -543,6 +543,10 @@ pub trait RevocationCheck {
     /// The revocation that applies to a credential with this id and subject,
     /// if any.
     fn revocation(&self, id: &CredentialId, subject: &Identifier) -> Option<Revocation>;
+
+    /// The revocation of `subject` itself (every credential of it, and the
+    /// identity wherever it is admitted without one), if any.
+    fn identity_revocation(&self, subject: &Identifier) -> Option<Revocation>;
 }
 
 /// A [`RevocationCheck`] that revokes nothing (for nodes that do not yet
@@ -552,6 +556,10 @@ pub struct NoRevocations;
 
 impl RevocationCheck for NoRevocations {
     fn revocation(&self, _: &CredentialId, _: &Identifier) -> Option<Revocation> {
+        None
+    }
+
+    fn identity_revocation(&self, _: &Identifier) -> Option<Revocation> {
         None
     }
 }
@@ -624,7 +632,11 @@ impl RevocationList {
 impl RevocationCheck for RevocationList {
     fn revocation(&self, id: &CredentialId, subject: &Identifier) -> Option<Revocation> {
         self.get(&RevocationTarget::Credential(*id))
-            .or_else(|| self.get(&RevocationTarget::Identity(*subject)))
+            .or_else(|| self.identity_revocation(subject))
+    }
+
+    fn identity_revocation(&self, subject: &Identifier) -> Option<Revocation> {
+        self.get(&RevocationTarget::Identity(*subject))
     }
 }
 

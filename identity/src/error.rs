@@ -71,9 +71,9 @@ pub enum ChannelError {
     #[error("peer is {actual}, but {expected} was expected")]
     UnexpectedPeer {
         /// The identifier we pinned.
-        expected: String,
+        expected: crate::Identifier,
         /// The identifier the peer proved.
-        actual: String,
+        actual: crate::Identifier,
     },
     /// A transport frame failed authentication (tampering, replay, reordering
     /// or truncation on the way).

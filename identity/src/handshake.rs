@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 use crate::transport::Transport;
 #[cfg(doc)]
 use crate::wire::Attach;
-use crate::wire::{self, AttachHello, AttachReply, Hello, PROTOCOL_VERSION};
+use crate::wire::{self, AttachHello, AttachReply, Hello, Refusal, RefusalCode, PROTOCOL_VERSION};
 use crate::{ChannelError, Identity, PublicIdentity};
 
 /// Noise protocol of every identity-bound channel.
@@ -50,6 +50,9 @@ pub enum ChannelKind {
     EndToEnd,
     /// A node attaching a data connection at the relay (IK).
     Attach,
+    /// An admin command talking to its running authority over the local
+    /// admin endpoint (both ends prove the authority's own identity).
+    AuthorityAdmin,
 }
 
 impl ChannelKind {
@@ -58,6 +61,7 @@ impl ChannelKind {
             ChannelKind::Hop => b"postern/1 hop",
             ChannelKind::EndToEnd => b"postern/1 end-to-end",
             ChannelKind::Attach => b"postern/1 attach",
+            ChannelKind::AuthorityAdmin => b"postern/1 authority admin",
         }
     }
 }
@@ -355,11 +359,11 @@ impl AttachInitiator {
 
     /// Reads the relay's answer: the established channel, or the relay's
     /// reason for refusing it.
-    pub fn handle_reply(mut self, msg2: &[u8]) -> Result<Result<Transport, String>, ChannelError> {
+    pub fn handle_reply(mut self, msg2: &[u8]) -> Result<Result<Transport, Refusal>, ChannelError> {
         let payload = read(&mut self.hs, msg2)?;
         match wire::decode::<AttachReply>(&payload)? {
             AttachReply::Accepted => Ok(Ok(Transport::from_handshake(self.hs)?)),
-            AttachReply::Refused { reason } => Ok(Err(reason)),
+            AttachReply::Refused { code, reason } => Ok(Err(Refusal { code, reason })),
         }
     }
 }
@@ -399,11 +403,12 @@ impl AttachResponder {
         Ok((msg2, Transport::from_handshake(self.hs)?))
     }
 
-    /// Refuses: writes message 2 carrying the reason.
-    pub fn refuse(mut self, reason: &str) -> Result<Vec<u8>, ChannelError> {
+    /// Refuses: writes message 2 carrying the kind of refusal and the reason.
+    pub fn refuse(mut self, code: RefusalCode, reason: &str) -> Result<Vec<u8>, ChannelError> {
         write(
             &mut self.hs,
             &wire::encode(&AttachReply::Refused {
+                code,
                 reason: reason.to_owned(),
             })?,
         )
@@ -530,13 +535,26 @@ mod tests {
 
     #[test]
     fn kinds_do_not_mix() {
-        let (a, b) = (party(), party());
-        let (init, m1) = Initiator::start(&a, ChannelKind::Hop).unwrap();
-        let (_resp, m2) = Responder::new(&b, ChannelKind::EndToEnd)
-            .unwrap()
-            .handle_hello(&m1, &b, &Hello::default())
-            .unwrap();
-        assert!(init.handle_response(&m2).is_err());
+        let kinds = [
+            ChannelKind::Hop,
+            ChannelKind::EndToEnd,
+            ChannelKind::AuthorityAdmin,
+        ];
+        for ours in kinds {
+            for theirs in kinds {
+                let (a, b) = (party(), party());
+                let (init, m1) = Initiator::start(&a, ours).unwrap();
+                let (_resp, m2) = Responder::new(&b, theirs)
+                    .unwrap()
+                    .handle_hello(&m1, &b, &Hello::default())
+                    .unwrap();
+                assert_eq!(
+                    init.handle_response(&m2).is_ok(),
+                    ours == theirs,
+                    "{ours:?} against {theirs:?}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -669,10 +687,10 @@ mod tests {
         // A refusal carries its reason.
         let (init, m1) = AttachInitiator::start(&node, relay.static_public(), true).unwrap();
         let (resp, _, _) = AttachResponder::handle_request(&relay, &m1).unwrap();
-        let m2 = resp.refuse("too many").unwrap();
+        let m2 = resp.refuse(RefusalCode::Limit, "too many").unwrap();
         assert_eq!(
-            init.handle_reply(&m2).unwrap().err().as_deref(),
-            Some("too many")
+            init.handle_reply(&m2).unwrap().err(),
+            Some(Refusal::new(RefusalCode::Limit, "too many"))
         );
         // Encrypted to another relay key: the real relay cannot read it.
         let impostor = party();

@@ -15,22 +15,27 @@
 //! - [`transport`]: the established channel: encrypts and decrypts frames with
 //!   explicit, strictly sequential nonces.
 //! - [`wire`]: the typed messages carried inside those channels (CBOR).
-//! - [`credential`], [`ticket`], [`authority`], [`sealed`], [`oidc`]: the trust
-//!   lifecycle (credentials, enrollment tickets, the authority's logic and
-//!   store, keys at rest, OpenID Connect login verified by the authority).
 //! - The trust lifecycle: [`credential`] (an authority's signed, short-lived
 //!   statement of a member's attributes, and its verification), [`ticket`]
-//!   (one-line enrollment tickets), [`authority`] (members, tickets,
-//!   revocations and issuance over a pluggable store) and [`sealed`]
-//!   (encryption of secret keys at rest, used by [`keyfile`]).
+//!   (one-line enrollment tickets), [`authority_wire`] (the messages nodes
+//!   and the authority exchange) and [`sealed`] (encryption of secret keys at
+//!   rest, used by [`keyfile`]).
+//! - [`secret_env`]: the environment variables that carry secrets
+//!   (passphrase, key file, enrollment ticket), taken out of the process at
+//!   start-up and kept from child processes.
 //!
-//! It does no I/O of its own beyond reading and writing key files and the
-//! authority's embedded database: callers feed it bytes and a clock, and send
-//! what it returns. It knows nothing of relays, services or policies.
+//! The authority itself (its logic and store, the OpenID Connect login, and
+//! the service that answers nodes) is the `postern-authority` crate, so that
+//! relays and nodes do not compile an HTTP client, TLS or a database.
+//!
+//! It does no I/O of its own beyond reading and writing key files (and, in
+//! [`secret_env`], wiping the secret variables from the process): callers
+//! feed it bytes and a clock, and send what it returns. It knows nothing of
+//! relays, services or policies.
 #![forbid(unsafe_code)]
 
 pub mod attributes;
-pub mod authority;
+pub mod authority_wire;
 pub mod credential;
 mod error;
 pub mod frame;
@@ -40,8 +45,9 @@ mod identifier;
 mod identity;
 pub mod keyfile;
 pub mod link;
-pub mod oidc;
+pub mod revocation;
 pub mod sealed;
+pub mod secret_env;
 pub mod ticket;
 pub mod time;
 pub mod transport;

@@ -196,7 +196,7 @@ pub async fn attach_handshake<R, W>(
     local: &LocalParty,
     relay_static: &[u8; 32],
     spare: bool,
-) -> Result<Result<Transport, String>, LinkError>
+) -> Result<Result<Transport, crate::wire::Refusal>, LinkError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

@@ -58,6 +58,14 @@ impl ServiceName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name authority `authority` registers under unless configured
+    /// otherwise: `authority-P…`. It contains the identifier, so relays keep
+    /// it for that identity alone (no one else can squat it while the
+    /// authority reconnects), and several authorities never collide.
+    pub fn of_authority(authority: &crate::Identifier) -> ServiceName {
+        ServiceName(format!("authority-{authority}"))
+    }
 }
 
 impl FromStr for ServiceName {
@@ -157,10 +165,13 @@ pub enum Control {
         /// The name.
         service: ServiceName,
     },
-    /// Relay → outlet: the name is not yours, and why.
+    /// Relay → outlet: the name is not yours (or no longer: a policy reload
+    /// withdrew it), and why.
     RegisterRefused {
         /// The name.
         service: ServiceName,
+        /// What kind of refusal: whether registering again may succeed.
+        code: RefusalCode,
         /// Human-readable reason.
         reason: String,
     },
@@ -182,6 +193,8 @@ pub enum Control {
     OpenRefused {
         /// The request answered.
         request: u64,
+        /// What kind of refusal: whether asking again may succeed.
+        code: RefusalCode,
         /// Human-readable reason.
         reason: String,
     },
@@ -206,6 +219,105 @@ pub enum Control {
         /// The probe answered.
         seq: u64,
     },
+    /// Relay → node: the relay ends this hop channel, and why (a revoked
+    /// identity, a refused credential, a limit, an idle channel, shutdown).
+    /// The relay closes the connection right after sending it.
+    Goodbye {
+        /// What kind of ending: whether reconnecting may succeed.
+        code: RefusalCode,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Relay → authority: send the revocations numbered above `after`, then
+    /// every new one, on this hop channel. Sent only to a hop session that
+    /// proved the identity of an authority the relay trusts.
+    FollowRevocations {
+        /// The newest sequence number the relay already holds from this
+        /// authority.
+        after: u64,
+    },
+    /// Authority → relay: revocations (oldest first) in answer to
+    /// [`Control::FollowRevocations`]; an empty list says "nothing new, and
+    /// the feed is alive" (sent periodically, so the relay can bound how
+    /// stale its view of this authority's revocations is).
+    Revocations {
+        /// The entries, at most [`MAX_REVOCATIONS_PER_MESSAGE`].
+        entries: Vec<crate::credential::RevocationEntry>,
+    },
+}
+
+/// Most revocation entries in one [`Control::Revocations`] message (keeps it
+/// well inside the 16 KiB control frame).
+pub const MAX_REVOCATIONS_PER_MESSAGE: usize = 128;
+
+/// What kind of refusal a relay or a peer sent, beside its human-readable
+/// text, so that a node retries only what may succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RefusalCode {
+    /// Not allowed: a policy, a revocation, a refused credential, a name
+    /// reserved for another identity. Asking again will not help until an
+    /// admin changes something.
+    Denied,
+    /// The named service is not registered here (its outlet may not be
+    /// connected yet).
+    UnknownService,
+    /// A limit was reached (connections, tunnels, pending opens, names, a
+    /// rate). Retry later, after a back-off.
+    Limit,
+    /// Temporarily impossible (a peer not answering, revocations too stale
+    /// to decide, shutting down). Retry later.
+    RetryLater,
+    /// The request itself is malformed or unsupported: a bug or a version
+    /// mismatch; retrying the same request will not help.
+    Invalid,
+}
+
+impl RefusalCode {
+    /// Whether the same request may succeed later without an admin's help.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            RefusalCode::UnknownService | RefusalCode::Limit | RefusalCode::RetryLater
+        )
+    }
+}
+
+/// A refusal as a node receives it: its kind and its human-readable text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What kind of refusal.
+    pub code: RefusalCode,
+    /// What the node's user is told.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal of kind `code` saying `reason`.
+    pub fn new(code: RefusalCode, reason: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RefusalCode::Denied => "denied",
+            RefusalCode::UnknownService => "unknown service",
+            RefusalCode::Limit => "limit reached",
+            RefusalCode::RetryLater => "retry later",
+            RefusalCode::Invalid => "invalid request",
+        })
+    }
 }
 
 /// What a party says about itself inside its encrypted handshake payload,
@@ -264,6 +376,8 @@ pub enum AttachReply {
     Accepted,
     /// Not attached, and why.
     Refused {
+        /// What kind of refusal: whether dialling again may succeed.
+        code: RefusalCode,
         /// Human-readable reason.
         reason: String,
     },
@@ -295,6 +409,12 @@ pub enum CloseReason {
     },
     /// The node is shutting down.
     Shutdown,
+    /// The outlet cannot serve right now (for example, it cannot vouch for
+    /// current revocations of an authority it trusts); try again later.
+    Unavailable {
+        /// Why, naming what is missing.
+        reason: String,
+    },
 }
 
 impl fmt::Display for CloseReason {
@@ -305,6 +425,7 @@ impl fmt::Display for CloseReason {
             CloseReason::TargetUnavailable { reason } => write!(f, "target unavailable: {reason}"),
             CloseReason::Aborted { reason } => write!(f, "aborted by peer: {reason}"),
             CloseReason::Shutdown => f.write_str("peer is shutting down"),
+            CloseReason::Unavailable { reason } => write!(f, "temporarily unavailable: {reason}"),
         }
     }
 }
@@ -382,6 +503,18 @@ impl DataFrame<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authority_names_are_valid_and_distinct() {
+        let (a, b) = (
+            crate::Identity::generate().identifier(),
+            crate::Identity::generate().identifier(),
+        );
+        let name = ServiceName::of_authority(&a);
+        assert_eq!(name.as_str().parse::<ServiceName>().unwrap(), name);
+        assert!(name.as_str().contains(&a.to_string()));
+        assert_ne!(name, ServiceName::of_authority(&b));
+    }
 
     #[test]
     fn service_names() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
-use postern_node::{AttributeRule, RelayEndpoint, Target};
+use postern_node::{AttributeRule, RelayEndpoint, Target, TrustAnchor};
 
 /// Postern: a zero-trust tunnel for databases.
 ///
@@ -42,7 +42,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create or show the identity (Ed25519 key pair) this machine uses.
+    /// Create, show or encrypt the identity (Ed25519 key pair) this machine
+    /// uses.
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
@@ -59,10 +60,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::authority::AuthorityCommand,
     },
-    /// Enroll this machine: with a ticket from an authority's admin, or by
-    /// logging in at the identity provider (--oidc, --device); --renew gets
-    /// a fresh credential. Creates the identity if needed and stores the
-    /// credential the authority issues.
+    /// Enroll this machine: with a ticket from an authority's admin (pasted
+    /// when asked, or --ticket-file, `-`, POSTERN_TICKET; never as an
+    /// argument), or by logging in at the identity provider (--oidc,
+    /// --device); --renew gets a fresh credential. Creates the identity if
+    /// needed and stores the credential the authority issues.
     Enroll(crate::authority::EnrollArgs),
     /// Check, test and explain Cedar access policies (offline; nothing is
     /// contacted).
@@ -95,16 +97,37 @@ pub enum Command {
 pub enum IdentityCommand {
     /// Create a new identity and print its identifier. Never overwrites.
     ///
-    /// Without --encrypt the secret key is stored unencrypted, protected only
-    /// by the file's mode (0600). Every role opens an encrypted identity with
-    /// POSTERN_PASSPHRASE (else a prompt on the terminal) or POSTERN_KEY_FILE.
+    /// At a terminal the secret key is encrypted with a passphrase (asked
+    /// twice, or POSTERN_PASSPHRASE) unless --encrypt says otherwise. Without
+    /// a terminal (scripts, services) it is stored unencrypted, protected
+    /// only by the file's mode (0600), unless --encrypt is given; the output
+    /// then says how to encrypt it (`postern identity encrypt`). Every role
+    /// opens an encrypted identity with POSTERN_PASSPHRASE (else a prompt on
+    /// the terminal) or POSTERN_KEY_FILE.
     Create {
         /// Name of the identity (stored as <home>/identities/<name>.key).
         #[arg(long, default_value = "default")]
         name: String,
-        /// Encrypt the secret key with a passphrase (POSTERN_PASSPHRASE, else
-        /// asked twice on the terminal) or with a key file (--key-file, else
-        /// POSTERN_KEY_FILE). [default: not encrypted]
+        /// How to protect the secret key: a passphrase (POSTERN_PASSPHRASE,
+        /// else asked twice on the terminal), a key file (--key-file, else
+        /// POSTERN_KEY_FILE), or none (explicitly unencrypted).
+        /// [default: passphrase at a terminal, otherwise none]
+        #[arg(long, value_name = "HOW")]
+        encrypt: Option<crate::keys::Encryption>,
+        /// Key file (mode 0600) for --encrypt key-file, which it implies.
+        /// [default: $POSTERN_KEY_FILE]
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
+    },
+    /// Encrypt the secret key of an existing, unencrypted identity, in place
+    /// (its identifier and credentials stay the same).
+    Encrypt {
+        /// Name of the identity, or a path to a key file.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// With a passphrase (POSTERN_PASSPHRASE, else asked twice on the
+        /// terminal) or a key file (--key-file, else POSTERN_KEY_FILE).
+        /// [default: passphrase]
         #[arg(long, value_name = "HOW")]
         encrypt: Option<crate::keys::Encryption>,
         /// Key file (mode 0600) for --encrypt key-file, which it implies.
@@ -163,10 +186,26 @@ pub struct RelayArgs {
     /// [default: none: the first node to register a name holds it]
     #[arg(long, value_name = "DIR")]
     pub policies: Option<PathBuf>,
+    /// With --policies, also decide "connect" for every tunnel request
+    /// before minting a token, so an identity the policies do not let reach
+    /// a service cannot make its outlet dial for it. The relay does not know
+    /// the service's attributes (only its outlet does): write these
+    /// policies on principal attributes. The outlet still decides too.
+    #[arg(long, requires = "policies")]
+    pub precheck_connect: bool,
     /// An authority whose credentials nodes present on their hop channels
-    /// (repeatable); their attributes reach the register policies.
-    #[arg(long, value_name = "P…")]
-    pub trust_authority: Vec<Identifier>,
+    /// (repeatable), as P… or P…@SERVICE: their attributes reach the
+    /// register policies; the authority registers its own name (SERVICE, or
+    /// its default authority-P…) without policies and feeds the relay its
+    /// revocations on its hop channel, which close the hop channels of
+    /// revoked nodes.
+    #[arg(long, value_name = "P…[@SERVICE]")]
+    pub trust_authority: Vec<TrustAnchor>,
+    /// Refuse registrations by nodes other than the trusted authorities once
+    /// an authority's revocations are older than this (it is not connected
+    /// to this relay, or never was since start). [default: 2m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_revocation_staleness: Option<Duration>,
     /// Append every registration decision to this hash-chained audit log,
     /// with checkpoints signed by the relay's identity (check it with
     /// `postern audit verify FILE --signer P…`). One process per file;
@@ -200,10 +239,32 @@ pub struct RelayLimitFlags {
     /// Most tunnels carried at once; further opens are refused. [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_tunnels: Option<usize>,
-    /// Most tunnels one node may be an end of at once (as inlet or outlet),
-    /// so that no single node takes the whole relay. [default: 1024]
+    /// Most tunnels one node may be an end of at once (spliced, as inlet or
+    /// outlet, plus those it asked for that are being set up), so that no
+    /// single node takes the whole relay. [default: 1024]
     #[arg(long, value_name = "N")]
     pub max_tunnels_per_node: Option<usize>,
+    /// Most connections of any kind (authenticating, hop channels, data
+    /// connections, tunnels) from one IPv4 address or IPv6 /64.
+    /// [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_source: Option<usize>,
+    /// Most tunnels one node may have asked for that are still being set
+    /// up; a token counts against the node that asked for it, never
+    /// against the outlet. [default: 128]
+    #[arg(long, value_name = "N")]
+    pub max_pending_opens_per_node: Option<usize>,
+    /// Most tunnels being set up that nodes from one address asked for.
+    /// [default: 256]
+    #[arg(long, value_name = "N")]
+    pub max_pending_opens_per_source: Option<usize>,
+    /// Tunnel opens per second one identity may make (bursts of as many).
+    /// [default: 5000]
+    #[arg(long, value_name = "N")]
+    pub opens_per_second_per_node: Option<u32>,
+    /// Most service names one hop channel may hold. [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_services_per_session: Option<usize>,
 }
 
 /// Failover, tunnel limits and lifecycle of an outlet or inlet.
@@ -285,10 +346,17 @@ pub struct RelayFlags {
 /// Credentials: which authorities to trust, which credential to present.
 #[derive(Debug, Args)]
 pub struct TrustFlags {
-    /// An authority whose credentials this node accepts (repeatable). With
-    /// none, credentials are not consulted and only identifiers count.
-    #[arg(long, value_name = "P…")]
-    pub trust_authority: Vec<Identifier>,
+    /// An authority whose credentials this node accepts (repeatable), and
+    /// whose revocations it follows through the relay: as P… (reached under
+    /// its default name, authority-P…) or P…@SERVICE. With none,
+    /// credentials are not consulted and only identifiers count.
+    #[arg(long, value_name = "P…[@SERVICE]")]
+    pub trust_authority: Vec<TrustAnchor>,
+    /// Refuse new tunnels once a trusted authority's revocations are older
+    /// than this (its feed down, or never received since start), saying
+    /// which authority; a warning comes at half of it. [default: 2m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_revocation_staleness: Option<Duration>,
     /// Credential to present in every handshake (written by `postern enroll`).
     /// [default: <home>/credentials/<identity>.cred, if it exists]
     #[arg(long, value_name = "FILE")]

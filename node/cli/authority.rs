@@ -9,21 +9,18 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
-use postern_identity::authority::{
-    Authority, AuthorityConfig, AuthorityError, AuthorityStore, EnrollmentRoute, IssuedRecord,
-    Member, MemberSource, OidcSession, RedbStore, StoreError, TicketRecord, TicketSpec,
-};
-use postern_identity::credential::{
-    format_timestamp, CredentialId, Kind, Revocation, RevocationEntry, RevocationTarget,
-    SignedCredential,
-};
+use postern_authority::admin::{self, AdminEndpoint, AdminReply, AdminRequest};
+use postern_authority::oidc::{OidcConfig, OidcVerifier};
+use postern_authority::service::AuthorityService;
+use postern_authority::{Authority, AuthorityConfig, RedbStore, NAME_ATTRIBUTE};
+use postern_identity::credential::{format_timestamp, Kind, RevocationTarget, SignedCredential};
 use postern_identity::handshake::LocalParty;
-use postern_identity::oidc::{OidcConfig, OidcVerifier};
-use postern_identity::ticket::{CodeHash, Ticket, DEFAULT_AUTHORITY_SERVICE};
+use postern_identity::secret_env::{SecretEnv, TICKET_VAR};
+use postern_identity::ticket::Ticket;
 use postern_identity::time::unix_now;
 use postern_identity::wire::ServiceName;
 use postern_identity::{AttrValue, Attributes, Identifier, Identity};
-use postern_node::authority::{self, AuthorityRoute, AuthorityService};
+use postern_node::authority::{self, AuthorityRoute};
 use postern_policies::audit::{AuditLog, AuditOptions};
 
 use crate::args::parse_duration;
@@ -33,13 +30,16 @@ use postern_node::{RelayEndpoint, Timeouts};
 #[derive(Debug, Subcommand)]
 pub enum AuthorityCommand {
     /// Run the authority: registers it as a service at a relay (no open
-    /// port) and serves enrollments, renewals and revocation feeds.
+    /// port) and serves enrollments, renewals and revocation feeds. It holds
+    /// its store open, and the admin commands below reach it through a local
+    /// admin endpoint beside the store (<store>.admin/socket).
     Run(RunArgs),
-    /// Issue a one-time enrollment ticket and print it. Give it to the new
-    /// machine, which runs `postern enroll <ticket>`.
+    /// Issue a one-time enrollment ticket and print it. Give it privately to
+    /// the new machine's user, who runs `postern enroll` and pastes it.
     Ticket(TicketArgs),
-    /// Revoke an identity (P…) or one credential (32 hex digits). Relays and
-    /// outlets following the authority close its tunnels within seconds.
+    /// Revoke an identity (P…) or one credential (32 hex digits). A running
+    /// authority sends it to every relay and outlet following it at once,
+    /// and they close its tunnels within seconds.
     Revoke {
         #[command(flatten)]
         store: StoreArgs,
@@ -48,7 +48,7 @@ pub enum AuthorityCommand {
         target: RevocationTarget,
         /// Also record the revocation in this audit log. A running
         /// `postern authority run --audit-log` records every revocation in
-        /// its own log within a second, so use this only while no authority
+        /// its own log as it is made, so use this only while no authority
         /// runs. The file a running process writes is locked, and this
         /// command refuses it before revoking (one process per audit log).
         #[arg(long, value_name = "FILE")]
@@ -109,7 +109,9 @@ pub enum MemberCommand {
     },
 }
 
-/// Where the authority keeps its state.
+/// Where the authority keeps its state. An admin command talks to the
+/// authority running on that store, if one runs, else opens the store
+/// itself.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The authority's database. [default: <home>/authority/<identity>.redb]
@@ -131,9 +133,13 @@ pub struct RunArgs {
     /// The relay's identifier (any other is refused).
     #[arg(long, value_name = "P…")]
     pub relay_identity: Identifier,
-    /// Service name to register under.
-    #[arg(long, default_value = DEFAULT_AUTHORITY_SERVICE, value_name = "NAME")]
-    pub service: ServiceName,
+    /// Service name to register under. [default: authority-<its identifier>,
+    /// a name relays keep for this authority alone]. With another name
+    /// (such as the older default, postern-authority), the authority also
+    /// registers its own, where nodes look for it to renew credentials and
+    /// follow revocations.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<ServiceName>,
     /// Let people enroll by logging in at your OpenID Connect provider
     /// (`postern enroll --oidc`): a TOML file with issuer_url, client_id,
     /// scopes, [claims] and the other settings the README lists (top level
@@ -180,9 +186,10 @@ pub struct TicketArgs {
     /// That relay's identifier.
     #[arg(long, value_name = "P…")]
     pub relay_identity: Identifier,
-    /// The authority's service name at the relay.
-    #[arg(long, default_value = DEFAULT_AUTHORITY_SERVICE, value_name = "NAME")]
-    pub service: ServiceName,
+    /// The authority's service name at the relay, carried in the ticket.
+    /// [default: authority-<its identifier>, as `authority run` registers]
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<ServiceName>,
     /// A note for the admin listing tickets later.
     #[arg(long)]
     pub note: Option<String>,
@@ -192,20 +199,31 @@ pub struct TicketArgs {
 const ENROLL_HELP: &str = "\
 Three ways to get a credential:
 
-  With a ticket from your admin (pstn-ticket:…, it names the relay and the authority):
-    postern enroll 'pstn-ticket:o2F2AWRjb2Rl…'
+  With a ticket from your admin (pstn-ticket:…, it names the relay and the authority). A ticket
+  is a secret: paste it when asked (it is not shown), or give it in a file or on standard input.
+  A ticket given as an argument is refused, since other users see arguments in `ps` and your
+  shell history keeps them:
+    postern enroll                                  (at a terminal: asks for the ticket)
+    postern enroll --ticket-file ticket.txt
+    pass show postern/ticket | postern enroll -
+    POSTERN_TICKET set by your automation: read once, then removed from the environment
 
   By logging in at your organisation's identity provider (OpenID Connect) in a browser.
   Postern listens on 127.0.0.1 for the provider's redirect and opens your browser (with
   --no-browser, or without a desktop, it prints the address to open on this machine):
     postern enroll --oidc --relay relay.example:4000 --relay-identity P3f2a… --authority P77c1…
 
-  On a machine without a browser (a server, a container), the device flow: open the printed
-  address on any device (your phone, your laptop) and type the printed code:
+  On a machine without a browser (a server, a container), the device flow, if the authority
+  allows it: open the printed address on any device (your phone, your laptop) and type the
+  printed code. Enter a code only for an enrollment you started yourself: whoever enters it
+  gives the printed identity their access.
     postern enroll --oidc --device --relay relay.example:4000 --relay-identity P3f2a… \\
         --authority P77c1…
 
-The identity (--identity, default \"default\") is created if it does not exist, and the
+The identity (--identity, default \"default\") is created if it does not exist. At a terminal its
+secret key is encrypted with a passphrase you choose (asked twice, or POSTERN_PASSPHRASE);
+--encrypt key-file or --encrypt none choose otherwise. Without a terminal it is stored
+unencrypted unless --encrypt is given (`postern identity encrypt` encrypts it later). The
 credential is stored at <home>/credentials/<identity>.cred, where inlets and outlets find it.
 The authority, not this machine, verifies the provider's ID token and keeps the provider's
 refresh token, so the credential can be renewed without a browser for as long as the provider
@@ -216,14 +234,21 @@ still accepts you:
 #[derive(Debug, Args)]
 #[command(after_help = ENROLL_HELP)]
 pub struct EnrollArgs {
-    /// The ticket printed by `postern authority ticket` (pstn-ticket:…).
-    /// Not with --oidc or --renew.
+    /// `-`: read the ticket from standard input (one line). A ticket given
+    /// here is refused (see below); without a ticket source, postern asks
+    /// for it on the terminal.
     #[arg(
-        value_name = "TICKET",
-        required_unless_present_any = ["oidc", "renew"],
-        conflicts_with_all = ["oidc", "renew"]
+        value_name = "-",
+        conflicts_with_all = ["oidc", "renew", "ticket_file", "ticket_stdin"]
     )]
     pub ticket: Option<String>,
+    /// Read the ticket (pstn-ticket:…) from this file; keep it private
+    /// (mode 0600) and delete it once enrolled.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["oidc", "renew", "ticket_stdin"])]
+    pub ticket_file: Option<PathBuf>,
+    /// Read the ticket from standard input (the same as `-`).
+    #[arg(long, conflicts_with_all = ["oidc", "renew"])]
+    pub ticket_stdin: bool,
     /// Identity to enroll (created if it does not exist yet). [default: default]
     #[arg(
         long,
@@ -232,12 +257,22 @@ pub struct EnrollArgs {
         value_name = "NAME|PATH"
     )]
     pub identity: String,
+    /// If the identity is created now: how to protect its secret key
+    /// (passphrase, key-file or none; see `postern identity create`).
+    /// [default: passphrase at a terminal, otherwise none]
+    #[arg(long, value_name = "HOW", conflicts_with = "renew")]
+    pub encrypt: Option<crate::keys::Encryption>,
+    /// Key file for --encrypt key-file, or that opens an identity encrypted
+    /// with a key. [default: $POSTERN_KEY_FILE]
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
     /// Log in at the authority's OpenID Connect identity provider instead of
     /// using a ticket (needs --relay, --relay-identity and --authority).
     #[arg(long, requires_all = ["relay", "relay_identity", "authority"])]
     pub oidc: bool,
-    /// With --oidc: the device flow, for a machine without a browser. Prints
-    /// an address and a code to enter on any other device.
+    /// With --oidc: the device flow, for a machine without a browser (if the
+    /// authority allows it). Prints the identity being enrolled, an address
+    /// and a code to enter on any other device.
     #[arg(long, requires = "oidc")]
     pub device: bool,
     /// With --oidc: print the login address instead of opening a browser.
@@ -262,9 +297,10 @@ pub struct EnrollArgs {
     /// With --oidc or --renew: the authority's identifier (ask its admin).
     #[arg(long, value_name = "P…")]
     pub authority: Option<Identifier>,
-    /// The authority's service name at the relay.
-    #[arg(long, default_value = DEFAULT_AUTHORITY_SERVICE, value_name = "NAME")]
-    pub authority_service: ServiceName,
+    /// With --oidc or --renew: the authority's service name at the relay.
+    /// [default: authority-<the authority's identifier>]
+    #[arg(long, value_name = "NAME")]
+    pub authority_service: Option<ServiceName>,
 }
 
 /// Parses repeated `NAME=VALUE` into attributes; a repeated name makes a list.
@@ -301,113 +337,135 @@ fn store_path(home: &Path, args: &StoreArgs) -> PathBuf {
     })
 }
 
-/// The authority's database, opened for each operation so that admin
-/// commands work while `postern authority run` serves (redb allows one
-/// process at a time; a busy database is retried for a few seconds).
-#[derive(Debug)]
-struct SharedStore {
-    path: PathBuf,
-}
-
-impl SharedStore {
-    fn with<T, E: From<StoreError>>(
-        &self,
-        op: impl Fn(&RedbStore) -> Result<T, E>,
-    ) -> Result<T, E> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match RedbStore::open(&self.path) {
-                Ok(store) => return op(&store),
-                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl AuthorityStore for SharedStore {
-    fn member(&self, id: &Identifier) -> Result<Option<Member>, StoreError> {
-        self.with(|s| s.member(id))
-    }
-    fn members(&self) -> Result<Vec<Member>, StoreError> {
-        self.with(|s| s.members())
-    }
-    fn put_member(&self, member: &Member) -> Result<(), StoreError> {
-        self.with(|s| s.put_member(member))
-    }
-    fn remove_member(&self, id: &Identifier) -> Result<bool, StoreError> {
-        self.with(|s| s.remove_member(id))
-    }
-    fn insert_ticket(&self, ticket: &TicketRecord) -> Result<(), StoreError> {
-        self.with(|s| s.insert_ticket(ticket))
-    }
-    fn tickets(&self) -> Result<Vec<TicketRecord>, StoreError> {
-        self.with(|s| s.tickets())
-    }
-    fn remove_ticket(&self, hash: &CodeHash) -> Result<bool, StoreError> {
-        self.with(|s| s.remove_ticket(hash))
-    }
-    fn redeem_ticket(
-        &self,
-        hash: &CodeHash,
-        subject: Identifier,
-        now: u64,
-    ) -> Result<Member, AuthorityError> {
-        self.with(|s| s.redeem_ticket(hash, subject, now))
-    }
-    fn record_issued(&self, record: &IssuedRecord) -> Result<(), StoreError> {
-        self.with(|s| s.record_issued(record))
-    }
-    fn issued_credential(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError> {
-        self.with(|s| s.issued_credential(id))
-    }
-    fn issued(&self, subject: Option<&Identifier>) -> Result<Vec<IssuedRecord>, StoreError> {
-        self.with(|s| s.issued(subject))
-    }
-    fn revoke(&self, revocation: Revocation) -> Result<RevocationEntry, StoreError> {
-        self.with(|s| s.revoke(revocation))
-    }
-    fn revocation(&self, target: &RevocationTarget) -> Result<Option<Revocation>, StoreError> {
-        self.with(|s| s.revocation(target))
-    }
-    fn revocations_since(&self, after_seq: u64) -> Result<Vec<RevocationEntry>, StoreError> {
-        self.with(|s| s.revocations_since(after_seq))
-    }
-    fn prune_expired(&self, before: u64) -> Result<usize, StoreError> {
-        self.with(|s| s.prune_expired(before))
-    }
-    fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError> {
-        self.with(|s| s.oidc_session(id))
-    }
-    fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError> {
-        self.with(|s| s.put_oidc_session(session))
-    }
-    fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError> {
-        self.with(|s| s.remove_oidc_session(id))
-    }
-}
-
-fn open_authority(home: &Path, args: &StoreArgs, identity: Identity) -> Result<Authority> {
-    open_authority_with(home, args, identity, AuthorityConfig::default())
-}
-
-/// [`open_authority`] with credential lifetimes other than the defaults.
-fn open_authority_with(
+/// Carries out an admin command: through the running authority's admin
+/// endpoint when it runs, else on its store.
+async fn admin_request(
     home: &Path,
-    args: &StoreArgs,
-    identity: Identity,
-    config: AuthorityConfig,
-) -> Result<Authority> {
-    let path = store_path(home, args);
+    store: &StoreArgs,
+    identity: &Identity,
+    request: AdminRequest,
+) -> Result<AdminReply> {
+    let path = store_path(home, store);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let store = SharedStore { path };
-    // Create the database now so that errors show up here, not at the first request.
-    store.with(|_| Ok::<(), StoreError>(()))?;
-    Ok(Authority::new(identity, Box::new(store), config)?)
+    match admin::request(&path, identity, request).await? {
+        AdminReply::Failed { message } => Err(anyhow!(message)),
+        reply => Ok(reply),
+    }
+}
+
+/// An admin reply of another kind than the command asked for.
+fn unexpected(reply: &AdminReply) -> anyhow::Error {
+    anyhow!("the authority answered something unexpected: {reply:?}")
+}
+
+/// `postern authority run`.
+async fn run_authority(
+    home: &Path,
+    args: RunArgs,
+    identity: Identity,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let mut config = AuthorityConfig::default();
+    if let Some(life) = args.person_lifetime {
+        config.person_lifetime = life;
+    }
+    if let Some(life) = args.service_lifetime {
+        config.service_lifetime = life;
+    }
+    config
+        .validate()
+        .context("--person-lifetime / --service-lifetime")?;
+    let path = store_path(home, &args.store);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // The store stays open for as long as the authority runs; admin
+    // commands reach it through the admin endpoint.
+    let (signing, store_at) = (identity.clone(), path.clone());
+    let authority = tokio::task::spawn_blocking(move || {
+        let store = RedbStore::open(&store_at)?;
+        Authority::new(signing, Box::new(store), config)
+    })
+    .await??;
+    let authority = Arc::new(authority);
+    let endpoint = AdminEndpoint::bind(&path)?;
+    let local = Arc::new(LocalParty::new(identity)?);
+    let audit = match &args.audit_log {
+        Some(path) => Some(Arc::new(open_audit(path, local.identity().clone())?)),
+        None => None,
+    };
+    let mut service = AuthorityService::new(Arc::clone(&authority));
+    if let Some(log) = &audit {
+        service = service.with_audit(Arc::clone(log));
+    }
+    crate::reopen_on_hangup(audit.iter().cloned().collect())?;
+    let oidc = match &args.oidc_config {
+        Some(path) => {
+            let config = read_oidc_config(path)?;
+            let verifier = OidcVerifier::discover(config)
+                .await
+                .with_context(|| format!("--oidc-config {}", path.display()))?;
+            Some(Arc::new(verifier))
+        }
+        None => None,
+    };
+    let name = args
+        .service
+        .unwrap_or_else(|| ServiceName::of_authority(&authority.identifier()));
+    eprintln!(
+        "authority {} serving \"{name}\" at relay {}",
+        authority.identifier(),
+        args.relay
+    );
+    eprintln!(
+        "admin commands (postern authority ticket, revoke, member, list) reach it at {}",
+        endpoint.path().display()
+    );
+    if let Some(verifier) = oidc {
+        let config = verifier.config();
+        let device = match (verifier.supports_device_flow(), config.allow_device_flow()) {
+            (false, _) => "not offered by the provider",
+            (true, false) => "not allowed (allow_device_flow = false)",
+            (true, true) => "allowed",
+        };
+        eprintln!(
+            "OpenID Connect login (postern enroll --oidc) at {} as client {:?} ({}); device flow (--device) {device}",
+            verifier.issuer(),
+            config.client_id(),
+            if config.is_confidential() { "with a client secret" } else { "public client with PKCE" },
+        );
+        if let Some(why) = config.open_to_everyone() {
+            eprintln!("WARNING: {why}");
+        }
+        service = service.with_oidc(verifier);
+    }
+    if let Some(path) = &args.audit_log {
+        eprintln!(
+            "auditing enrollments, credentials and revocations to {}",
+            path.display()
+        );
+    }
+    let admin = tokio::spawn(endpoint.serve(
+        Arc::clone(&local),
+        Arc::clone(&authority),
+        stop.child_token(),
+    ));
+    let relay = RelayEndpoint::new(args.relay, args.relay_identity);
+    postern_authority::service::serve(
+        local,
+        service,
+        relay,
+        name,
+        Timeouts::default(),
+        stop.clone(),
+    )
+    .await;
+    stop.cancel();
+    let _ = admin.await;
+    crate::close_audit(audit).await;
+    Ok(())
 }
 
 /// Opens the authority's audit log, its checkpoints signed by the
@@ -427,101 +485,37 @@ pub async fn run(
     match command {
         AuthorityCommand::Run(args) => {
             let identity = load_identity(&args.store.identity)?;
-            let serving = load_identity(&args.store.identity)?;
-            let mut config = AuthorityConfig::default();
-            if let Some(life) = args.person_lifetime {
-                config.person_lifetime = life;
-            }
-            if let Some(life) = args.service_lifetime {
-                config.service_lifetime = life;
-            }
-            config
-                .validate()
-                .context("--person-lifetime / --service-lifetime")?;
-            let audit = match &args.audit_log {
-                Some(path) => Some(Arc::new(open_audit(path, identity.clone())?)),
-                None => None,
-            };
-            let authority = Arc::new(open_authority_with(home, &args.store, identity, config)?);
-            let local = Arc::new(LocalParty::new(serving)?);
-            let mut service = AuthorityService::new(Arc::clone(&authority));
-            if let Some(log) = &audit {
-                service = service.with_audit(Arc::clone(log));
-            }
-            crate::reopen_on_hangup(audit.iter().cloned().collect())?;
-            let oidc = match &args.oidc_config {
-                Some(path) => {
-                    let config = read_oidc_config(path)?;
-                    let verifier = OidcVerifier::discover(config)
-                        .await
-                        .with_context(|| format!("--oidc-config {}", path.display()))?;
-                    Some(Arc::new(verifier))
-                }
-                None => None,
-            };
-            eprintln!(
-                "authority {} serving \"{}\" at relay {}",
-                authority.identifier(),
-                args.service,
-                args.relay
-            );
-            if let Some(verifier) = oidc {
-                let config = verifier.config();
-                eprintln!(
-                    "OpenID Connect login (postern enroll --oidc) at {} as client {:?} ({}); device flow (--device) {}",
-                    verifier.issuer(),
-                    config.client_id(),
-                    if config.is_confidential() { "with a client secret" } else { "public client with PKCE" },
-                    if verifier.supports_device_flow() { "available" } else { "not offered by the provider" },
-                );
-                service = service.with_oidc(verifier);
-            }
-            if let Some(path) = &args.audit_log {
-                eprintln!(
-                    "auditing enrollments, credentials and revocations to {}",
-                    path.display()
-                );
-            }
-            let relay = RelayEndpoint::new(args.relay, args.relay_identity);
-            authority::serve(
-                local,
-                service,
-                relay,
-                args.service,
-                Timeouts::default(),
-                stop()?,
-            )
-            .await;
-            crate::close_audit(audit).await;
-            Ok(())
+            run_authority(home, args, identity, stop()?).await
         }
         AuthorityCommand::Ticket(args) => {
             let identity = load_identity(&args.store.identity)?;
-            let authority = open_authority(home, &args.store, identity)?;
-            let spec = TicketSpec {
+            let service = args
+                .service
+                .unwrap_or_else(|| ServiceName::of_authority(&identity.identifier()));
+            let request = AdminRequest::CreateTicket {
                 kind: if args.service_member {
                     Kind::Service
                 } else {
                     Kind::Person
                 },
                 attributes: parse_attributes(&args.attrs)?,
-                ttl: args.ttl,
+                ttl_secs: args.ttl.as_secs(),
                 uses: args.uses,
                 note: args.note,
-            };
-            let route = EnrollmentRoute {
                 relay_addr: args.relay,
                 relay: args.relay_identity,
-                authority_service: args.service,
+                service,
             };
-            let (ticket, record) = authority.create_ticket(&spec, &route, unix_now())?;
-            let token = ticket.to_token()?;
-            println!("{}", token.as_str());
+            let reply = admin_request(home, &args.store, &identity, request).await?;
+            let AdminReply::Ticket { token, record } = reply else {
+                return Err(unexpected(&reply));
+            };
+            println!("{}", token.expose());
             eprintln!(
-                "ticket {} for {} use(s), valid for {:?}; enroll with: postern enroll <ticket>",
+                "ticket {} for {} use(s), valid for {:?}; enroll with `postern enroll` (paste it when asked) or `postern enroll --ticket-file FILE`",
                 record.code_hash.short(),
-                spec.uses,
-                spec.ttl
+                record.uses_total,
+                args.ttl
             );
             Ok(())
         }
@@ -535,9 +529,16 @@ pub async fn run(
                 Some(path) => Some(open_audit(path, identity.clone())?),
                 None => None,
             };
-            let authority = open_authority(home, &store, identity)?;
-            let already = authority.store().revocation(&target)?.is_some();
-            let entry = authority.revoke(target, unix_now())?;
+            let reply =
+                admin_request(home, &store, &identity, AdminRequest::Revoke { target }).await?;
+            let AdminReply::Revoked {
+                entry,
+                already,
+                subject,
+            } = reply
+            else {
+                return Err(unexpected(&reply));
+            };
             if already {
                 println!(
                     "{} was already revoked (revocation #{})",
@@ -554,9 +555,14 @@ pub async fn run(
                     "revoked with `postern authority revoke` (revocation #{})",
                     entry.seq
                 );
-                log.record(&authority::revoke_event(&authority, &entry, reason))
-                    .and_then(|()| log.close())
-                    .context("the revocation is in force, but the audit record failed")?;
+                log.record(&postern_authority::service::revocation_event(
+                    identity.identifier(),
+                    &entry,
+                    subject,
+                    reason,
+                ))
+                .and_then(|()| log.close())
+                .context("the revocation is in force, but the audit record failed")?;
             }
             Ok(())
         }
@@ -571,19 +577,20 @@ pub async fn run(
         } => {
             let attributes = parse_attributes(&attrs)?;
             let identity = load_identity(&store.identity)?;
-            let authority = open_authority(home, &store, identity)?;
             let kind = if service_member {
                 Kind::Service
             } else {
                 Kind::Person
             };
-            let member = authority.add_member(
+            let request = AdminRequest::AddMember {
                 identifier,
                 kind,
                 attributes,
-                MemberSource::Admin,
-                unix_now(),
-            )?;
+            };
+            let reply = admin_request(home, &store, &identity, request).await?;
+            let AdminReply::Member { member } = reply else {
+                return Err(unexpected(&reply));
+            };
             println!(
                 "member {} ({:?}): {}; it gets its credential with `postern enroll --renew`",
                 member.identifier,
@@ -596,33 +603,47 @@ pub async fn run(
             command: MemberCommand::Remove { store, identifier },
         } => {
             let identity = load_identity(&store.identity)?;
-            let authority = open_authority(home, &store, identity)?;
-            if authority.remove_member(&identifier)? {
-                println!("removed member {identifier}: no new credentials; revoke it to end the current one at once");
-                Ok(())
-            } else {
-                Err(anyhow!(
+            let request = AdminRequest::RemoveMember { identifier };
+            match admin_request(home, &store, &identity, request).await? {
+                AdminReply::MemberRemoved { existed: true } => {
+                    println!("removed member {identifier}: no new credentials; revoke it to end the current one at once");
+                    Ok(())
+                }
+                AdminReply::MemberRemoved { existed: false } => Err(anyhow!(
                     "{identifier} is not a member of this authority (see `postern authority list`)"
-                ))
+                )),
+                other => Err(unexpected(&other)),
             }
         }
         AuthorityCommand::TicketRemove { store, id } => {
             let identity = load_identity(&store.identity)?;
-            let authority = open_authority(home, &store, identity)?;
-            let removed = authority.remove_ticket(&id)?;
+            let request = AdminRequest::RemoveTicket { selector: id };
+            let reply = admin_request(home, &store, &identity, request).await?;
+            let AdminReply::TicketRemoved { record } = reply else {
+                return Err(unexpected(&reply));
+            };
             println!(
                 "removed ticket {} ({} use(s) left); it can no longer enroll anyone",
-                removed.code_hash.short(),
-                removed.uses_left
+                record.code_hash.short(),
+                record.uses_left
             );
             Ok(())
         }
         AuthorityCommand::List { store } => {
             let identity = load_identity(&store.identity)?;
-            let authority = open_authority(home, &store, identity)?;
-            println!("authority {}", authority.identifier());
+            let reply = admin_request(home, &store, &identity, AdminRequest::List).await?;
+            let AdminReply::Listing {
+                authority,
+                members,
+                tickets,
+                revocations,
+            } = reply
+            else {
+                return Err(unexpected(&reply));
+            };
+            println!("authority {authority}");
             println!("members:");
-            for m in authority.members()? {
+            for m in members {
                 println!(
                     "  {} {:?} {} (via {})",
                     m.identifier,
@@ -632,16 +653,16 @@ pub async fn run(
                 );
             }
             println!("tickets:");
-            for t in authority.tickets()? {
+            for t in tickets {
                 println!(
                     "  {} uses left {} expires {}",
                     t.code_hash.short(),
                     t.uses_left,
-                    t.expires_at
+                    format_timestamp(t.expires_at)
                 );
             }
             println!("revocations:");
-            for r in authority.revocations_since(0)? {
+            for r in revocations {
                 println!("  #{} {}", r.seq, r.revocation);
             }
             Ok(())
@@ -710,19 +731,25 @@ fn format_attributes(attributes: &Attributes) -> String {
         .join(", ")
 }
 
-/// The identity to enroll: loaded, or created when it does not exist.
-fn identity_for_enrollment(home: &Path, name: &str) -> Result<Identity> {
+/// The identity to enroll: loaded, or created (protected as `--encrypt`
+/// and the terminal decide, see `keys`) when it does not exist.
+fn identity_for_enrollment(
+    home: &Path,
+    args: &EnrollArgs,
+    secrets: &SecretEnv,
+) -> Result<Identity> {
+    let name = &args.identity;
     let key_path = postern_identity::keyfile::resolve(home, name)?;
-    if key_path.exists() {
-        return Ok(crate::keys::load(home, name, None)?.0);
+    if key_path.symlink_metadata().is_ok() {
+        if args.encrypt.is_some() {
+            eprintln!(
+                "note: identity {name:?} exists already, so --encrypt does not apply (it is for \
+                 a new identity; `postern identity encrypt` encrypts an existing one)"
+            );
+        }
+        return Ok(crate::keys::load(home, name, args.key_file.as_deref(), secrets)?.0);
     }
-    let identity = postern_identity::keyfile::create(&key_path)?;
-    eprintln!(
-        "created identity {} at {}",
-        identity.identifier(),
-        key_path.display()
-    );
-    Ok(identity)
+    crate::keys::create(home, name, args.encrypt, args.key_file.as_deref(), secrets)
 }
 
 /// Stores a new credential where inlets and outlets look for it, and says
@@ -749,22 +776,34 @@ fn store_and_report(
 
 /// Runs `postern enroll`: with a ticket, by an OpenID Connect login
 /// (`--oidc`), or renews (`--renew`); stores the credential.
-pub async fn enroll(home: &Path, args: EnrollArgs) -> Result<()> {
+pub async fn enroll(home: &Path, args: EnrollArgs, secrets: &SecretEnv) -> Result<()> {
+    if (args.renew || args.oidc) && secrets.is_set(TICKET_VAR) {
+        eprintln!(
+            "note: {TICKET_VAR} is set but not used with --{}",
+            if args.renew { "renew" } else { "oidc" }
+        );
+    }
     if args.renew {
-        return renew(home, args).await;
+        return renew(home, args, secrets).await;
     }
     if args.oidc {
-        return enroll_oidc(home, args).await;
+        return enroll_oidc(home, args, secrets).await;
     }
-    let text = args
-        .ticket
-        .as_deref()
-        .ok_or_else(|| anyhow!("give the ticket from your admin, or use --oidc"))?;
-    let ticket = Ticket::parse(text)?;
+    let ticket = {
+        let text = crate::ticket_source::read(
+            crate::ticket_source::TicketSources {
+                positional: args.ticket.as_deref(),
+                file: args.ticket_file.as_deref(),
+                stdin: args.ticket_stdin,
+            },
+            secrets,
+        )?;
+        Ticket::parse(&text)?
+    };
     ticket
         .check_not_expired(unix_now())
         .context("ask the authority's admin for a new ticket")?;
-    let identity = identity_for_enrollment(home, &args.identity)?;
+    let identity = identity_for_enrollment(home, &args, secrets)?;
     let subject = identity.identifier();
     let local = Arc::new(LocalParty::new(identity)?);
     let credential = authority::enroll(&local, &ticket, &Timeouts::default()).await?;
@@ -774,9 +813,11 @@ pub async fn enroll(home: &Path, args: EnrollArgs) -> Result<()> {
         &credential,
         &format!("enrolled {subject} with authority {}", ticket.authority),
     )?;
+    let anchor =
+        postern_node::TrustAnchor::with_service(ticket.authority, ticket.authority_service.clone());
     println!(
-        "use it with: --relay {} --relay-identity {} --trust-authority {}",
-        ticket.relay_addr, ticket.relay, ticket.authority
+        "use it with: --relay {} --relay-identity {} --trust-authority {anchor}",
+        ticket.relay_addr, ticket.relay
     );
     Ok(())
 }
@@ -792,7 +833,10 @@ fn route_from(args: &EnrollArgs, authority: Option<Identifier>) -> Result<Author
     Ok(AuthorityRoute {
         relay: RelayEndpoint::new(relay.clone(), relay_identity),
         authority,
-        service: args.authority_service.clone(),
+        service: args
+            .authority_service
+            .clone()
+            .unwrap_or_else(|| ServiceName::of_authority(&authority)),
     })
 }
 
@@ -805,9 +849,9 @@ fn browser_available() -> bool {
 }
 
 /// `postern enroll --oidc [--device]`.
-async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
+async fn enroll_oidc(home: &Path, args: EnrollArgs, secrets: &SecretEnv) -> Result<()> {
     let route = route_from(&args, None)?;
-    let identity = identity_for_enrollment(home, &args.identity)?;
+    let identity = identity_for_enrollment(home, &args, secrets)?;
     let subject = identity.identifier();
     let local = Arc::new(LocalParty::new(identity)?);
     let timeouts = Timeouts::default();
@@ -817,17 +861,17 @@ async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
         if args.device { " (device flow)" } else { "" }
     );
     let credential = if args.device {
-        authority::enroll_oidc_device(&local, &route, &timeouts, |prompt| {
-            postern_identity::oidc::show_device_prompt(prompt)
+        postern_authority::client::enroll_oidc_device(&local, &route, &timeouts, |prompt| {
+            postern_authority::oidc::show_device_prompt(prompt)
         })
         .await
     } else {
         let open_browser = !args.no_browser && browser_available();
         let timeout = args
             .login_timeout
-            .unwrap_or(postern_identity::oidc::LOGIN_PAGE_TIMEOUT);
-        authority::enroll_oidc_browser(&local, &route, &timeouts, timeout, |url| {
-            postern_identity::oidc::show_login_url(url, open_browser);
+            .unwrap_or(postern_authority::oidc::LOGIN_PAGE_TIMEOUT);
+        postern_authority::client::enroll_oidc_browser(&local, &route, &timeouts, timeout, |url| {
+            postern_authority::oidc::show_login_url(url, open_browser);
             eprintln!(
                 "Waiting up to {} for the login…",
                 postern_identity::credential::format_duration(timeout.as_secs())
@@ -839,14 +883,9 @@ async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
     let name = credential
         .inspect_unverified()
         .ok()
-        .and_then(|b| {
-            match b
-                .attributes
-                .get(postern_identity::authority::NAME_ATTRIBUTE)
-            {
-                Some(AttrValue::One(name)) => Some(name.clone()),
-                _ => None,
-            }
+        .and_then(|b| match b.attributes.get(NAME_ATTRIBUTE) {
+            Some(AttrValue::One(name)) => Some(name.clone()),
+            _ => None,
         })
         .unwrap_or_else(|| "(no name)".into());
     store_and_report(
@@ -870,8 +909,8 @@ async fn enroll_oidc(home: &Path, args: EnrollArgs) -> Result<()> {
 }
 
 /// `postern enroll --renew`.
-async fn renew(home: &Path, args: EnrollArgs) -> Result<()> {
-    let (identity, _) = crate::keys::load(home, &args.identity, None)?;
+async fn renew(home: &Path, args: EnrollArgs, secrets: &SecretEnv) -> Result<()> {
+    let (identity, _) = crate::keys::load(home, &args.identity, args.key_file.as_deref(), secrets)?;
     let subject = identity.identifier();
     let path = crate::config::credential_path(home, &args.identity);
     // The authority defaults to the issuer of the credential held now.

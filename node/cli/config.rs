@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use postern_identity::credential::SignedCredential;
 use postern_identity::wire::ServiceName;
 use postern_identity::{Identifier, Identity};
-use postern_node::{AttributeRule, InletConfig, OutletConfig, RelayEndpoint, Trust};
+use postern_node::{AttributeRule, InletConfig, OutletConfig, RelayEndpoint, Trust, TrustAnchor};
 use postern_policies::audit::{AuditLog, AuditOptions};
 use postern_policies::{AllowList, LivePolicies, PolicyError};
 use postern_relay::RelayConfig;
@@ -37,9 +37,17 @@ pub struct RelayFile {
     max_pending_per_source: Option<usize>,
     max_tunnels: Option<usize>,
     max_tunnels_per_node: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    max_pending_opens_per_node: Option<usize>,
+    max_pending_opens_per_source: Option<usize>,
+    opens_per_second_per_node: Option<u32>,
+    max_services_per_session: Option<usize>,
     policies: Option<PathBuf>,
     #[serde(default)]
-    trust_authorities: Vec<Identifier>,
+    precheck_connect: bool,
+    #[serde(default)]
+    trust_authorities: Vec<String>,
+    max_revocation_staleness: Option<String>,
     audit_log: Option<PathBuf>,
     audit_fail_closed: Option<bool>,
 }
@@ -63,7 +71,8 @@ pub struct OutletFile {
     audit_log: Option<PathBuf>,
     audit_fail_closed: Option<bool>,
     #[serde(default)]
-    trust_authorities: Vec<Identifier>,
+    trust_authorities: Vec<String>,
+    max_revocation_staleness: Option<String>,
     credential: Option<PathBuf>,
     #[serde(default)]
     fallback_relays: Vec<String>,
@@ -87,7 +96,8 @@ pub struct InletFile {
     #[serde(default)]
     require_outlet_attributes: Vec<String>,
     #[serde(default)]
-    trust_authorities: Vec<Identifier>,
+    trust_authorities: Vec<String>,
+    max_revocation_staleness: Option<String>,
     credential: Option<PathBuf>,
     #[serde(default)]
     fallback_relays: Vec<String>,
@@ -307,6 +317,34 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
             limits.max_tunnels_per_node.or(file.max_tunnels_per_node),
             "max_tunnels_per_node",
         ),
+        (
+            &mut relay.max_connections_per_source,
+            limits
+                .max_connections_per_source
+                .or(file.max_connections_per_source),
+            "max_connections_per_source",
+        ),
+        (
+            &mut relay.max_pending_opens_per_node,
+            limits
+                .max_pending_opens_per_node
+                .or(file.max_pending_opens_per_node),
+            "max_pending_opens_per_node",
+        ),
+        (
+            &mut relay.max_pending_opens_per_source,
+            limits
+                .max_pending_opens_per_source
+                .or(file.max_pending_opens_per_source),
+            "max_pending_opens_per_source",
+        ),
+        (
+            &mut relay.max_services_per_session,
+            limits
+                .max_services_per_session
+                .or(file.max_services_per_session),
+            "max_services_per_session",
+        ),
     ];
     for (field, value, key) in counts {
         match value {
@@ -315,17 +353,36 @@ pub fn relay(args: RelayArgs) -> Result<Relay> {
             None => {}
         }
     }
+    match limits
+        .opens_per_second_per_node
+        .or(file.opens_per_second_per_node)
+    {
+        Some(0) => return Err(anyhow!("`opens_per_second_per_node` must be at least 1")),
+        Some(rate) => {
+            relay.opens_per_second_per_node = rate;
+            relay.open_burst_per_node = rate;
+        }
+        None => {}
+    }
     if relay.handshake_timeout.is_zero() {
         return Err(anyhow!("`handshake_timeout` must be longer than zero"));
     }
-    relay.authorities = if args.trust_authority.is_empty() {
-        file.trust_authorities
-    } else {
-        args.trust_authority
+    let anchors = anchors(args.trust_authority, file.trust_authorities)?;
+    relay.authorities = anchors.iter().map(|a| a.authority).collect();
+    relay.authority_services = anchors
+        .into_iter()
+        .map(|a| (a.authority, a.service))
+        .collect();
+    if let Some(bound) = staleness(args.max_revocation_staleness, file.max_revocation_staleness)? {
+        relay.max_revocation_staleness = bound;
     }
-    .into_iter()
-    .collect();
     relay.policies = load_policies(args.policies.or(file.policies), "relay")?;
+    relay.precheck_connect = args.precheck_connect || file.precheck_connect;
+    if relay.precheck_connect && relay.policies.is_none() {
+        return Err(anyhow!(
+            "`precheck_connect` needs policies to decide with: add --policies DIR (or `policies` in the file)"
+        ));
+    }
     let audit = AuditSettings::resolve(
         args.audit_log.or(file.audit_log),
         args.audit_fail_closed,
@@ -349,19 +406,40 @@ pub fn credential_path(home: &Path, name: &str) -> PathBuf {
 /// Trusted authorities and the credential to present (and the file it came
 /// from, where renewals are saved): flags win over the file; the credential
 /// defaults to the one `postern enroll` stored.
+/// The trust anchors from the flags, else from the file's
+/// `trust_authorities` (`P…` or `P…@SERVICE`).
+fn anchors(flags: Vec<TrustAnchor>, file: Vec<String>) -> Result<Vec<TrustAnchor>> {
+    if !flags.is_empty() {
+        return Ok(flags);
+    }
+    file.iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|e: String| anyhow!("config key `trust_authorities`: {e}"))
+        })
+        .collect()
+}
+
+/// `max_revocation_staleness` from the flag, else from the file.
+fn staleness(flag: Option<Duration>, file: Option<String>) -> Result<Option<Duration>> {
+    match flag {
+        Some(bound) => Ok(Some(bound)),
+        None => file_duration("max_revocation_staleness", file),
+    }
+}
+
 fn trust(
     home: &Path,
     flags: &TrustFlags,
-    file_authorities: Vec<Identifier>,
+    file_authorities: Vec<String>,
+    file_staleness: Option<String>,
     file_credential: Option<PathBuf>,
     identity: &str,
 ) -> Result<(Trust, Option<PathBuf>)> {
-    let authorities = if flags.trust_authority.is_empty() {
-        file_authorities
-    } else {
-        flags.trust_authority.clone()
-    };
-    let mut trust = Trust::new(authorities.into_iter().collect());
+    let mut trust = Trust::with_anchors(anchors(flags.trust_authority.clone(), file_authorities)?);
+    if let Some(bound) = staleness(flags.max_revocation_staleness, file_staleness)? {
+        trust = trust.with_max_staleness(bound);
+    }
     let (path, explicit) = match flags.credential.clone().or(file_credential) {
         Some(path) => (path, true),
         None => (credential_path(home, identity), false),
@@ -457,8 +535,6 @@ pub struct Outlet {
     /// Its `audit` is still `None`: `main` opens the log once the identity
     /// (the checkpoint signer) is loaded ([`AuditSettings::open`]).
     pub outlet: OutletConfig,
-    /// Where the credential came from (renewals are saved there).
-    pub credential_file: Option<PathBuf>,
     pub audit: Option<AuditSettings>,
 }
 
@@ -492,6 +568,7 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
         home,
         &args.trust,
         file.trust_authorities,
+        file.max_revocation_staleness,
         file.credential,
         &identity,
     )?;
@@ -510,6 +587,7 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
     life.apply_timeouts(&mut outlet.timeouts);
     outlet.allow_attributes = allow_attributes;
     outlet.trust = Arc::new(trust);
+    outlet.credential_file = credential_file;
     outlet.policies = load_policies(args.policies.or(file.policies), "outlet")?;
     if outlet.policies.is_some() && !(outlet.allow.is_empty() && outlet.allow_attributes.is_empty())
     {
@@ -526,7 +604,6 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
     Ok(Outlet {
         identity,
         outlet,
-        credential_file,
         audit,
     })
 }
@@ -534,8 +611,6 @@ pub fn outlet(home: &Path, args: OutletArgs) -> Result<Outlet> {
 pub struct Inlet {
     pub identity: String,
     pub inlet: InletConfig,
-    /// Where the credential came from (renewals are saved there).
-    pub credential_file: Option<PathBuf>,
 }
 
 pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
@@ -578,15 +653,13 @@ pub fn inlet(home: &Path, args: InletArgs) -> Result<Inlet> {
         home,
         &args.trust,
         file.trust_authorities,
+        file.max_revocation_staleness,
         file.credential,
         &identity,
     )?;
     inlet.trust = Arc::new(trust);
-    Ok(Inlet {
-        identity,
-        inlet,
-        credential_file,
-    })
+    inlet.credential_file = credential_file;
+    Ok(Inlet { identity, inlet })
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod authority;
 mod config;
 mod keys;
 mod policy;
+mod ticket_source;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use postern_identity::keyfile;
+use postern_identity::secret_env::SecretEnv;
 use postern_identity::Identity;
 use postern_node::{Inlet, Outlet};
 use postern_policies::audit::AuditLog;
@@ -24,8 +26,15 @@ use tokio_util::sync::CancellationToken;
 use args::{Cli, Command, IdentityCommand};
 
 fn main() -> ExitCode {
+    // First, while this is the only thread and before any child process
+    // exists: take POSTERN_PASSPHRASE, POSTERN_KEY_FILE and POSTERN_TICKET
+    // out of the environment (and out of /proc/<pid>/environ).
+    let (secrets, wiped) = SecretEnv::take_from_process();
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
+    if let Err(e) = wiped {
+        tracing::warn!("{e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -36,7 +45,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(dispatch(cli, &secrets)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -69,8 +78,8 @@ fn home(cli_home: &Option<PathBuf>) -> PathBuf {
 /// Loads identity `name` for any role. An encrypted key file is opened with
 /// `$POSTERN_PASSPHRASE` (else a prompt on the terminal) or
 /// `$POSTERN_KEY_FILE`, as `keys` explains.
-fn load_identity(home: &std::path::Path, name: &str) -> Result<Identity> {
-    keys::load(home, name, None).map(|(identity, _)| identity)
+fn load_identity(home: &std::path::Path, name: &str, secrets: &SecretEnv) -> Result<Identity> {
+    keys::load(home, name, None, secrets).map(|(identity, _)| identity)
 }
 
 /// Cancels the returned token on Ctrl-C or SIGTERM.
@@ -150,90 +159,25 @@ pub(crate) async fn close_audit(log: Option<Arc<AuditLog>>) {
     }
 }
 
-/// The address to dial this machine's own listener at: a wildcard bind
-/// (`0.0.0.0`, `::`) is reached through loopback.
-fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
-    let ip = match addr.ip() {
-        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
-        ip => ip,
-    };
-    std::net::SocketAddr::new(ip, addr.port())
-}
-
-/// Renews the node's credential (if it has one) before it expires, through
-/// `relay`, saving each new one to `file`; see `postern_node::renewal`.
-fn renew_in_background(
-    home: &std::path::Path,
-    identity: &str,
-    relay: &postern_node::RelayEndpoint,
-    trust: &std::sync::Arc<postern_node::Trust>,
-    timeouts: &postern_node::Timeouts,
-    file: Option<PathBuf>,
-    stop: CancellationToken,
-) -> Result<()> {
-    if trust.credential().is_none() {
-        return Ok(());
-    }
-    let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
-        load_identity(home, identity)?,
-    )?);
-    tokio::spawn(postern_node::renewal::keep_renewed(
-        local,
-        relay.clone(),
-        std::sync::Arc::clone(trust),
-        timeouts.clone(),
-        file,
-        stop,
-    ));
-    Ok(())
-}
-
-async fn dispatch(cli: Cli) -> Result<()> {
+async fn dispatch(cli: Cli, secrets: &SecretEnv) -> Result<()> {
     let home = home(&cli.home);
+    let load_identity = |home: &std::path::Path, name: &str| load_identity(home, name, secrets);
     match cli.command {
-        Command::Identity { command } => identity(&home, command),
+        Command::Identity { command } => identity(&home, command, secrets),
         Command::Relay(args) => {
             let mut cfg = config::relay(args)?;
             let identity = load_identity(&home, &cfg.identity)?;
             cfg.relay.audit = config::AuditSettings::open(cfg.audit.as_ref(), identity.clone())?;
             let audit = cfg.relay.audit.clone();
             reopen_on_hangup(audit.iter().cloned().collect())?;
-            // Revocations from the trusted authorities, heard through this
-            // relay itself (the authorities are services behind it).
-            let revocations = std::sync::Arc::new(postern_node::Trust::new(
-                cfg.relay.authorities.iter().copied().collect(),
-            ));
-            if !cfg.relay.authorities.is_empty() {
-                cfg.relay.revocations = Some(postern_relay::Revocations(revocations.clone()));
-            }
-            let authorities: Vec<_> = cfg.relay.authorities.iter().copied().collect();
+            // The relay follows the trusted authorities' revocations itself,
+            // on their own hop channels.
             let relay = Relay::bind(identity, cfg.relay).await?;
             let addr = relay
                 .local_addr()
                 .context("cannot read the bound address")?;
             eprintln!("relay {} listening on {addr}", relay.identifier());
-            let stop = on_signal()?;
-            let own =
-                postern_node::RelayEndpoint::new(reachable(addr).to_string(), relay.identifier());
-            for authority in authorities {
-                let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
-                    load_identity(&home, &cfg.identity)?,
-                )?);
-                let route = postern_node::authority::AuthorityRoute {
-                    relay: own.clone(),
-                    authority,
-                    service: postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse()?,
-                };
-                tokio::spawn(postern_node::authority::follow_revocations(
-                    local,
-                    route,
-                    std::sync::Arc::clone(&revocations),
-                    postern_node::Timeouts::default(),
-                    stop.child_token(),
-                ));
-            }
-            relay.run(stop).await;
+            relay.run(on_signal()?).await;
             close_audit(audit).await;
             Ok(())
         }
@@ -243,36 +187,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
             cfg.outlet.audit = config::AuditSettings::open(cfg.audit.as_ref(), identity.clone())?;
             let audit = cfg.outlet.audit.clone();
             reopen_on_hangup(audit.iter().cloned().collect())?;
-            // Revocations from each trusted authority, reached through the
-            // outlet's relay, close the tunnels they no longer allow.
-            let feeds = tokio_util::sync::CancellationToken::new();
-            for &authority_id in cfg.outlet.trust.authorities().iter() {
-                let local = std::sync::Arc::new(postern_identity::handshake::LocalParty::new(
-                    load_identity(&home, &cfg.identity)?,
-                )?);
-                let route = postern_node::authority::AuthorityRoute {
-                    relay: cfg.outlet.relay.clone(),
-                    authority: authority_id,
-                    service: postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE.parse()?,
-                };
-                tokio::spawn(postern_node::authority::follow_revocations(
-                    local,
-                    route,
-                    std::sync::Arc::clone(&cfg.outlet.trust),
-                    cfg.outlet.timeouts.clone(),
-                    feeds.child_token(),
-                ));
-            }
-            renew_in_background(
-                &home,
-                &cfg.identity,
-                &cfg.outlet.relay,
-                &cfg.outlet.trust,
-                &cfg.outlet.timeouts,
-                cfg.credential_file.clone(),
-                feeds.child_token(),
-            )?;
-            let _feeds = feeds.drop_guard();
+            // The outlet follows its trusted authorities' revocations and
+            // renews its credential itself, over its hop channel.
             let node = Outlet::start(identity, cfg.outlet)?;
             drain_on_signals(&node)?;
             node.join().await;
@@ -282,7 +198,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Authority { command } => {
             authority::run(&home, command, |name| load_identity(&home, name), on_signal).await
         }
-        Command::Enroll(args) => authority::enroll(&home, args).await,
+        Command::Enroll(args) => authority::enroll(&home, args, secrets).await,
         Command::Policy { command } => policy::run_policy(command),
         Command::Audit { command } => policy::run_audit(command),
         Command::Inlet(args) => {
@@ -297,17 +213,6 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            let renewal = CancellationToken::new();
-            renew_in_background(
-                &home,
-                &cfg.identity,
-                &cfg.inlet.relay,
-                &cfg.inlet.trust,
-                &cfg.inlet.timeouts,
-                cfg.credential_file.clone(),
-                renewal.child_token(),
-            )?;
-            let _renewal = renewal.drop_guard();
             let node = Inlet::start(identity, cfg.inlet.clone()).await?;
             if let Some(addr) = node.local_addr() {
                 eprintln!(
@@ -322,38 +227,35 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn identity(home: &std::path::Path, command: IdentityCommand) -> Result<()> {
+fn identity(home: &std::path::Path, command: IdentityCommand, secrets: &SecretEnv) -> Result<()> {
     match command {
         IdentityCommand::Create {
             name,
             encrypt,
             key_file,
         } => {
-            let path = keyfile::resolve(home, &name)?;
-            // Refuse before asking for a passphrase that would be wasted.
-            if path.symlink_metadata().is_ok() {
-                return Err(postern_identity::IdentityError::AlreadyExists { path }.into());
-            }
-            let source = keys::source_for_create(&name, encrypt, key_file.as_deref())?;
-            let identity = keyfile::create_with(&path, &source)?;
+            let identity = keys::create(home, &name, encrypt, key_file.as_deref(), secrets)?;
             println!("{}", identity.identifier());
-            eprintln!(
-                "created identity {name:?} in {} (keep this file private; its secret key is {})",
-                path.display(),
-                source.protection()
-            );
-            if source.protection() == postern_identity::sealed::Protection::Unencrypted {
-                if let Some(var) = keys::secret_in_env() {
-                    eprintln!(
-                        "note: {var} is set but was not used, because --encrypt was not given"
-                    );
+            Ok(())
+        }
+        IdentityCommand::Encrypt {
+            name,
+            encrypt,
+            key_file,
+        } => {
+            let (identity, protection) =
+                keys::encrypt_existing(home, &name, encrypt, key_file.as_deref(), secrets)?;
+            println!("{}", identity.identifier());
+            let opened_with = match protection {
+                postern_identity::sealed::Protection::Key => {
+                    "every role opens it with POSTERN_KEY_FILE (or --key-file where a command has it)"
                 }
-                eprintln!(
-                    "hint: for a service or a shared machine, encrypt the key: `--encrypt passphrase` \
-                     (POSTERN_PASSPHRASE or a prompt), or `--encrypt key-file --key-file PATH` \
-                     (see `postern identity keygen`)"
-                );
-            }
+                _ => "every role opens it with POSTERN_PASSPHRASE, else asks on the terminal",
+            };
+            eprintln!(
+                "identity {name:?}: secret key now {protection}; {opened_with}. Copies of the old \
+                 file (backups) still hold the key unencrypted."
+            );
             Ok(())
         }
         IdentityCommand::Show {
@@ -362,7 +264,7 @@ fn identity(home: &std::path::Path, command: IdentityCommand) -> Result<()> {
             key_file,
         } => {
             let path = keyfile::resolve(home, &name)?;
-            let (identity, protection) = keys::load(home, &name, key_file.as_deref())?;
+            let (identity, protection) = keys::load(home, &name, key_file.as_deref(), secrets)?;
             println!("{}", identity.identifier());
             if show_path {
                 println!("{}", path.display());

@@ -63,30 +63,41 @@ pub(crate) struct Admission {
 }
 
 /// Decides whether `inlet` may open a tunnel to the outlet's service. `Err`
-/// is the reason told to the inlet's user: no secrets, no attribute values.
+/// is the close reason told to the inlet's user: no secrets, no attribute
+/// values.
 pub(crate) fn decide(
     cfg: &OutletConfig,
     inlet: Identifier,
     presented: Option<&SignedCredential>,
     seen: &Circumstances,
-) -> Result<Admission, String> {
+) -> Result<Admission, CloseReason> {
     let denied = |reason: String| {
         warn!(tunnel = %seen.tunnel, %inlet, service = %cfg.service, decision = "deny", %reason, "access denied");
         audit_plain(cfg, inlet, seen, Verdict::Deny, &reason);
-        Err(reason)
+        Err(CloseReason::Denied { reason })
     };
     // Fail-closed: no tunnel that could not be audited.
     if let Some(Err(e)) = cfg.audit.as_ref().map(|log| log.admit()) {
         warn!(tunnel = %seen.tunnel, %inlet, service = %cfg.service, decision = "deny", error = %e, "access refused: the audit log cannot be written");
-        return Err(format!(
-            "the outlet of \"{}\" cannot write its audit log, so it admits no new tunnels until it can (fail-closed); try again later, or tell its operator",
-            cfg.service
-        ));
+        return Err(CloseReason::Unavailable {
+            reason: format!(
+                "the outlet of \"{}\" cannot write its audit log, so it admits no new tunnels until it can (fail-closed); try again later, or tell its operator",
+                cfg.service
+            ),
+        });
     }
     if cfg.trust.identity_revoked(&inlet) {
         return denied(format!(
             "identity {inlet} has been revoked by its authority"
         ));
+    }
+    // Revocations this outlet cannot vouch for: whatever it would decide
+    // might admit a revoked identity, so nothing new is admitted.
+    if let Err(stale) = cfg.trust.require_current() {
+        let reason = format!("the outlet cannot check revocations right now: {stale}");
+        warn!(tunnel = %seen.tunnel, %inlet, service = %cfg.service, decision = "deny", %reason, "access refused: revocations too stale");
+        audit_plain(cfg, inlet, seen, Verdict::Deny, &reason);
+        return Err(CloseReason::Unavailable { reason });
     }
     let credential = match cfg.trust.verify(inlet, presented, unix_now()) {
         Ok(credential) => credential,
@@ -98,7 +109,9 @@ pub(crate) fn decide(
         audit_decision(cfg, &decision, &request, &seen.tunnel);
         if !decision.allow {
             warn!(tunnel = %seen.tunnel, %inlet, service = %cfg.service, decision = "deny", reason = %decision.audit_reason, "access denied by policy");
-            return Err(decision.user_reason);
+            return Err(CloseReason::Denied {
+                reason: decision.user_reason,
+            });
         }
         info!(tunnel = %seen.tunnel, %inlet, service = %cfg.service, decision = "allow", policies = ?decision.determining_policies, credential = ?credential.as_ref().map(|c| c.id().to_string()), "access granted by policy");
         return Ok(Admission {

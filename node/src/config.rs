@@ -157,6 +157,9 @@ pub struct OutletConfig {
     pub service_attributes: BTreeMap<String, String>,
     /// Where access decisions and tunnel ends are audited, if anywhere.
     pub audit: Option<Arc<AuditLog>>,
+    /// Where the credential in `trust` is saved each time the outlet renews
+    /// it (mode 0600), so that a restart presents the fresh one.
+    pub credential_file: Option<PathBuf>,
     /// Relays to fail over to, in order, when `relay` cannot be reached or
     /// its session ends. Inlets of this service should list the same relays.
     pub fallback_relays: Vec<RelayEndpoint>,
@@ -186,6 +189,7 @@ impl OutletConfig {
             policies: None,
             service_attributes: BTreeMap::new(),
             audit: None,
+            credential_file: None,
             fallback_relays: Vec::new(),
             max_tunnels: DEFAULT_MAX_TUNNELS,
             timeouts: Timeouts::default(),
@@ -230,6 +234,9 @@ pub struct InletConfig {
     /// Relays to fail over to, in order, when `relay` cannot be reached or
     /// its session ends. The outlet should list the same relays.
     pub fallback_relays: Vec<RelayEndpoint>,
+    /// Where the credential in `trust` is saved each time the inlet renews
+    /// it (mode 0600), so that a restart presents the fresh one.
+    pub credential_file: Option<PathBuf>,
     /// Most client connections tunnelled at once; further clients are
     /// refused (reset at once, with a logged reason).
     pub max_tunnels: usize,
@@ -254,6 +261,7 @@ impl InletConfig {
             trust: Arc::new(Trust::default()),
             require_outlet_attributes: Vec::new(),
             fallback_relays: Vec::new(),
+            credential_file: None,
             max_tunnels: DEFAULT_MAX_TUNNELS,
             timeouts: Timeouts::default(),
         }

@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use postern_identity::link::LinkError;
-use postern_identity::wire::{CloseReason, ServiceName};
+use postern_identity::wire::{CloseReason, Refusal, ServiceName};
 use postern_identity::Identifier;
 
 /// Why a node operation failed. Each message says what happened and, where
@@ -47,12 +47,22 @@ pub enum NodeError {
         /// The last known problem.
         status: String,
     },
-    /// The relay refused to open a tunnel.
+    /// The relay refused to open a tunnel (its code says whether trying
+    /// again later may succeed).
     #[error("relay refused the tunnel: {0}")]
-    OpenRefused(String),
+    OpenRefused(Refusal),
     /// The relay refused to attach a data connection.
     #[error("relay refused the data connection: {0}")]
-    AttachRefused(String),
+    AttachRefused(Refusal),
+    /// The relay ended the hop channel and said why (a revoked identity, a
+    /// refused credential, a limit, shutdown).
+    #[error("relay at {address} ended the connection: {refusal}")]
+    RelayRefused {
+        /// The relay's address.
+        address: String,
+        /// Its reason.
+        refusal: Refusal,
+    },
     /// The peer of the tunnel is not the expected outlet.
     #[error("the outlet answering for \"{service}\" is {actual}, but {expected} was expected: refusing it (check --outlet-identity)")]
     WrongOutlet {
@@ -110,6 +120,10 @@ pub enum NodeError {
         /// The last status.
         status: String,
     },
+    /// The revocations of a trusted authority are too stale (or were never
+    /// received) to open new tunnels that depend on it.
+    #[error("{0}")]
+    RevocationsStale(#[from] postern_identity::revocation::StaleRevocations),
     /// The configuration contradicts itself; the message says how to fix it.
     #[error("{0}")]
     Config(String),

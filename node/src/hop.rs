@@ -15,8 +15,8 @@ use postern_identity::link::{
 };
 use postern_identity::transport::Transport;
 use postern_identity::wire::{
-    Attach, AttachReply, Control, Hello, ServiceName, Side, TunnelToken, PREAMBLE_ATTACH,
-    PREAMBLE_HOP, PROTOCOL_VERSION,
+    Attach, AttachReply, Control, Hello, Refusal, RefusalCode, ServiceName, Side, TunnelToken,
+    PREAMBLE_ATTACH, PREAMBLE_HOP, PROTOCOL_VERSION,
 };
 use postern_identity::{ChannelError, Identifier};
 use rand::Rng;
@@ -31,13 +31,19 @@ use crate::trust::{match_attributes, unix_now, AttributeRule, Trust};
 use crate::tunnel::ChannelHalves;
 use crate::{NodeError, RelayEndpoint, Timeouts};
 
-type OpenReply = Result<TunnelToken, String>;
+type OpenReply = Result<TunnelToken, Refusal>;
 
 /// Events the relay pushes to a node.
 #[derive(Debug)]
-pub(crate) enum HopEvent {
+pub enum HopEvent {
+    /// The relay registered the service under this name.
     Registered(ServiceName),
-    RegisterRefused(ServiceName, String),
+    /// The relay refused to register the service (or withdrew it), and
+    /// said why.
+    RegisterRefused(ServiceName, Refusal),
+    /// The relay asks an authority for its revocations after this sequence
+    /// number (sent only to the hop session of an authority it trusts).
+    FollowRevocations(u64),
     /// A tunnel request: the service, its token, and the inlet's address as
     /// the relay saw it.
     Incoming(ServiceName, TunnelToken, Option<std::net::IpAddr>),
@@ -45,15 +51,17 @@ pub(crate) enum HopEvent {
 
 /// An authenticated hop channel, shared by the node's tasks.
 #[derive(Debug)]
-pub(crate) struct Hop {
-    pub relay: RelayEndpoint,
-    pub relay_static: [u8; 32],
+pub struct Hop {
+    pub(crate) relay: RelayEndpoint,
+    pub(crate) relay_static: [u8; 32],
     outbox: mpsc::Sender<Control>,
     opens: Mutex<HashMap<u64, oneshot::Sender<OpenReply>>>,
     next_request: AtomicU64,
     /// Cancelled when the channel ends, for whatever reason.
     pub closed: CancellationToken,
     end_reason: Mutex<Option<String>>,
+    /// The relay's own reason when it ended the channel (`Goodbye`).
+    goodbye: Mutex<Option<Refusal>>,
     /// Data connections dialled ahead of need.
     spares: Mutex<Vec<Spare>>,
     /// Wakes the task that keeps `spares` full.
@@ -115,7 +123,7 @@ async fn dial(
 /// `credential` (a relay's `register` policies read its attributes).
 /// Returns the shared channel, the stream of pushed events, and runs the
 /// channel's driver in a background task until `stop` or failure.
-pub(crate) async fn connect(
+pub async fn connect(
     local: &Arc<LocalParty>,
     relay: &RelayEndpoint,
     timeouts: &Timeouts,
@@ -145,7 +153,7 @@ pub(crate) async fn connect(
             return Err(NodeError::WrongRelay {
                 address: relay.address.clone(),
                 expected,
-                actual: actual.parse().unwrap_or(expected),
+                actual,
             })
         }
         Err(source) => {
@@ -166,6 +174,7 @@ pub(crate) async fn connect(
         next_request: AtomicU64::new(1),
         closed: stop.child_token(),
         end_reason: Mutex::new(None),
+        goodbye: Mutex::new(None),
         spares: Mutex::new(Vec::new()),
         refill: Notify::new(),
     });
@@ -266,13 +275,26 @@ impl Driver {
                 self.hop.answer(request, Ok(token));
                 return None;
             }
-            Control::OpenRefused { request, reason } => {
-                self.hop.answer(request, Err(reason));
+            Control::OpenRefused {
+                request,
+                code,
+                reason,
+            } => {
+                self.hop.answer(request, Err(Refusal { code, reason }));
                 return None;
             }
             Control::Registered { service } => HopEvent::Registered(service),
-            Control::RegisterRefused { service, reason } => {
-                HopEvent::RegisterRefused(service, reason)
+            Control::RegisterRefused {
+                service,
+                code,
+                reason,
+            } => HopEvent::RegisterRefused(service, Refusal { code, reason }),
+            Control::FollowRevocations { after } => HopEvent::FollowRevocations(after),
+            Control::Goodbye { code, reason } => {
+                let said = format!("the relay ended the session: {reason}");
+                *self.hop.goodbye.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Refusal { code, reason });
+                return Some(said);
             }
             Control::Incoming {
                 service,
@@ -293,6 +315,14 @@ impl Driver {
 impl Hop {
     fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<OpenReply>>> {
         self.opens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The relay's own reason, if it ended the channel with a `Goodbye`.
+    pub fn goodbye(&self) -> Option<Refusal> {
+        self.goodbye
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Why the channel ended, once it has.
@@ -320,7 +350,7 @@ impl Hop {
     }
 
     /// Asks the relay for a tunnel to `service`.
-    pub async fn open(
+    pub(crate) async fn open(
         &self,
         service: &ServiceName,
         timeout: Duration,
@@ -348,8 +378,9 @@ impl Hop {
             )),
             Err(_) => {
                 self.lock_opens().remove(&request);
-                Err(NodeError::OpenRefused(format!(
-                    "relay did not answer within {timeout:?}"
+                Err(NodeError::OpenRefused(Refusal::new(
+                    RefusalCode::RetryLater,
+                    format!("relay did not answer within {timeout:?}"),
                 )))
             }
         }
@@ -428,8 +459,8 @@ impl Hop {
             .await;
             match joined {
                 Ok(AttachReply::Accepted) => return Ok((reader, writer)),
-                Ok(AttachReply::Refused { reason }) => {
-                    return Err(NodeError::AttachRefused(reason))
+                Ok(AttachReply::Refused { code, reason }) => {
+                    return Err(NodeError::AttachRefused(Refusal { code, reason }))
                 }
                 // A spare the relay dropped meanwhile: dial a fresh one.
                 Err(e) if from_pool => {
@@ -503,10 +534,7 @@ pub(crate) fn expect_identity(peer: &Peer, expected: Identifier) -> Result<(), C
     if actual == expected {
         Ok(())
     } else {
-        Err(ChannelError::UnexpectedPeer {
-            expected: expected.to_string(),
-            actual: actual.to_string(),
-        })
+        Err(ChannelError::UnexpectedPeer { expected, actual })
     }
 }
 
@@ -582,7 +610,7 @@ impl Hop {
                 Err(NodeError::WrongOutlet {
                     service: service.clone(),
                     expected,
-                    actual: actual.parse().unwrap_or(expected),
+                    actual,
                 })
             }
             Err(source) => Err(NodeError::Tunnel {
@@ -594,17 +622,18 @@ impl Hop {
 }
 
 /// The two halves of an end-to-end channel over a data connection.
-pub(crate) type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
+pub type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
 
 /// Jittered exponential back-off between reconnection attempts.
 #[derive(Debug)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     next: Duration,
     min: Duration,
     max: Duration,
 }
 
 impl Backoff {
+    /// Starts at `timeouts.reconnect_min`, growing to `reconnect_max`.
     pub fn new(timeouts: &Timeouts) -> Self {
         Backoff {
             next: timeouts.reconnect_min,
@@ -622,6 +651,7 @@ impl Backoff {
         step.mul_f64(jitter)
     }
 
+    /// Starts again from the shortest delay (after a success).
     pub fn reset(&mut self) {
         self.next = self.min;
     }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::feeds;
 use crate::hop::{self, DataChannel, Hop, RelayCycle};
 use crate::outlet::{log_end, reset_tcp};
 use crate::tunnel::{self, TunnelEnd};
@@ -68,6 +69,16 @@ impl Inlet {
             status: status_tx,
         });
         let life = Lifecycle::new(shared.config.timeouts.drain_grace);
+        // Revocations of the authorities that vouch for outlets, and
+        // renewals of the inlet's own credential, over its own hop channel.
+        feeds::spawn(
+            &shared.local,
+            &shared.hop.subscribe(),
+            &shared.config.trust,
+            &shared.config.timeouts,
+            shared.config.credential_file.clone(),
+            &life.stop,
+        );
         let task = tokio::spawn(run(shared, listener, local_addr, life.clone()));
         Ok(NodeHandle {
             life,
@@ -135,7 +146,7 @@ async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
             &shared.local,
             &relay,
             &cfg.timeouts,
-            cfg.trust.credential(),
+            cfg.trust.credential_to_present(),
             &stop,
         )
         .await
@@ -145,11 +156,31 @@ async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
                 cycle.connected();
                 cycle.backoff.reset();
                 shared.hop.send_replace(Some(Arc::clone(&hop)));
-                shared.status.send_replace(NodeStatus::Ready);
-                hop.closed.cancelled().await;
+                // Ready once the revocations of every trusted authority are
+                // current (at once when it trusts none).
+                let mut feeds = cfg.trust.watch_feeds();
+                loop {
+                    if cfg.trust.require_current().is_ok() {
+                        shared.status.send_replace(NodeStatus::Ready);
+                    }
+                    tokio::select! {
+                        () = hop.closed.cancelled() => break,
+                        changed = feeds.changed() => if changed.is_err() {
+                            hop.closed.cancelled().await;
+                            break;
+                        },
+                    }
+                }
                 shared.hop.send_replace(None);
-                hop.ended_because()
-                    .unwrap_or_else(|| "relay session closed".into())
+                match hop.goodbye().filter(|r| !r.code.is_retryable()) {
+                    Some(refusal) => {
+                        error!(code = %refusal.code, reason = %refusal.reason, "the relay refused this inlet");
+                        format!("the relay refused this inlet: {refusal}")
+                    }
+                    None => hop
+                        .ended_because()
+                        .unwrap_or_else(|| "relay session closed".into()),
+                }
             }
             Err(e) => e.to_string(),
         };
@@ -171,6 +202,9 @@ async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
 /// the pinned outlet.
 async fn open_tunnel(shared: &Shared) -> Result<(Identifier, DataChannel), NodeError> {
     let cfg = &shared.config;
+    // The outlet's credential cannot be checked against revocations this
+    // inlet does not have (just after start, wait a moment for them).
+    cfg.trust.wait_current(cfg.timeouts.handshake).await?;
     let hop = shared.hop.borrow().clone();
     let Some(hop) = hop else {
         let status = match &*shared.status.borrow() {
@@ -203,7 +237,9 @@ fn explain(cfg: &InletConfig, outlet: Identifier, end: &TunnelEnd) -> Option<Nod
             reason: reason.clone(),
         }),
         TunnelEnd::PeerClosed(
-            reason @ (CloseReason::TargetUnavailable { .. } | CloseReason::ServiceMismatch { .. }),
+            reason @ (CloseReason::TargetUnavailable { .. }
+            | CloseReason::ServiceMismatch { .. }
+            | CloseReason::Unavailable { .. }),
         ) => Some(NodeError::ClosedByOutlet {
             service: cfg.service.clone(),
             outlet,
@@ -271,10 +307,16 @@ pub async fn check(identity: Identity, config: &InletConfig) -> Result<CheckRepo
         &local,
         &config.relay,
         &config.timeouts,
-        config.trust.credential(),
+        config.trust.credential_to_present(),
         &stop,
     )
     .await?;
+    // One round of each trusted authority's revocations, so the outlet's
+    // credential is checked against them.
+    if let Err(e) = feeds::sync_once(&local, &hop, &config.trust, &config.timeouts).await {
+        stop.cancel();
+        return Err(e);
+    }
     let shared = Shared {
         local,
         config: config.clone(),

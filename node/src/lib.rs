@@ -28,18 +28,31 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Beyond outlet and inlet
+//!
+//! - [`authority`]: the node's side of the authority (enrolling with a
+//!   ticket, renewing, following revocations, and the channel the OpenID
+//!   Connect enrollment of the `postern-authority` crate is built on);
+//!   [`renewal`] keeps a credential fresh, [`trust`] checks peers'.
+//! - [`service`]: the hop channel and data-frame pieces a service built on
+//!   Postern (the authority) uses to register at a relay and serve tunnels.
+//!
 //! This crate does not parse command lines or configuration files (the
-//! `postern` binary does) and does not implement the relay.
+//! `postern` binary does), does not implement the relay, and does not hold
+//! the authority's logic or its OpenID Connect login (`postern-authority`
+//! does), so it compiles no HTTP client, TLS or database.
 #![forbid(unsafe_code)]
 
 mod access;
 pub mod authority;
 mod config;
 mod error;
+mod feeds;
 mod hop;
 mod inlet;
 mod outlet;
-pub mod renewal;
+mod renewal;
+pub mod service;
 pub mod trust;
 pub mod tunnel;
 
@@ -47,7 +60,7 @@ pub use config::{InletConfig, OutletConfig, RelayEndpoint, Target, Timeouts, DEF
 pub use error::NodeError;
 pub use inlet::{check, CheckReport, Inlet};
 pub use outlet::Outlet;
-pub use trust::{AttributeRule, Trust};
+pub use trust::{AttributeRule, Trust, TrustAnchor};
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

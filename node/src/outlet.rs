@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::access;
 use crate::hop::{self, Backoff, Hop, HopEvent, RelayCycle};
 use crate::tunnel::{self, ChannelHalves, TunnelEnd};
+use crate::{access, feeds};
 use crate::{Lifecycle, NodeError, NodeHandle, NodeStatus, OutletConfig, Target};
 
 /// An outlet node. See [`Outlet::start`].
@@ -30,6 +30,9 @@ struct Shared {
     config: Arc<OutletConfig>,
     /// One permit per tunnel served at once (`max_tunnels`).
     slots: Arc<Semaphore>,
+    /// The hop channel of the moment, which the revocation feeds and the
+    /// renewals go through.
+    hop: watch::Sender<Option<Arc<Hop>>>,
 }
 
 impl Outlet {
@@ -73,8 +76,19 @@ impl Outlet {
         let shared = Arc::new(Shared {
             local: Arc::new(LocalParty::new(identity)?),
             slots: Arc::new(Semaphore::new(config.max_tunnels)),
+            hop: watch::channel(None).0,
             config: Arc::new(config),
         });
+        // Revocations of every trusted authority, and renewals of the
+        // outlet's own credential, over its own hop channel.
+        feeds::spawn(
+            &shared.local,
+            &shared.hop.subscribe(),
+            &shared.config.trust,
+            &shared.config.timeouts,
+            shared.config.credential_file.clone(),
+            &life.stop,
+        );
         let (status_tx, status) = watch::channel(NodeStatus::Connecting);
         let task = tokio::spawn(run(shared, life.clone(), status_tx));
         Ok(NodeHandle {
@@ -103,7 +117,7 @@ async fn run(shared: Arc<Shared>, life: Lifecycle, status: watch::Sender<NodeSta
             &shared.local,
             &relay,
             &cfg.timeouts,
-            cfg.trust.credential(),
+            cfg.trust.credential_to_present(),
             drain,
         )
         .await
@@ -152,6 +166,22 @@ async fn serve_session(
     backoff: &mut Backoff,
     stop: &CancellationToken,
 ) -> String {
+    shared.hop.send_replace(Some(Arc::clone(&hop)));
+    let ended = serve_events(shared, &hop, &mut events, tunnels, status, backoff, stop).await;
+    shared.hop.send_replace(None);
+    ended
+}
+
+/// The events of one hop session; returns why it ended.
+async fn serve_events(
+    shared: &Arc<Shared>,
+    hop: &Arc<Hop>,
+    events: &mut tokio::sync::mpsc::Receiver<HopEvent>,
+    tunnels: &TaskTracker,
+    status: &watch::Sender<NodeStatus>,
+    backoff: &mut Backoff,
+    stop: &CancellationToken,
+) -> String {
     let cfg = &shared.config;
     if let Err(e) = hop
         .send(Control::Register {
@@ -161,22 +191,36 @@ async fn serve_session(
     {
         return e.to_string();
     }
+    // Ready once registered and able to vouch for current revocations of
+    // every authority it trusts.
+    let mut registered = false;
+    let mut feeds = cfg.trust.watch_feeds();
     loop {
         let event = tokio::select! {
             () = hop.closed.cancelled() => break,
             event = events.recv() => event,
+            changed = feeds.changed(), if registered => {
+                if changed.is_ok() {
+                    report_ready(cfg, status, registered);
+                }
+                continue;
+            }
         };
         match event {
             None => break,
             Some(HopEvent::Registered(service)) => {
                 backoff.reset();
                 info!(%service, relay = %hop.relay.address, "service registered at relay");
-                status.send_replace(NodeStatus::Ready);
+                registered = true;
+                report_ready(cfg, status, registered);
             }
-            Some(HopEvent::RegisterRefused(service, reason)) => {
-                error!(%service, %reason, "relay refused the registration");
-                status.send_replace(NodeStatus::Refused(reason.clone()));
-                return format!("registration refused: {reason}");
+            Some(HopEvent::RegisterRefused(service, refusal)) => {
+                error!(%service, code = %refusal.code, reason = %refusal.reason, "relay refused the registration");
+                status.send_replace(NodeStatus::Refused(refusal.reason.clone()));
+                return format!("registration refused: {refusal}");
+            }
+            Some(HopEvent::FollowRevocations(after)) => {
+                debug!(after, "the relay asked for revocations, but this outlet is not an authority; ignoring");
             }
             Some(HopEvent::Incoming(service, token, source)) => {
                 if service != cfg.service {
@@ -184,7 +228,7 @@ async fn serve_session(
                     continue;
                 }
                 let shared = Arc::clone(shared);
-                let hop = Arc::clone(&hop);
+                let hop = Arc::clone(hop);
                 let Ok(slot) = Arc::clone(&shared.slots).try_acquire_owned() else {
                     tunnels.spawn(async move { refuse_tunnel(&shared, &hop, token).await });
                     continue;
@@ -199,8 +243,33 @@ async fn serve_session(
             }
         }
     }
+    if let Some(refusal) = hop.goodbye().filter(|r| !r.code.is_retryable()) {
+        error!(code = %refusal.code, reason = %refusal.reason, "the relay refused this outlet");
+        status.send_replace(NodeStatus::Refused(refusal.reason));
+    }
     hop.ended_because()
         .unwrap_or_else(|| "relay session closed".into())
+}
+
+/// Says `Ready` once registered with current revocations, and why not yet
+/// otherwise.
+fn report_ready(cfg: &OutletConfig, status: &watch::Sender<NodeStatus>, registered: bool) {
+    if !registered {
+        return;
+    }
+    match cfg.trust.require_current() {
+        Ok(()) => {
+            status.send_if_modified(|s| {
+                let changed = *s != NodeStatus::Ready;
+                *s = NodeStatus::Ready;
+                changed
+            });
+        }
+        Err(stale) => {
+            status.send_replace(NodeStatus::Connecting);
+            debug!(reason = %stale, "registered; waiting for current revocations before serving");
+        }
+    }
 }
 
 /// Answers a tunnel beyond `max_tunnels`: completes the end-to-end handshake
@@ -321,6 +390,9 @@ async fn serve_tunnel(
         .await;
         return;
     }
+    // Just after start (or a reconnect) the first revocations may still be
+    // on their way: wait a moment for them rather than refuse at once.
+    let _ = cfg.trust.wait_current(cfg.timeouts.handshake).await;
     let seen = access::Circumstances {
         tunnel: label.clone(),
         relay: hop.relay.identifier,
@@ -328,8 +400,8 @@ async fn serve_tunnel(
     };
     let admission = match access::decide(cfg, inlet, peer.hello.credential.as_ref(), &seen) {
         Ok(admission) => admission,
-        Err(reason) => {
-            send_close(&mut writer, &mut sealer, CloseReason::Denied { reason }).await;
+        Err(refusal) => {
+            send_close(&mut writer, &mut sealer, refusal).await;
             return;
         }
     };

@@ -1,7 +1,7 @@
 //! Keeps a node's credential fresh without dropping its tunnels.
 //!
 //! Two thirds of the way through a credential's life the node asks its
-//! authority (through the relay, like any service) for a new one
+//! authority (through its own hop channel, like any service) for a new one
 //! (`AuthorityRequest::Renew`; the identity must still be a member, and an
 //! OIDC member's provider must still accept its refresh token). The new
 //! credential replaces the old in [`Trust`]: new handshakes present it, and
@@ -16,14 +16,13 @@ use std::time::Duration;
 
 use postern_identity::credential::SignedCredential;
 use postern_identity::handshake::LocalParty;
-use postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE;
-use postern_identity::wire::ServiceName;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::authority::{self, AuthorityRoute};
-use crate::trust::{unix_now, Trust};
-use crate::{RelayEndpoint, Timeouts};
+use crate::authority;
+use crate::feeds::{current_hop, Hops};
+use crate::trust::{unix_now, Trust, TrustAnchor};
+use crate::Timeouts;
 use postern_identity::time::format_timestamp as format_unix;
 
 /// Shortest wait between two failed renewal attempts.
@@ -38,20 +37,19 @@ fn renew_at(credential: &SignedCredential) -> Option<(u64, u64)> {
 }
 
 /// Renews `trust`'s credential before it expires, for as long as `stop` is
-/// not cancelled, asking the credential's issuer through `relay`. Each new
-/// credential is also written to `save_to` (mode 0600), so a restart
-/// presents it. Returns at once when there is no credential to renew.
-pub async fn keep_renewed(
+/// not cancelled, asking the credential's issuer through the node's hop
+/// channel of the moment (`hops`), under the service name `trust` anchors
+/// for it (else its default name). Each new credential is also written to
+/// `save_to` (mode 0600), so a restart presents it. Returns at once when
+/// there is no credential to renew.
+pub(crate) async fn keep_renewed(
     local: Arc<LocalParty>,
-    relay: RelayEndpoint,
+    mut hops: Hops,
     trust: Arc<Trust>,
     timeouts: Timeouts,
     save_to: Option<PathBuf>,
     stop: CancellationToken,
 ) {
-    let Ok(service) = DEFAULT_AUTHORITY_SERVICE.parse::<ServiceName>() else {
-        return;
-    };
     let mut retry = RETRY_MIN;
     loop {
         let Some(credential) = trust.credential() else {
@@ -66,15 +64,21 @@ pub async fn keep_renewed(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        let route = AuthorityRoute {
-            relay: relay.clone(),
-            authority: credential.claimed_issuer(),
-            service: service.clone(),
-        };
+        let issuer = credential.claimed_issuer();
+        let anchor = trust
+            .anchors()
+            .iter()
+            .find(|a| a.authority == issuer)
+            .cloned()
+            .unwrap_or_else(|| TrustAnchor::new(issuer));
         let renewed = tokio::select! {
             () = stop.cancelled() => return,
-            renewed = authority::renew(&local, &route, &timeouts) => renewed,
+            renewed = async {
+                let hop = current_hop(&mut hops, &stop).await?;
+                Some(authority::renew_over(&local, &hop, &anchor, &timeouts).await)
+            } => renewed,
         };
+        let Some(renewed) = renewed else { return };
         match renewed {
             Ok(fresh) => {
                 retry = RETRY_MIN;

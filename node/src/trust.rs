@@ -1,45 +1,134 @@
 //! What a node trusts and what it presents: the authorities whose
-//! credentials it accepts, its own credential, and the revocations it has
-//! heard of.
+//! credentials it accepts (and where to reach them), its own credential, and
+//! the revocations it has heard of, per authority, with how current they
+//! are.
 //!
 //! A node that trusts no authority decides by identifiers alone and does not
 //! consult credentials. A node that trusts at least one verifies every
 //! credential presented to it strictly: a forged, foreign, expired, revoked
 //! or misattributed credential ends that handshake with the reason, never a
-//! log line and a shrug.
+//! log line and a shrug. It also follows each trusted authority's revocation
+//! feed (the node does this by itself, over its own hop channel) and refuses
+//! new tunnels while any of them is staler than its bound
+//! ([`Trust::require_current`]).
 
 use std::sync::RwLock;
+use std::time::Duration;
 
 use postern_identity::credential::{
-    self, CredentialError, RevocationEntry, RevocationList, RevocationTarget, SignedCredential,
-    TrustedAuthorities, VerifiedCredential,
+    self, CredentialError, RevocationEntry, SignedCredential, TrustedAuthorities,
+    VerifiedCredential,
 };
+use postern_identity::revocation::{
+    Freshness, RevocationFeeds, StaleRevocations, DEFAULT_MAX_STALENESS,
+};
+use postern_identity::wire::ServiceName;
 use postern_identity::Identifier;
 use tokio::sync::watch;
 
 pub use postern_identity::time::unix_now;
 
+/// An authority a node trusts, and the service name it is reached under at
+/// the relay (by default `authority-P…`, derived from its identifier).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustAnchor {
+    /// The authority's identifier.
+    pub authority: Identifier,
+    /// Its service name at the relay.
+    pub service: ServiceName,
+}
+
+impl TrustAnchor {
+    /// Trusts `authority`, reached under its default name.
+    pub fn new(authority: Identifier) -> Self {
+        TrustAnchor {
+            authority,
+            service: ServiceName::of_authority(&authority),
+        }
+    }
+
+    /// Trusts `authority`, reached under `service`.
+    pub fn with_service(authority: Identifier, service: ServiceName) -> Self {
+        TrustAnchor { authority, service }
+    }
+}
+
+impl std::str::FromStr for TrustAnchor {
+    type Err = String;
+
+    /// `P…` (the default name) or `P…@SERVICE`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, service) = match s.split_once('@') {
+            Some((id, service)) => (id, Some(service)),
+            None => (s, None),
+        };
+        let authority: Identifier = id.parse().map_err(|e| format!("{e}"))?;
+        match service {
+            None => Ok(TrustAnchor::new(authority)),
+            Some(service) => Ok(TrustAnchor::with_service(
+                authority,
+                service.parse().map_err(|e| format!("{e}"))?,
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for TrustAnchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.service == ServiceName::of_authority(&self.authority) {
+            write!(f, "{}", self.authority)
+        } else {
+            write!(f, "{}@{}", self.authority, self.service)
+        }
+    }
+}
+
 /// A node's trust anchors, own credential and known revocations. Shared by
 /// all of a node's tasks; the credential can be replaced while it runs.
 #[derive(Debug)]
 pub struct Trust {
+    anchors: Vec<TrustAnchor>,
     authorities: TrustedAuthorities,
-    revocations: RwLock<RevocationList>,
+    feeds: RwLock<RevocationFeeds>,
+    /// Bumped whenever a feed message arrives (readiness waits on it).
+    heard: watch::Sender<u64>,
+    max_staleness: Duration,
     credential: watch::Sender<Option<SignedCredential>>,
 }
 
 impl Default for Trust {
     fn default() -> Self {
-        Trust::new(TrustedAuthorities::new())
+        Trust::with_anchors([])
     }
 }
 
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 impl Trust {
-    /// Trusts credentials issued by `authorities`; presents none of its own yet.
+    /// Trusts credentials issued by `authorities`, each reached under its
+    /// default service name; presents none of its own yet.
     pub fn new(authorities: TrustedAuthorities) -> Self {
+        Trust::with_anchors(authorities.iter().copied().map(TrustAnchor::new))
+    }
+
+    /// Trusts the authorities of `anchors`, each reached under the anchor's
+    /// service name.
+    pub fn with_anchors(anchors: impl IntoIterator<Item = TrustAnchor>) -> Self {
+        let mut list: Vec<TrustAnchor> = Vec::new();
+        for anchor in anchors {
+            if !list.iter().any(|a| a.authority == anchor.authority) {
+                list.push(anchor);
+            }
+        }
+        let authorities: TrustedAuthorities = list.iter().map(|a| a.authority).collect();
         Trust {
+            feeds: RwLock::new(RevocationFeeds::new(&authorities, now())),
+            anchors: list,
             authorities,
-            revocations: RwLock::new(RevocationList::new()),
+            heard: watch::channel(0).0,
+            max_staleness: DEFAULT_MAX_STALENESS,
             credential: watch::channel(None).0,
         }
     }
@@ -50,14 +139,40 @@ impl Trust {
         self
     }
 
+    /// Refuses new tunnels once an authority's revocations are older than
+    /// `bound` (default [`DEFAULT_MAX_STALENESS`]).
+    pub fn with_max_staleness(mut self, bound: Duration) -> Self {
+        self.max_staleness = bound;
+        self
+    }
+
     /// The authorities this node trusts.
     pub fn authorities(&self) -> &TrustedAuthorities {
         &self.authorities
     }
 
+    /// Where each trusted authority is reached.
+    pub fn anchors(&self) -> &[TrustAnchor] {
+        &self.anchors
+    }
+
+    /// The bound on how stale an authority's revocations may be.
+    pub fn max_staleness(&self) -> Duration {
+        self.max_staleness
+    }
+
     /// The credential presented in handshakes, if any.
     pub fn credential(&self) -> Option<SignedCredential> {
         self.credential.borrow().clone()
+    }
+
+    /// The credential to present in a new handshake: the current one while
+    /// it is still valid (an expired credential would only get the
+    /// handshake refused; the node presents none and renews).
+    pub fn credential_to_present(&self) -> Option<SignedCredential> {
+        let credential = self.credential()?;
+        let body = credential.inspect_unverified().ok()?;
+        (body.expires_at > unix_now()).then_some(credential)
     }
 
     /// Replaces the credential (after a renewal); live channels learn of it
@@ -71,29 +186,70 @@ impl Trust {
         self.credential.subscribe()
     }
 
-    /// Records revocations published by an authority.
-    pub fn apply_revocations(&self, entries: impl IntoIterator<Item = RevocationEntry>) {
-        self.revocations
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .apply(entries);
+    fn feeds(&self) -> std::sync::RwLockReadGuard<'_, RevocationFeeds> {
+        self.feeds.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The sequence number of the newest revocation known.
-    pub fn revocations_seen(&self) -> u64 {
-        self.revocations
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .latest_seq()
+    /// A message of `authority`'s revocation feed arrived: applies its
+    /// entries (maybe none) and marks that authority's view current.
+    /// Returns how many entries were new.
+    pub fn apply_feed(
+        &self,
+        authority: &Identifier,
+        entries: impl IntoIterator<Item = RevocationEntry>,
+    ) -> usize {
+        let applied =
+            self.feeds
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply(authority, entries, now());
+        self.heard.send_modify(|n| *n = n.wrapping_add(1));
+        applied
+    }
+
+    /// The newest revocation sequence number held from `authority`.
+    pub fn feed_cursor(&self, authority: &Identifier) -> u64 {
+        self.feeds().cursor(authority)
+    }
+
+    /// `Err` naming an authority whose revocations are staler than the
+    /// bound (or were never received): new tunnels must be refused.
+    pub fn require_current(&self) -> Result<(), StaleRevocations> {
+        self.feeds().require_current(now(), self.max_staleness)
+    }
+
+    /// Like [`Trust::require_current`], but when an authority's feed has
+    /// not sent anything yet (the node just started or reconnected), waits
+    /// up to `patience` for it before giving up.
+    pub async fn wait_current(&self, patience: Duration) -> Result<(), StaleRevocations> {
+        let mut heard = self.watch_feeds();
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match self.require_current() {
+                Err(StaleRevocations::NeverReceived { .. }) => {}
+                done => return done,
+            }
+            match tokio::time::timeout_at(deadline, heard.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.require_current(),
+            }
+        }
+    }
+
+    /// How current each authority's revocations are.
+    pub fn freshness(&self) -> Vec<(Identifier, Freshness)> {
+        self.feeds().freshness(now())
+    }
+
+    /// Notified whenever a feed message arrives.
+    pub fn watch_feeds(&self) -> watch::Receiver<u64> {
+        self.heard.subscribe()
     }
 
     /// Whether `identity` itself has been revoked (whatever it presents).
     pub fn identity_revoked(&self, identity: &Identifier) -> bool {
-        self.revocations
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&RevocationTarget::Identity(*identity))
-            .is_some()
+        use credential::RevocationCheck;
+        self.feeds().identity_revocation(identity).is_some()
     }
 
     /// Verifies what `peer` presented. `Ok(None)`: nothing to verify (no
@@ -111,8 +267,7 @@ impl Trust {
         let Some(presented) = presented else {
             return Ok(None);
         };
-        let revocations = self.revocations.read().unwrap_or_else(|p| p.into_inner());
-        credential::verify(presented, &self.authorities, peer, now, &*revocations).map(Some)
+        credential::verify(presented, &self.authorities, peer, now, &*self.feeds()).map(Some)
     }
 
     /// Re-checks a credential accepted earlier (expiry and revocations), for
@@ -122,23 +277,23 @@ impl Trust {
         credential: &VerifiedCredential,
         now: u64,
     ) -> Result<(), CredentialError> {
-        let revocations = self.revocations.read().unwrap_or_else(|p| p.into_inner());
-        credential.check_still_valid(now, &*revocations)
+        credential.check_still_valid(now, &*self.feeds())
     }
 }
 
 /// The revocations a node has heard of, for code that checks credentials
-/// itself (a relay following an authority's feed).
+/// itself.
 impl credential::RevocationCheck for Trust {
     fn revocation(
         &self,
         id: &credential::CredentialId,
         subject: &Identifier,
     ) -> Option<credential::Revocation> {
-        self.revocations
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .revocation(id, subject)
+        self.feeds().revocation(id, subject)
+    }
+
+    fn identity_revocation(&self, subject: &Identifier) -> Option<credential::Revocation> {
+        self.feeds().identity_revocation(subject)
     }
 }
 
@@ -199,7 +354,9 @@ pub fn match_attributes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use postern_identity::credential::{CredentialBody, CredentialId, Kind};
+    use std::sync::Arc;
+
+    use postern_identity::credential::{CredentialBody, CredentialId, Kind, RevocationTarget};
     use postern_identity::{AttrValue, Attributes, Identity};
 
     fn credential(
@@ -281,17 +438,83 @@ mod tests {
         assert!(trust.still_valid(&verified, now).is_ok());
         assert!(trust.still_valid(&verified, now + 3600).is_err());
         // Revoked identity: refused at once.
-        trust.apply_revocations([RevocationEntry {
-            seq: 1,
-            revocation: credential::Revocation {
-                target: RevocationTarget::Identity(subject.identifier()),
-                revoked_at: now,
-            },
-        }]);
+        trust.apply_feed(
+            &authority.identifier(),
+            [RevocationEntry {
+                seq: 1,
+                revocation: credential::Revocation {
+                    target: RevocationTarget::Identity(subject.identifier()),
+                    revoked_at: now,
+                },
+            }],
+        );
         assert!(trust.identity_revoked(&subject.identifier()));
+        // From an authority not trusted: ignored.
+        let other_subject = Identity::generate().identifier();
+        trust.apply_feed(
+            &other.identifier(),
+            [RevocationEntry {
+                seq: 1,
+                revocation: credential::Revocation {
+                    target: RevocationTarget::Identity(other_subject),
+                    revoked_at: now,
+                },
+            }],
+        );
+        assert!(!trust.identity_revoked(&other_subject));
         assert!(trust.still_valid(&verified, now).is_err());
         assert!(trust
             .verify(subject.identifier(), Some(&cred), now)
             .is_err());
+    }
+
+    #[test]
+    fn anchors_parse_with_default_or_given_names() {
+        let id = Identity::generate().identifier();
+        let plain: TrustAnchor = id.to_string().parse().unwrap();
+        assert_eq!(plain.service, ServiceName::of_authority(&id));
+        assert_eq!(plain.to_string(), id.to_string());
+        let named: TrustAnchor = format!("{id}@postern-authority").parse().unwrap();
+        assert_eq!(named.service.as_str(), "postern-authority");
+        assert_eq!(named.to_string(), format!("{id}@postern-authority"));
+        for bad in ["P12", "", &format!("{id}@"), &format!("{id}@bad name")] {
+            assert!(bad.parse::<TrustAnchor>().is_err(), "{bad}");
+        }
+        // One anchor per authority.
+        let trust = Trust::with_anchors([plain, named]);
+        assert_eq!(trust.anchors().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_tunnels_wait_for_current_revocations() {
+        let authority = Identity::generate().identifier();
+        let trust = Trust::new([authority].into_iter().collect())
+            .with_max_staleness(Duration::from_secs(30));
+        // Never heard from: not current, naming the authority.
+        let err = trust.require_current().unwrap_err();
+        assert_eq!(err.authority(), authority);
+        let heard = trust.watch_feeds();
+        trust.apply_feed(&authority, []);
+        assert!(heard.has_changed().unwrap());
+        assert!(trust.require_current().is_ok());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let err = trust.require_current().unwrap_err();
+        assert!(err.to_string().contains("beyond"), "{err}");
+        // Trusting nobody is always current.
+        assert!(Trust::default().require_current().is_ok());
+        // A first feed message arriving while a tunnel waits lets it through;
+        // none arriving is a refusal once patience runs out.
+        let trust = Arc::new(Trust::new([authority].into_iter().collect()));
+        let late = Arc::clone(&trust);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            late.apply_feed(&authority, []);
+        });
+        assert!(trust.wait_current(Duration::from_secs(5)).await.is_ok());
+        let silent = Trust::new([authority].into_iter().collect());
+        assert!(matches!(
+            silent.wait_current(Duration::from_secs(5)).await,
+            Err(StaleRevocations::NeverReceived { .. })
+        ));
     }
 }

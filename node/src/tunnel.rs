@@ -101,7 +101,7 @@ pub struct ChannelHalves<TR, TW> {
 }
 
 /// Seals one data-channel frame and writes it.
-pub(crate) async fn send_frame<W: AsyncWrite + Unpin>(
+pub async fn send_frame<W: AsyncWrite + Unpin>(
     writer: &mut W,
     sealer: &mut Sealer,
     frame: &DataFrame<'_>,
@@ -116,7 +116,7 @@ pub(crate) async fn send_frame<W: AsyncWrite + Unpin>(
 }
 
 /// Reads and opens the next data-channel frame into `plain`, returning its length.
-pub(crate) async fn recv_frame<R: AsyncRead + Unpin>(
+pub async fn recv_frame<R: AsyncRead + Unpin>(
     reader: &mut FramedReader<R>,
     opener: &mut Opener,
     plain: &mut [u8],

@@ -8,15 +8,28 @@
 //! between inlet and outlet: the relay holds none of its keys and can read
 //! none of it.
 //!
+//! It refuses, on the hop handshake and within a second afterwards, nodes
+//! whose identity or credential an authority it trusts has revoked, and
+//! nodes presenting an invalid credential. Data connections are accepted
+//! only from the Noise key of a live hop channel. Every resource a node can
+//! make the relay hold is bounded per source address and per identity
+//! ([`RelayConfig`] lists the limits), and every refusal reaches the node as
+//! a typed code beside its reason.
+//!
 //! With policies ([`RelayConfig::policies`]) it decides who may register
 //! which service name (Cedar action `register`, default deny), using the
-//! attributes of the credential each node presents on its hop channel. It
-//! does not decide who may reach a service (the outlet does) and does not
-//! terminate or inspect tunnelled traffic.
+//! attributes of the credential each node presents on its hop channel, and
+//! re-decides live registrations when the policies change; optionally it
+//! pre-checks `connect` before minting a token. The outlet remains the
+//! decisive check of who may reach a service; the relay does not terminate or
+//! inspect tunnelled traffic.
 #![forbid(unsafe_code)]
 
 mod access;
-pub mod registry;
+mod attach;
+mod limits;
+mod registry;
 mod server;
+mod session;
 
-pub use server::{Relay, RelayConfig, RelayError, Revocations};
+pub use server::{Relay, RelayConfig, RelayError};

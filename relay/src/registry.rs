@@ -3,11 +3,13 @@
 //!
 //! Time is passed in by the caller, so tests drive expiry on a virtual clock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use postern_identity::wire::{ServiceName, Side, TunnelToken};
 use postern_identity::Identifier;
+
+use crate::limits::{decrement, Source};
 
 /// Identifies one hop session (one authenticated connection from a node).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,6 +73,8 @@ struct Pending<W> {
     token: TunnelToken,
     service: ServiceName,
     inlet: (Identifier, [u8; 32]),
+    /// Where the inlet's hop channel comes from.
+    source: Source,
     outlet: (Identifier, [u8; 32]),
     expires: Instant,
     arrived: Option<Side>,
@@ -106,12 +110,22 @@ pub struct Opened {
 
 /// Services and pending tunnels. `W` is whatever the I/O layer uses to hand
 /// a data connection to the task waiting for it.
+///
+/// Every count the relay's limits need is kept up to date here, so that no
+/// decision scans the services or the pending tunnels.
 #[derive(Debug)]
 pub struct Registry<W> {
     relay: Identifier,
     token_ttl: Duration,
     services: HashMap<ServiceName, Registration>,
+    /// The names each session holds.
+    by_session: HashMap<SessionId, BTreeSet<ServiceName>>,
     pending: HashMap<[u8; 16], Pending<W>>,
+    /// Pending tunnels per requesting inlet: tokens count against the node
+    /// that asked for them, never against the outlet.
+    pending_by_inlet: HashMap<Identifier, usize>,
+    /// Pending tunnels per source of the requesting inlet.
+    pending_by_source: HashMap<Source, usize>,
 }
 
 impl<W> Registry<W> {
@@ -121,7 +135,10 @@ impl<W> Registry<W> {
             relay,
             token_ttl,
             services: HashMap::new(),
+            by_session: HashMap::new(),
             pending: HashMap::new(),
+            pending_by_inlet: HashMap::new(),
+            pending_by_source: HashMap::new(),
         }
     }
 
@@ -132,12 +149,43 @@ impl<W> Registry<W> {
         service: ServiceName,
         reg: Registration,
     ) -> Result<Option<SessionId>, RegisterError> {
-        match self.services.get(&service) {
-            Some(existing) if existing.owner != reg.owner => Err(RegisterError::HeldByOther {
-                service,
-                holder: existing.owner,
-            }),
-            _ => Ok(self.services.insert(service, reg).map(|old| old.session)),
+        if let Some(existing) = self.services.get(&service) {
+            if existing.owner != reg.owner {
+                return Err(RegisterError::HeldByOther {
+                    service,
+                    holder: existing.owner,
+                });
+            }
+        }
+        let session = reg.session;
+        self.by_session
+            .entry(session)
+            .or_default()
+            .insert(service.clone());
+        let replaced = self
+            .services
+            .insert(service.clone(), reg)
+            .map(|old| old.session);
+        if let Some(old) = replaced.filter(|old| *old != session) {
+            self.forget_name(old, &service);
+        }
+        Ok(replaced)
+    }
+
+    /// Drops `service` from `session`'s names (not from `services`).
+    fn forget_name(&mut self, session: SessionId, service: &ServiceName) {
+        if self
+            .services
+            .get(service)
+            .is_some_and(|r| r.session == session)
+        {
+            return;
+        }
+        if let Some(names) = self.by_session.get_mut(&session) {
+            names.remove(service);
+            if names.is_empty() {
+                self.by_session.remove(&session);
+            }
         }
     }
 
@@ -146,25 +194,55 @@ impl<W> Registry<W> {
         self.services.get(service)
     }
 
-    /// Tunnels being set up (token issued, not yet spliced) that involve
-    /// `node` as inlet or outlet.
-    pub fn pending_involving(&self, node: &Identifier) -> usize {
-        self.pending
-            .values()
-            .filter(|p| p.inlet.0 == *node || p.outlet.0 == *node)
-            .count()
+    /// The names `session` holds.
+    pub fn names_of(&self, session: SessionId) -> impl Iterator<Item = &ServiceName> {
+        self.by_session.get(&session).into_iter().flatten()
+    }
+
+    /// How many names `session` holds.
+    pub fn count_of(&self, session: SessionId) -> usize {
+        self.by_session.get(&session).map_or(0, BTreeSet::len)
+    }
+
+    /// Tunnels being set up (token issued, not yet spliced) that `inlet`
+    /// asked for.
+    pub fn pending_opened_by(&self, inlet: &Identifier) -> usize {
+        self.pending_by_inlet.get(inlet).copied().unwrap_or(0)
+    }
+
+    /// Tunnels being set up that inlets from `source` asked for.
+    pub(crate) fn pending_from(&self, source: Source) -> usize {
+        self.pending_by_source.get(&source).copied().unwrap_or(0)
+    }
+
+    /// Withdraws `service` from `session` (a policy no longer allows it);
+    /// `false` if that session did not hold it.
+    pub fn unregister(&mut self, service: &ServiceName, session: SessionId) -> bool {
+        if self
+            .services
+            .get(service)
+            .is_none_or(|r| r.session != session)
+        {
+            return false;
+        }
+        self.services.remove(service);
+        self.forget_name(session, service);
+        true
     }
 
     /// Forgets everything a session registered; returns the names released.
     pub fn remove_session(&mut self, session: SessionId) -> Vec<ServiceName> {
-        let released: Vec<ServiceName> = self
-            .services
-            .iter()
-            .filter(|(_, r)| r.session == session)
-            .map(|(s, _)| s.clone())
-            .collect();
-        for s in &released {
-            self.services.remove(s);
+        let names = self.by_session.remove(&session).unwrap_or_default();
+        let mut released = Vec::with_capacity(names.len());
+        for service in names {
+            if self
+                .services
+                .get(&service)
+                .is_some_and(|r| r.session == session)
+            {
+                self.services.remove(&service);
+                released.push(service);
+            }
         }
         released
     }
@@ -174,6 +252,7 @@ impl<W> Registry<W> {
         &mut self,
         service: &ServiceName,
         inlet: (Identifier, [u8; 32]),
+        source: Source,
         now: Instant,
     ) -> Result<Opened, OpenError> {
         let reg = self
@@ -189,12 +268,15 @@ impl<W> Registry<W> {
             outlet_session: reg.session,
             outlet: reg.owner,
         };
+        *self.pending_by_inlet.entry(inlet.0).or_insert(0) += 1;
+        *self.pending_by_source.entry(source).or_insert(0) += 1;
         self.pending.insert(
             token.id,
             Pending {
                 token,
                 service: service.clone(),
                 inlet,
+                source,
                 outlet: (reg.owner, reg.owner_static),
                 expires: now + self.token_ttl,
                 arrived: None,
@@ -241,7 +323,7 @@ impl<W> Registry<W> {
         };
         if pending.arrived.is_some() {
             claim.peer = pending.waiter.take();
-            self.pending.remove(&token.id);
+            self.remove_pending(&token.id);
         } else {
             pending.arrived = Some(side);
             pending.waiter = Some(waiter);
@@ -249,14 +331,29 @@ impl<W> Registry<W> {
         Ok(claim)
     }
 
+    fn remove_pending(&mut self, id: &[u8; 16]) {
+        if let Some(p) = self.pending.remove(id) {
+            decrement(&mut self.pending_by_inlet, p.inlet.0);
+            decrement(&mut self.pending_by_source, p.source);
+        }
+    }
+
     /// Drops tokens whose time is up (their waiters with them).
     pub fn expire(&mut self, now: Instant) -> usize {
-        let before = self.pending.len();
-        self.pending.retain(|_, p| p.expires > now);
-        before - self.pending.len()
+        let expired: Vec<[u8; 16]> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.expires <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            self.remove_pending(id);
+        }
+        expired.len()
     }
 
     /// Number of tunnels waiting for an end.
+    #[cfg(test)]
     pub fn pending_len(&self) -> usize {
         self.pending.len()
     }
@@ -269,6 +366,10 @@ mod tests {
 
     fn id() -> Identifier {
         Identity::generate().identifier()
+    }
+
+    fn src() -> Source {
+        Source::of([127, 0, 0, 1].into())
     }
 
     fn setup() -> (Registry<u32>, ServiceName, Identifier, Instant) {
@@ -322,7 +423,7 @@ mod tests {
     fn unknown_service_says_so() {
         let (mut r, _, _, now) = setup();
         let err = r
-            .open(&"nope".parse().unwrap(), (id(), [9; 32]), now)
+            .open(&"nope".parse().unwrap(), (id(), [9; 32]), src(), now)
             .unwrap_err();
         assert!(
             err.to_string()
@@ -336,7 +437,7 @@ mod tests {
         for first in [Side::Inlet, Side::Outlet] {
             let (mut r, svc, outlet, now) = setup();
             let inlet = id();
-            let opened = r.open(&svc, (inlet, [9; 32]), now).unwrap();
+            let opened = r.open(&svc, (inlet, [9; 32]), src(), now).unwrap();
             assert_eq!(opened.outlet, outlet);
             let key = |s| {
                 if s == Side::Inlet {
@@ -376,7 +477,7 @@ mod tests {
     #[test]
     fn wrong_secret_wrong_node_and_expiry() {
         let (mut r, svc, _, now) = setup();
-        let opened = r.open(&svc, (id(), [9; 32]), now).unwrap();
+        let opened = r.open(&svc, (id(), [9; 32]), src(), now).unwrap();
         let mut forged = opened.token.clone();
         forged.secret[0] ^= 1;
         assert_eq!(
@@ -401,5 +502,71 @@ mod tests {
         );
         assert_eq!(r.expire(later), 1);
         assert_eq!(r.pending_len(), 0);
+    }
+
+    #[test]
+    fn pending_tokens_count_against_the_requester_and_expire() {
+        let (mut r, svc, outlet, now) = setup();
+        let (inlet, other_src) = (id(), Source::of([10, 0, 0, 9].into()));
+        for _ in 0..3 {
+            r.open(&svc, (inlet, [9; 32]), src(), now).unwrap();
+        }
+        r.open(&svc, (id(), [8; 32]), other_src, now).unwrap();
+        assert_eq!(r.pending_opened_by(&inlet), 3);
+        assert_eq!(r.pending_opened_by(&outlet), 0, "never against the outlet");
+        assert_eq!(r.pending_from(src()), 3);
+        assert_eq!(r.pending_from(other_src), 1);
+        // Splicing a tunnel stops counting it.
+        let opened = r.open(&svc, (inlet, [9; 32]), src(), now).unwrap();
+        assert_eq!(r.pending_opened_by(&inlet), 4);
+        r.claim(&opened.token, Side::Inlet, &[9; 32], 1, now)
+            .unwrap();
+        r.claim(&opened.token, Side::Outlet, &[1; 32], 2, now)
+            .unwrap();
+        assert_eq!(r.pending_opened_by(&inlet), 3);
+        // Expiry forgets them all.
+        assert_eq!(r.expire(now + Duration::from_secs(11)), 4);
+        assert_eq!(r.pending_opened_by(&inlet), 0);
+        assert_eq!(r.pending_from(src()), 0);
+        assert_eq!(r.pending_from(other_src), 0);
+    }
+
+    #[test]
+    fn names_per_session_and_withdrawal() {
+        let (mut r, svc, outlet, _) = setup();
+        let other: ServiceName = "db2".parse().unwrap();
+        r.register(
+            other.clone(),
+            Registration {
+                owner: outlet,
+                session: SessionId(1),
+                owner_static: [1; 32],
+            },
+        )
+        .unwrap();
+        assert_eq!(r.count_of(SessionId(1)), 2);
+        // Another session of the same identity takes one name over.
+        r.register(
+            other.clone(),
+            Registration {
+                owner: outlet,
+                session: SessionId(2),
+                owner_static: [2; 32],
+            },
+        )
+        .unwrap();
+        assert_eq!(r.count_of(SessionId(1)), 1);
+        assert_eq!(r.count_of(SessionId(2)), 1);
+        // A withdrawal by the wrong session does nothing.
+        assert!(!r.unregister(&other, SessionId(1)));
+        assert!(r.unregister(&other, SessionId(2)));
+        assert!(r.lookup(&other).is_none());
+        assert_eq!(r.count_of(SessionId(2)), 0);
+        assert_eq!(
+            r.names_of(SessionId(1)).cloned().collect::<Vec<_>>(),
+            vec![svc.clone()]
+        );
+        assert_eq!(r.remove_session(SessionId(1)), vec![svc]);
+        assert_eq!(r.count_of(SessionId(1)), 0);
     }
 }

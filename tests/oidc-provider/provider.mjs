@@ -76,6 +76,15 @@ const ACCOUNTS = new Map([
     groups: ['engineers'],
     team: 'platform',
   }],
+  // An address the provider never verified: it must not name her.
+  ['carol', {
+    email: 'ceo@example.com',
+    email_verified: false,
+    name: 'Carol Claimant',
+    preferred_username: 'carol',
+    groups: ['analysts'],
+    team: 'sales',
+  }],
 ]);
 const disabled = new Set();
 

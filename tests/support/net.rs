@@ -546,6 +546,17 @@ impl PosternHome {
             .with_context(|| format!("running postern {args:?}"))
     }
 
+    /// `postern enroll args…` with `ticket` in `POSTERN_TICKET`, the way
+    /// automation gives it (a ticket on the command line is refused).
+    pub fn enroll_with_ticket(&self, ticket: &str, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["enroll"];
+        all.extend_from_slice(args);
+        self.command(&all)
+            .env("POSTERN_TICKET", ticket)
+            .output()
+            .with_context(|| format!("running postern {all:?}"))
+    }
+
     /// `postern identity create --name <name>`; returns the identifier.
     pub fn create_identity(&self, name: &str) -> Result<Identifier> {
         let out = self.run(&["identity", "create", "--name", name])?;
@@ -612,6 +623,12 @@ impl PosternProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the process (SIGKILL: no goodbye to anyone) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Everything written to stderr so far.
@@ -827,4 +844,75 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// A relay and an authority behind it (`authority run` with `extra` flags),
+/// both running from `home`; returns them with the relay's address and
+/// identifier.
+pub async fn relay_and_authority(
+    home: &PosternHome,
+    extra: &[&str],
+) -> Result<(PosternProcess, PosternProcess, String, String)> {
+    let mut relay = home.spawn(&["relay", "--identity", "relay", "--listen", "127.0.0.1:0"])?;
+    let relay_addr = relay.wait_for_addr("listening on").await?.to_string();
+    let relay_id = relay_identifier_from(&relay.stderr())?.to_string();
+    let mut args = vec![
+        "authority",
+        "run",
+        "--relay",
+        &relay_addr,
+        "--relay-identity",
+        &relay_id,
+    ];
+    args.extend_from_slice(extra);
+    let mut authority = home.spawn(&args)?;
+    authority
+        .wait_for_stderr("authority registered at relay", Duration::from_secs(20))
+        .await?;
+    Ok((relay, authority, relay_addr, relay_id))
+}
+
+/// The service [`echo_nodes`] serves.
+pub const SERVICE: &str = "limits";
+
+/// Starts a relay process with `extra` flags; returns it and its endpoint.
+pub async fn relay_process(extra: &[&str]) -> Result<(PosternHome, PosternProcess, RelayEndpoint)> {
+    let home = PosternHome::new()?;
+    home.create_identity("default")?;
+    let mut args = vec!["relay", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut relay = home.spawn(&args)?;
+    let addr = relay.wait_for_addr("listening on").await?;
+    let id = relay_identifier_from(&relay.stderr())?;
+    Ok((home, relay, RelayEndpoint::new(addr.to_string(), id)))
+}
+
+/// An outlet (→ `echo`, service [`SERVICE`]) admitting only the inlet, and
+/// that inlet, at `relay`, tuned by the closures.
+pub async fn echo_nodes(
+    relay: &RelayEndpoint,
+    echo: &EchoServer,
+    tune_outlet: impl FnOnce(&mut OutletConfig),
+    tune_inlet: impl FnOnce(&mut InletConfig),
+) -> Result<(TestNode, TestNode)> {
+    let (outlet_id, inlet_id) = (Identity::generate(), Identity::generate());
+    let mut outlet_cfg = OutletConfig::new(
+        relay.clone(),
+        service(SERVICE),
+        echo.target(),
+        AllowList::new([inlet_id.identifier()]),
+    );
+    tune_outlet(&mut outlet_cfg);
+    let mut inlet_cfg = InletConfig::new(
+        relay.clone(),
+        service(SERVICE),
+        any_loopback(),
+        outlet_id.identifier(),
+    );
+    tune_inlet(&mut inlet_cfg);
+    let mut outlet = TestNode::outlet(outlet_id, outlet_cfg)?;
+    outlet.wait_ready().await?;
+    let mut inlet = TestNode::inlet(inlet_id, inlet_cfg).await?;
+    inlet.wait_ready().await?;
+    Ok((outlet, inlet))
 }

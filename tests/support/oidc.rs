@@ -3,7 +3,8 @@
 //! [`TestProvider::start`] runs `node tests/oidc-provider/provider.mjs`: the
 //! npm package `oidc-provider` (OpenID Certified) on a random loopback port,
 //! with the clients [`PUBLIC_CLIENT`] and [`OTHER_CLIENT`], users `alice`
-//! and `bob` (with `groups` and `team` claims), the device flow, and its
+//! and `bob` (with `groups` and `team` claims) and `carol` (whose e-mail
+//! address is not verified), the device flow, and its
 //! development login and consent forms. The process exits when the
 //! [`TestProvider`] is dropped (killed and reaped), and by itself when the
 //! test process dies (it watches its stdin). Its log goes to a temporary

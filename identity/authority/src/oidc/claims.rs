@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::{OidcConfig, OidcError};
-use crate::{AttrValue, Attributes};
+use postern_identity::{AttrValue, Attributes};
 
 /// Longest piece of untrusted text quoted in an error message.
 const MAX_QUOTED: usize = 120;
@@ -20,26 +20,37 @@ pub(crate) fn quote(text: &str) -> String {
 
 /// Maps the claims of a verified ID token to the human-readable name and
 /// the attributes, by the configuration's rules (see [`OidcConfig`]). Also
-/// applies `allowed_email_domains`. A plain function over JSON, so the
-/// rules can be tested and fuzzed without a provider.
+/// applies `allowed_email_domains` and `allowed_groups`. A plain function
+/// over JSON, so the rules can be tested and fuzzed without a provider.
 pub fn map_claims(
     config: &OidcConfig,
     subject: &str,
     claims: &Map<String, Value>,
 ) -> Result<(String, Attributes), OidcError> {
     check_email_domain(config, claims)?;
+    check_groups(config, claims)?;
 
+    // An e-mail address names the person only when the provider verified
+    // it: otherwise anyone may have typed it into their profile.
+    let usable = |claim: &str| match claims.get(claim) {
+        Some(Value::String(s)) if !s.is_empty() => {
+            if claim == "email" && !email_verified(claims) {
+                Err(s)
+            } else {
+                Ok(Some(s.clone()))
+            }
+        }
+        _ => Ok(None),
+    };
     let name = match config.name_claim() {
-        Some(claim) => match claims.get(claim) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            _ => return Err(OidcError::NameClaimMissing(claim.to_string())),
+        Some(claim) => match usable(claim) {
+            Ok(Some(name)) => name,
+            Ok(None) => return Err(OidcError::NameClaimMissing(claim.to_string())),
+            Err(unverified) => return Err(OidcError::EmailNotVerified(quote(unverified))),
         },
         None => OidcConfig::default_name_claims()
             .iter()
-            .find_map(|c| match claims.get(*c) {
-                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-                _ => None,
-            })
+            .find_map(|c| usable(c).ok().flatten())
             .unwrap_or_else(|| subject.to_string()),
     };
 
@@ -87,6 +98,41 @@ fn scalar(value: &Value) -> Option<String> {
     }
 }
 
+/// Whether the provider says it verified the `email` claim (`true`, or the
+/// string `"true"` some providers send).
+fn email_verified(claims: &Map<String, Value>) -> bool {
+    match claims.get("email_verified") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s == "true",
+        _ => false,
+    }
+}
+
+fn check_groups(config: &OidcConfig, claims: &Map<String, Value>) -> Result<(), OidcError> {
+    let allowed = config.allowed_groups();
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let claim = config.groups_claim();
+    let held: Vec<&str> = match claims.get(claim) {
+        Some(Value::String(g)) => vec![g.as_str()],
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if held.iter().any(|g| allowed.iter().any(|a| a == g)) {
+        return Ok(());
+    }
+    Err(OidcError::GroupNotAllowed(format!(
+        "the ID token's {claim:?} claim holds none of the groups this authority admits ({}){}: ask the admin to add you to one of them at the provider",
+        allowed.join(", "),
+        if held.is_empty() {
+            format!(" (it has no such claim: request the scope that carries {claim:?})")
+        } else {
+            String::new()
+        }
+    )))
+}
+
 fn check_email_domain(config: &OidcConfig, claims: &Map<String, Value>) -> Result<(), OidcError> {
     let allowed = config.allowed_email_domains();
     if allowed.is_empty() {
@@ -101,10 +147,7 @@ fn check_email_domain(config: &OidcConfig, claims: &Map<String, Value>) -> Resul
             )
         }
     };
-    // Some providers send "true" as a string.
-    let verified = matches!(claims.get("email_verified"), Some(Value::Bool(true)))
-        || matches!(claims.get("email_verified"), Some(Value::String(s)) if s == "true");
-    if !verified {
+    if !email_verified(claims) {
         return refuse(format!(
             "the e-mail address {} is not verified by the provider, and `allowed_email_domains` admits only verified addresses",
             quote(email)
@@ -153,7 +196,8 @@ mod tests {
             &c,
             "sub-1",
             &claims(json!({
-                "email": "a@example.com", "groups": ["x", "y", 3, true], "team": "t",
+                "email": "a@example.com", "email_verified": true,
+                "groups": ["x", "y", 3, true], "team": "t",
                 "lvl": 7, "mfa": false, "nil": null
             })),
         )
@@ -188,6 +232,64 @@ mod tests {
             .expect_err("nested refused")
             .to_string();
         assert!(err.contains("list"), "{err}");
+    }
+
+    #[test]
+    fn an_unverified_email_does_not_name_anyone() {
+        let c = config("");
+        let name = |v| map_claims(&c, "the-sub", &claims(v)).expect("maps").0;
+        assert_eq!(
+            name(
+                json!({"email": "ceo@example.com", "email_verified": true, "preferred_username": "al"})
+            ),
+            "ceo@example.com"
+        );
+        assert_eq!(
+            name(json!({"email": "ceo@example.com", "email_verified": "true"})),
+            "ceo@example.com"
+        );
+        // Unverified, or not said: the next claim, or the subject.
+        for verified in [json!(false), json!("false"), json!(null), json!("yes")] {
+            assert_eq!(
+                name(
+                    json!({"email": "ceo@example.com", "email_verified": verified, "preferred_username": "mallory"})
+                ),
+                "mallory"
+            );
+        }
+        assert_eq!(name(json!({"email": "ceo@example.com"})), "the-sub");
+        // Named explicitly: refused, with the reason.
+        let c = config("name_claim = \"email\"");
+        let err = map_claims(
+            &c,
+            "s",
+            &claims(json!({"email": "ceo@example.com", "email_verified": false})),
+        )
+        .expect_err("unverified");
+        assert!(
+            matches!(err, OidcError::EmailNotVerified(_))
+                && err.to_string().contains("not verified"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn allowed_groups() {
+        let c = config("allowed_groups = [\"postern-users\", \"dba\"]");
+        let ok = |v| map_claims(&c, "s", &claims(v));
+        assert!(ok(json!({"groups": ["x", "dba"]})).is_ok());
+        assert!(ok(json!({"groups": "postern-users"})).is_ok());
+        for bad in [
+            json!({"groups": ["x"]}),
+            json!({}),
+            json!({"groups": [["dba"]]}),
+        ] {
+            let err = ok(bad.clone()).expect_err("refused");
+            assert!(matches!(err, OidcError::GroupNotAllowed(_)), "{bad}: {err}");
+        }
+        let c = config("allowed_groups = [\"dba\"]\ngroups_claim = \"roles\"");
+        assert!(map_claims(&c, "s", &claims(json!({"roles": ["dba"]}))).is_ok());
+        assert!(map_claims(&c, "s", &claims(json!({"groups": ["dba"]}))).is_err());
     }
 
     #[test]

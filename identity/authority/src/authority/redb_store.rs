@@ -10,7 +10,7 @@
 //! | `issued`      | credential id (16 bytes)              | [`IssuedRecord`]   |
 //! | `revocations` | sequence number (`u64`)               | [`Revocation`]     |
 //! | `revoked`     | `c` + credential id, or `i` + identifier | sequence number |
-//! | `oidc_sessions` | identifier (20 bytes)               | [`OidcSession`] (holds the provider's refresh token) |
+//! | `oidc_sessions` | identifier (20 bytes)               | [`OidcSession`] (holds the provider's refresh token, sealed: [`super::StoredToken`]) |
 //!
 //! `oidc_sessions` came after the first release of schema 1; it is created
 //! when a database without it is opened, and older versions ignore it.
@@ -32,9 +32,9 @@ use super::{
     member_from_ticket, take_ticket_use, AuthorityError, AuthorityStore, IssuedRecord, Member,
     OidcSession, StoreError, TicketRecord,
 };
-use crate::credential::{CredentialId, Revocation, RevocationEntry, RevocationTarget};
-use crate::ticket::CodeHash;
-use crate::Identifier;
+use postern_identity::credential::{CredentialId, Revocation, RevocationEntry, RevocationTarget};
+use postern_identity::ticket::CodeHash;
+use postern_identity::Identifier;
 
 const SCHEMA_VERSION: u64 = 1;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -339,6 +339,13 @@ impl AuthorityStore for RedbStore {
         Ok(out)
     }
 
+    fn latest_revocation_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let log = txn.open_table(REVOCATIONS).map_err(backend)?;
+        let last = log.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
+        Ok(last)
+    }
+
     fn prune_expired(&self, before: u64) -> Result<usize, StoreError> {
         let txn = self.db.begin_write().map_err(backend)?;
         let mut removed = 0;
@@ -387,7 +394,76 @@ impl AuthorityStore for RedbStore {
         )
     }
 
+    fn oidc_sessions(&self) -> Result<Vec<OidcSession>, StoreError> {
+        self.all(OIDC_SESSIONS)
+    }
+
     fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError> {
         self.delete(OIDC_SESSIONS, id.as_bytes())
     }
+
+    /// Copies every record into a fresh file beside this one (mode `0600`,
+    /// synced), and renames it over this one while both are held open, so
+    /// that no other process can open the store in between. The old file's
+    /// pages, with whatever they held, go with it.
+    fn rewrite(&mut self) -> Result<(), StoreError> {
+        let mut fresh_path = self.path.clone().into_os_string();
+        fresh_path.push(".rewrite");
+        let fresh_path = PathBuf::from(fresh_path);
+        let open_err = |reason: String| StoreError::Open {
+            path: fresh_path.clone(),
+            reason,
+        };
+        let _ = fs::remove_file(&fresh_path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&fresh_path)
+            .map_err(|e| open_err(e.to_string()))?;
+        let fresh = Database::builder()
+            .create_file(file)
+            .map_err(|e| open_err(e.to_string()))?;
+        let copied = (|| {
+            let from = self.db.begin_read().map_err(backend)?;
+            let to = fresh.begin_write().map_err(backend)?;
+            copy_table(&from, &to, META)?;
+            for table in [MEMBERS, TICKETS, ISSUED, OIDC_SESSIONS] {
+                copy_table(&from, &to, table)?;
+            }
+            copy_table(&from, &to, REVOCATIONS)?;
+            copy_table(&from, &to, REVOKED)?;
+            to.commit().map_err(backend)
+        })();
+        if let Err(e) = copied {
+            drop(fresh);
+            let _ = fs::remove_file(&fresh_path);
+            return Err(e);
+        }
+        fs::rename(&fresh_path, &self.path).map_err(|e| StoreError::Open {
+            path: self.path.clone(),
+            reason: format!("cannot replace it with its rewritten copy: {e}"),
+        })?;
+        // The old database (and its lock on the old, now unlinked, file)
+        // goes; the fresh one, under the store's name, stays open.
+        self.db = fresh;
+        Ok(())
+    }
+}
+
+/// Copies every record of `table` from a read transaction into a write
+/// transaction of another database.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    from: &redb::ReadTransaction,
+    to: &redb::WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<(), StoreError> {
+    let source = from.open_table(table).map_err(backend)?;
+    let mut target = to.open_table(table).map_err(backend)?;
+    for item in source.iter().map_err(backend)? {
+        let (k, v) = item.map_err(backend)?;
+        target.insert(k.value(), v.value()).map_err(backend)?;
+    }
+    Ok(())
 }

@@ -1,52 +1,31 @@
-//! The authority: who is a member, which enrollment tickets are open, what
-//! was revoked, and the credentials it signs.
-//!
-//! [`Authority`] is the pure logic, with no network and no clock (callers
-//! pass `now`, unix seconds). Its state sits behind the [`AuthorityStore`]
-//! trait so that another backend (PostgreSQL) can follow; two exist:
-//!
-//! - [`RedbStore`]: an embedded [`redb`] database in one file (mode `0600`),
-//!   the default;
-//! - [`MemoryStore`]: in memory, for tests and embedding.
-//!
-//! Tickets are stored by the SHA-256 hash of their one-time code only
-//! ([`crate::ticket::CodeHash`]). Redeeming one is a single store
-//! transaction ([`AuthorityStore::redeem_ticket`]) that takes a use and
-//! records the member, so a single-use ticket cannot enroll two machines even
-//! when both arrive at once.
-//!
-//! Members who log in with OpenID Connect ([`Authority::enroll_oidc`]) get
-//! an [`OidcSession`] beside their membership: the provider's issuer and
-//! subject, and the provider's refresh token. Such a member's credential is
-//! renewed only after the provider has been asked again
-//! ([`Authority::renew_oidc`], after `OidcVerifier::refresh`), so a person
-//! disabled at the provider gets no new credential; [`Authority::issue_for_member`]
-//! refuses them ([`AuthorityError::OidcLoginRequired`]). The refresh token is
-//! stored as the store stores everything (the redb file is mode `0600`) and is
-//! never logged.
-//!
-//! Store methods are blocking (redb does file I/O); async callers should use
-//! `spawn_blocking` or accept short stalls.
+//! The authority's logic ([`Authority`]) and its stores ([`AuthorityStore`],
+//! [`MemoryStore`], and [`RedbStore`] in `redb_store.rs`). Everything public
+//! here is re-exported at the crate root, whose documentation describes it.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::credential::{
+use crate::oidc::{OidcError, SecretString, VerifiedLogin};
+use postern_identity::credential::{
     self, format_duration, format_timestamp, CredentialBody, CredentialError, CredentialId, Kind,
     Revocation, RevocationEntry, RevocationList, RevocationTarget, SignedCredential,
     CREDENTIAL_VERSION, MAX_CREDENTIAL_LEN,
 };
-use crate::oidc::{OidcError, SecretString, VerifiedLogin};
-use crate::ticket::{self, CodeHash, Ticket, TicketCode};
-use crate::wire::ServiceName;
-use crate::{Attributes, Identifier, Identity, PublicIdentity};
+use postern_identity::ticket::{self, CodeHash, Ticket, TicketCode};
+use postern_identity::wire::{RefusalCode, ServiceName};
+use postern_identity::{Attributes, Identifier, Identity, PublicIdentity};
+use tokio::sync::watch;
 
+mod memory_store;
 mod redb_store;
+mod sealing;
+pub use memory_store::MemoryStore;
 pub use redb_store::RedbStore;
+use sealing::TokenKey;
+pub use sealing::{SealedToken, StoredToken, TOKEN_KEY_PURPOSE};
 
 /// Default credential life for people.
 pub const DEFAULT_PERSON_LIFETIME: Duration = Duration::from_secs(8 * 3600);
@@ -67,7 +46,7 @@ pub const MAX_ATTRIBUTES: usize = 64;
 #[non_exhaustive]
 pub enum StoreError {
     /// Another process holds the database.
-    #[error("authority database {path} is in use by another process (is `postern authority` already running?)")]
+    #[error("authority database {path} is in use by another process, and no running authority answers on its admin endpoint (another admin command may hold it for a moment, or an older Postern runs the authority): try again, or stop that process")]
     Locked {
         /// The database file.
         path: std::path::PathBuf,
@@ -152,6 +131,10 @@ pub enum AuthorityError {
     /// Signing failed. Internal.
     #[error(transparent)]
     Credential(#[from] CredentialError),
+    /// A task of the authority failed (a store call on its blocking thread
+    /// panicked or was cancelled). Internal.
+    #[error("internal error in the authority: {0}")]
+    Internal(String),
 }
 
 impl AuthorityError {
@@ -173,6 +156,20 @@ impl AuthorityError {
                     && !matches!(e, OidcError::Internal(_))
             }
             _ => false,
+        }
+    }
+
+    /// What kind of refusal this is for the requesting node: whether asking
+    /// again may succeed ([`RefusalCode::Limit`], [`RefusalCode::RetryLater`])
+    /// or will not until someone changes something ([`RefusalCode::Denied`],
+    /// [`RefusalCode::Invalid`]).
+    pub fn refusal_code(&self) -> RefusalCode {
+        match self {
+            AuthorityError::Oidc(e) => e.refusal_code(),
+            AuthorityError::InvalidRequest(_) => RefusalCode::Invalid,
+            AuthorityError::OidcUnavailable => RefusalCode::Denied,
+            client if client.is_client_error() => RefusalCode::Denied,
+            _ => RefusalCode::RetryLater,
         }
     }
 
@@ -293,9 +290,10 @@ pub struct OidcSession {
     pub subject: String,
     /// The human-readable name at the last login or refresh.
     pub name: String,
-    /// The provider's refresh token (`None`: the provider issued none, so
-    /// the login cannot be re-checked). Secret: redacted in `Debug`.
-    pub refresh_token: Option<SecretString>,
+    /// The provider's refresh token, sealed under the authority's key
+    /// (`None`: the provider issued none, so the login cannot be
+    /// re-checked). [`Authority::oidc_refresh_token`] opens it.
+    pub refresh_token: Option<StoredToken>,
     /// When the person logged in (unix seconds).
     pub logged_in_at: u64,
     /// When the provider last confirmed the login (login or refresh).
@@ -369,6 +367,10 @@ pub trait AuthorityStore: Send + Sync + fmt::Debug {
     fn revocation(&self, target: &RevocationTarget) -> Result<Option<Revocation>, StoreError>;
     /// Log entries with a sequence number greater than `after_seq`, in order.
     fn revocations_since(&self, after_seq: u64) -> Result<Vec<RevocationEntry>, StoreError>;
+    /// The sequence number of the newest revocation (0 when none).
+    fn latest_revocation_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.revocations_since(0)?.last().map_or(0, |e| e.seq))
+    }
 
     /// Deletes tickets and issued-log entries that expired before `before`;
     /// returns how many records went.
@@ -378,6 +380,17 @@ pub trait AuthorityStore: Send + Sync + fmt::Debug {
     fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError>;
     /// Adds or replaces a member's OpenID Connect login.
     fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError>;
+    /// Every OpenID Connect login kept.
+    fn oidc_sessions(&self) -> Result<Vec<OidcSession>, StoreError>;
+
+    /// Rewrites the stored data so that values replaced or deleted so far
+    /// are gone from the underlying storage too (a file keeps old pages
+    /// until it reuses them), not only from what reads return. Called once
+    /// at start when secrets stored in clear were sealed. Nothing to do for
+    /// a store without such leftovers.
+    fn rewrite(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Forgets a member's OpenID Connect login; whether there was one.
     fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError>;
 }
@@ -492,21 +505,63 @@ pub struct Authority {
     identity: Identity,
     store: Box<dyn AuthorityStore>,
     config: AuthorityConfig,
+    /// The sequence number of the newest revocation, updated by every
+    /// [`Authority::revoke`]: revocation feeds wait on it instead of
+    /// polling the store.
+    newest_revocation: watch::Sender<u64>,
+    /// Seals the refresh tokens kept for OpenID Connect members.
+    token_key: TokenKey,
 }
 
 impl Authority {
     /// An authority signing with `identity`, keeping state in `store`.
+    /// Reads the store (the newest revocation), and seals the refresh
+    /// tokens an older Postern stored in clear, then has the store rewrite
+    /// itself without them ([`AuthorityStore::rewrite`]).
     pub fn new(
         identity: Identity,
-        store: Box<dyn AuthorityStore>,
+        mut store: Box<dyn AuthorityStore>,
         config: AuthorityConfig,
     ) -> Result<Self, AuthorityError> {
         config.validate()?;
+        let newest = store.latest_revocation_seq()?;
+        let token_key = TokenKey::derive(&identity);
+        let sealed = seal_plain_tokens(store.as_ref(), &token_key)?;
+        if sealed > 0 {
+            store.rewrite()?;
+            tracing::info!(
+                tokens = sealed,
+                "sealed the OpenID Connect refresh tokens an older Postern stored in clear, and rewrote the store without them"
+            );
+        }
         Ok(Authority {
             identity,
             store,
             config,
+            newest_revocation: watch::Sender::new(newest),
+            token_key,
         })
+    }
+
+    /// Runs `op` on this authority on a thread where blocking is allowed
+    /// (every store call blocks on file I/O): what async code must use
+    /// instead of calling the authority directly on a runtime worker.
+    pub async fn blocking<T, F>(self: &Arc<Self>, op: F) -> Result<T, AuthorityError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Authority) -> Result<T, AuthorityError> + Send + 'static,
+    {
+        let authority = Arc::clone(self);
+        tokio::task::spawn_blocking(move || op(&authority))
+            .await
+            .map_err(|e| AuthorityError::Internal(format!("a store task failed: {e}")))?
+    }
+
+    /// The sequence number of the newest revocation, now and as it changes:
+    /// every [`Authority::revoke`] that records a new entry updates it, so
+    /// a waiter learns of a revocation at once.
+    pub fn watch_revocations(&self) -> watch::Receiver<u64> {
+        self.newest_revocation.subscribe()
     }
 
     /// The authority's identifier (what nodes trust).
@@ -651,6 +706,9 @@ impl Authority {
                 subject: login.subject.clone(),
             },
         };
+        let refresh_token = refresh_token
+            .map(|token| self.token_key.seal(&subject, &token))
+            .transpose()?;
         self.store.put_oidc_session(&OidcSession {
             identifier: subject,
             issuer: login.issuer.clone(),
@@ -671,6 +729,24 @@ impl Authority {
         subject: &Identifier,
     ) -> Result<Option<OidcSession>, AuthorityError> {
         Ok(self.store.oidc_session(subject)?)
+    }
+
+    /// The OpenID Connect login kept for `subject`, with its refresh token
+    /// (if the provider issued one and has not refused it since).
+    #[allow(clippy::type_complexity)]
+    pub fn oidc_refresh_token(
+        &self,
+        subject: &Identifier,
+    ) -> Result<Option<(OidcSession, Option<SecretString>)>, AuthorityError> {
+        let Some(session) = self.store.oidc_session(subject)? else {
+            return Ok(None);
+        };
+        let token = session
+            .refresh_token
+            .as_ref()
+            .map(|stored| self.token_key.open(subject, stored))
+            .transpose()?;
+        Ok(Some((session, token)))
     }
 
     /// Renews the credential of an OpenID Connect member after the provider
@@ -706,7 +782,7 @@ impl Authority {
         })?;
         member.attributes = oidc_attributes(login)?;
         if let Some(token) = rotated {
-            session.refresh_token = Some(token);
+            session.refresh_token = Some(self.token_key.seal(&subject, &token)?);
         }
         session.name = login.name.clone();
         session.checked_at = now;
@@ -814,10 +890,18 @@ impl Authority {
         target: RevocationTarget,
         now: u64,
     ) -> Result<RevocationEntry, AuthorityError> {
-        Ok(self.store.revoke(Revocation {
+        let entry = self.store.revoke(Revocation {
             target,
             revoked_at: now,
-        })?)
+        })?;
+        self.newest_revocation.send_if_modified(|newest| {
+            let newer = entry.seq > *newest;
+            if newer {
+                *newest = entry.seq;
+            }
+            newer
+        });
+        Ok(entry)
     }
 
     /// Revocations after log position `after_seq`, for nodes catching up.
@@ -894,13 +978,26 @@ impl Authority {
     }
 }
 
+/// Seals every refresh token `store` keeps in clear; how many there were.
+fn seal_plain_tokens(store: &dyn AuthorityStore, key: &TokenKey) -> Result<usize, AuthorityError> {
+    let mut sealed = 0;
+    for mut session in store.oidc_sessions()? {
+        if let Some(StoredToken::Plain(token)) = &session.refresh_token {
+            session.refresh_token = Some(key.seal(&session.identifier, token)?);
+            store.put_oidc_session(&session)?;
+            sealed += 1;
+        }
+    }
+    Ok(sealed)
+}
+
 /// A login's attributes for its member: the mapped claims, plus
 /// [`NAME_ATTRIBUTE`] with the login's name unless a claim is mapped to it.
 fn oidc_attributes(login: &VerifiedLogin) -> Result<Attributes, AuthorityError> {
     let mut attributes = login.attributes.clone();
     attributes
         .entry(NAME_ATTRIBUTE.to_string())
-        .or_insert_with(|| crate::AttrValue::One(login.name.clone()));
+        .or_insert_with(|| postern_identity::AttrValue::One(login.name.clone()));
     check_attributes(&attributes)?;
     Ok(attributes)
 }
@@ -954,149 +1051,6 @@ pub fn check_attributes(attributes: &Attributes) -> Result<(), AuthorityError> {
     Ok(())
 }
 
-/// An in-memory [`AuthorityStore`] (tests, embedding). Everything is lost
-/// when it is dropped.
-#[derive(Debug, Default)]
-pub struct MemoryStore {
-    state: Mutex<MemoryState>,
-}
-
-#[derive(Debug, Default)]
-struct MemoryState {
-    members: BTreeMap<Identifier, Member>,
-    tickets: BTreeMap<CodeHash, TicketRecord>,
-    issued: Vec<IssuedRecord>,
-    revocations: Vec<RevocationEntry>,
-    oidc_sessions: BTreeMap<Identifier, OidcSession>,
-}
-
-impl MemoryStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, MemoryState> {
-        // A panic while holding the lock cannot leave a half-applied change:
-        // every method mutates with single map operations.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl AuthorityStore for MemoryStore {
-    fn member(&self, id: &Identifier) -> Result<Option<Member>, StoreError> {
-        Ok(self.state().members.get(id).cloned())
-    }
-    fn members(&self) -> Result<Vec<Member>, StoreError> {
-        Ok(self.state().members.values().cloned().collect())
-    }
-    fn put_member(&self, member: &Member) -> Result<(), StoreError> {
-        self.state()
-            .members
-            .insert(member.identifier, member.clone());
-        Ok(())
-    }
-    fn remove_member(&self, id: &Identifier) -> Result<bool, StoreError> {
-        Ok(self.state().members.remove(id).is_some())
-    }
-    fn insert_ticket(&self, ticket: &TicketRecord) -> Result<(), StoreError> {
-        self.state()
-            .tickets
-            .insert(ticket.code_hash, ticket.clone());
-        Ok(())
-    }
-    fn tickets(&self) -> Result<Vec<TicketRecord>, StoreError> {
-        Ok(self.state().tickets.values().cloned().collect())
-    }
-    fn remove_ticket(&self, hash: &CodeHash) -> Result<bool, StoreError> {
-        Ok(self.state().tickets.remove(hash).is_some())
-    }
-    fn redeem_ticket(
-        &self,
-        hash: &CodeHash,
-        subject: Identifier,
-        now: u64,
-    ) -> Result<Member, AuthorityError> {
-        let mut state = self.state();
-        let ticket = state
-            .tickets
-            .get_mut(hash)
-            .ok_or(AuthorityError::TicketUnknown)?;
-        take_ticket_use(ticket, now)?;
-        let member = member_from_ticket(ticket, subject, now);
-        state.members.insert(subject, member.clone());
-        Ok(member)
-    }
-    fn record_issued(&self, record: &IssuedRecord) -> Result<(), StoreError> {
-        self.state().issued.push(record.clone());
-        Ok(())
-    }
-    fn issued_credential(&self, id: &CredentialId) -> Result<Option<IssuedRecord>, StoreError> {
-        Ok(self.state().issued.iter().find(|r| &r.id == id).cloned())
-    }
-    fn issued(&self, subject: Option<&Identifier>) -> Result<Vec<IssuedRecord>, StoreError> {
-        Ok(self
-            .state()
-            .issued
-            .iter()
-            .filter(|r| subject.is_none_or(|s| &r.subject == s))
-            .cloned()
-            .collect())
-    }
-    fn revoke(&self, revocation: Revocation) -> Result<RevocationEntry, StoreError> {
-        let mut state = self.state();
-        if let Some(existing) = state
-            .revocations
-            .iter()
-            .find(|e| e.revocation.target == revocation.target)
-        {
-            return Ok(*existing);
-        }
-        let entry = RevocationEntry {
-            seq: state.revocations.last().map_or(0, |e| e.seq) + 1,
-            revocation,
-        };
-        state.revocations.push(entry);
-        Ok(entry)
-    }
-    fn revocation(&self, target: &RevocationTarget) -> Result<Option<Revocation>, StoreError> {
-        Ok(self
-            .state()
-            .revocations
-            .iter()
-            .find(|e| &e.revocation.target == target)
-            .map(|e| e.revocation))
-    }
-    fn revocations_since(&self, after_seq: u64) -> Result<Vec<RevocationEntry>, StoreError> {
-        Ok(self
-            .state()
-            .revocations
-            .iter()
-            .filter(|e| e.seq > after_seq)
-            .copied()
-            .collect())
-    }
-    fn prune_expired(&self, before: u64) -> Result<usize, StoreError> {
-        let mut state = self.state();
-        let (t, i) = (state.tickets.len(), state.issued.len());
-        state.tickets.retain(|_, t| t.expires_at >= before);
-        state.issued.retain(|r| r.expires_at >= before);
-        Ok(t - state.tickets.len() + i - state.issued.len())
-    }
-    fn oidc_session(&self, id: &Identifier) -> Result<Option<OidcSession>, StoreError> {
-        Ok(self.state().oidc_sessions.get(id).cloned())
-    }
-    fn put_oidc_session(&self, session: &OidcSession) -> Result<(), StoreError> {
-        self.state()
-            .oidc_sessions
-            .insert(session.identifier, session.clone());
-        Ok(())
-    }
-    fn remove_oidc_session(&self, id: &Identifier) -> Result<bool, StoreError> {
-        Ok(self.state().oidc_sessions.remove(id).is_some())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1107,7 +1061,7 @@ mod tests {
         let mut attributes = Attributes::new();
         attributes.insert(
             "groups".into(),
-            crate::AttrValue::Many(groups.iter().map(|g| g.to_string()).collect()),
+            postern_identity::AttrValue::Many(groups.iter().map(|g| g.to_string()).collect()),
         );
         VerifiedLogin {
             issuer: "https://id.example.com".into(),
@@ -1137,7 +1091,9 @@ mod tests {
         assert_eq!(body.kind, Kind::Person);
         assert_eq!(
             body.attributes.get(NAME_ATTRIBUTE),
-            Some(&crate::AttrValue::One("alice@example.com".into()))
+            Some(&postern_identity::AttrValue::One(
+                "alice@example.com".into()
+            ))
         );
         let member = authority.member(&node).expect("read").expect("member");
         assert_eq!(
@@ -1147,14 +1103,15 @@ mod tests {
                 subject: "alice".into()
             }
         );
-        let session = authority
-            .oidc_session(&node)
+        let (session, token) = authority
+            .oidc_refresh_token(&node)
             .expect("read")
             .expect("session");
-        assert_eq!(
-            session.refresh_token.as_ref().map(SecretString::expose),
-            Some("rt-1")
-        );
+        assert_eq!(token.as_ref().map(SecretString::expose), Some("rt-1"));
+        assert!(matches!(
+            session.refresh_token,
+            Some(StoredToken::Sealed(_))
+        ));
         assert!(!format!("{session:?}").contains("rt-1"), "token redacted");
 
         // The plain member path does not renew an OIDC member.
@@ -1183,19 +1140,16 @@ mod tests {
         let body = renewed.inspect_unverified().expect("body");
         assert_eq!(
             body.attributes.get("groups"),
-            Some(&crate::AttrValue::Many(vec![
+            Some(&postern_identity::AttrValue::Many(vec![
                 "analysts".into(),
                 "oncall".into()
             ]))
         );
-        let session = authority
-            .oidc_session(&node)
+        let (session, token) = authority
+            .oidc_refresh_token(&node)
             .expect("read")
             .expect("session");
-        assert_eq!(
-            session.refresh_token.as_ref().map(SecretString::expose),
-            Some("rt-2")
-        );
+        assert_eq!(token.as_ref().map(SecretString::expose), Some("rt-2"));
         assert_eq!(session.checked_at, NOW + 30);
         let via: Vec<IssuedVia> = authority
             .issued(Some(&node))

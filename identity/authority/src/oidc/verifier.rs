@@ -189,6 +189,9 @@ impl OidcVerifier {
             check_endpoint(d.url())
                 .map_err(|m| discovery(format!("device authorization endpoint: {m}")))?;
         }
+        if let Some(why) = config.open_to_everyone() {
+            tracing::warn!("{why}");
+        }
         tracing::debug!(
             issuer = %issuer_text,
             keys = metadata.jwks().keys().len(),
@@ -312,6 +315,7 @@ impl OidcVerifier {
                 .verification_uri_complete()
                 .map(|u| u.secret().clone()),
             expires_at: now.saturating_add(details.expires_in().as_secs()),
+            enrolling: None,
         };
         Ok(DeviceLogin { prompt, details })
     }
@@ -799,7 +803,7 @@ pub(crate) fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-pub(crate) use crate::time::unix_now;
+pub(crate) use postern_identity::time::unix_now;
 
 /// Locks a mutex; the data stays consistent even if a holder panicked (every
 /// critical section is a single map or field update).

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use crate::credential::{format_duration, format_timestamp};
+use postern_identity::credential::{format_duration, format_timestamp};
+use postern_identity::wire::RefusalCode;
 
 /// Why an OpenID Connect login, verification or refresh failed.
 ///
@@ -78,6 +79,10 @@ pub enum OidcError {
         /// The issuer.
         issuer: String,
     },
+    /// The device flow was asked for, and the authority does not allow it
+    /// (`allow_device_flow` is off in its configuration).
+    #[error("this authority does not allow the device flow (`allow_device_flow` is off in its [oidc] configuration: a device code can be phished, since whoever enters it enrolls the machine that asked for it): log in with the browser (without --device), or ask the authority's admin to allow the device flow")]
+    DeviceFlowNotAllowed,
     /// The device code expired before the person approved it.
     #[error(
         "the device login expired before it was approved: start it again and enter the code sooner"
@@ -201,6 +206,13 @@ pub enum OidcError {
     /// The e-mail domain is not admitted.
     #[error("{0}")]
     EmailNotAllowed(String),
+    /// The name would come from an e-mail address the provider has not
+    /// verified.
+    #[error("the ID token's e-mail address {0} is not verified by the provider (`email_verified` is not true), so it cannot name the person (`name_claim = \"email\"` in the authority's [oidc] configuration): verify the address at the provider, or choose another `name_claim`")]
+    EmailNotVerified(String),
+    /// The person is in none of the groups the configuration admits.
+    #[error("{0}")]
+    GroupNotAllowed(String),
 
     /// The loopback listener could not be set up.
     #[error("cannot listen for the login redirect on {addr}: {source}")]
@@ -213,9 +225,6 @@ pub enum OidcError {
     /// No redirect arrived in time.
     #[error("no login arrived from the browser within {}: open the URL printed above in a browser on this machine, or use the device flow (--device) on a machine without one", format_duration(.0.as_secs()))]
     Timeout(Duration),
-    /// The redirect's `state` does not match.
-    #[error("the login redirect carried the wrong state: it did not come from the login started here (a stale browser tab, or an attempted login forgery); start the login again")]
-    StateMismatch,
     /// The redirect names another issuer (RFC 9207 mix-up defence).
     #[error("the login redirect came from issuer {found}, expected {expected}: refused")]
     IssuerMismatch {
@@ -243,6 +252,24 @@ fn description_suffix(description: &Option<String>) -> String {
 }
 
 impl OidcError {
+    /// What kind of refusal this is for the node whose login failed:
+    /// [`RefusalCode::Limit`] when too many logins are in progress,
+    /// [`RefusalCode::RetryLater`] when the provider could not be reached or
+    /// answered nonsense, [`RefusalCode::Invalid`] for a malformed answer
+    /// from the client, [`RefusalCode::Denied`] otherwise (the login itself
+    /// was refused, or the configuration must change first).
+    pub fn refusal_code(&self) -> RefusalCode {
+        match self {
+            OidcError::TooManyLogins(_) => RefusalCode::Limit,
+            OidcError::Discovery { .. }
+            | OidcError::ProviderUnreachable { .. }
+            | OidcError::BadProviderResponse { .. }
+            | OidcError::Internal(_) => RefusalCode::RetryLater,
+            OidcError::BadGrant(_) => RefusalCode::Invalid,
+            _ => RefusalCode::Denied,
+        }
+    }
+
     /// Whether the authority's `[oidc]` configuration is at fault.
     pub fn is_config_error(&self) -> bool {
         matches!(self, OidcError::Config(_) | OidcError::NameClaimMissing(_))

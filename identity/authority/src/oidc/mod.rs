@@ -59,7 +59,9 @@
 //!
 //! What this module does not do: issue credentials, store refresh tokens,
 //! decide who may enroll beyond the optional e-mail domain rule, or talk the
-//! Postern wire protocol. Those belong to the authority and the CLI.
+//! Postern wire protocol. Those belong to the authority ([`crate::Authority`],
+//! [`crate::service`]), the client side of enrollment ([`crate::client`]) and
+//! the CLI.
 //!
 //! Tokens are never logged or shown; their `Debug` output is redacted.
 
@@ -69,102 +71,16 @@ mod config;
 mod error;
 mod verifier;
 
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
-
 pub use claims::map_claims;
 pub use client::{browser_login, show_device_prompt, show_login_url, LOGIN_PAGE_TIMEOUT};
 pub use config::{OidcConfig, DEFAULT_REDIRECT_URI, DEFAULT_SCOPES};
 pub use error::OidcError;
+/// The login's data that crosses the channel between client and authority.
+pub use postern_identity::authority_wire::{CodeGrant, DevicePrompt, LoginChallenge, SecretString};
 pub use verifier::{
     DeviceLogin, OidcVerifier, HTTP_TIMEOUT, JWKS_REFETCH_INTERVAL, LOGIN_TTL, MAX_ID_TOKEN_LEN,
     MAX_PENDING_LOGINS,
 };
-
-/// A secret string (authorization code, PKCE verifier, refresh token, client
-/// secret): serialized as a plain string, zeroized on drop, redacted in
-/// `Debug`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SecretString(String);
-
-impl SecretString {
-    /// Wraps a secret.
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
-    }
-
-    /// The secret itself. Do not log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for SecretString {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-impl fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-/// What the authority sends the client to start a browser login: everything
-/// the client needs to build the authorization request, so the client needs
-/// no OIDC configuration of its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoginChallenge {
-    /// The provider's issuer identifier (checked against the `iss` parameter
-    /// of the redirect when the provider sends one).
-    pub issuer: String,
-    /// The provider's authorization endpoint.
-    pub authorization_endpoint: String,
-    /// The client id registered at the provider.
-    pub client_id: String,
-    /// Scopes to request.
-    pub scopes: Vec<String>,
-    /// The loopback redirect URI as registered; the client fills in the port
-    /// of its listener when this one has none.
-    pub redirect_uri: String,
-    /// The nonce the ID token must carry: issued by the authority, single use.
-    pub nonce: String,
-    /// Extra authorization request parameters (`prompt=consent`, …).
-    pub extra_params: Vec<(String, String)>,
-    /// When the authority stops accepting this login (unix seconds).
-    pub expires_at: u64,
-}
-
-/// What the client sends back to the authority after the browser login: the
-/// means to redeem the authorization code. Only the authority redeems it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CodeGrant {
-    /// The nonce of the [`LoginChallenge`] this answers.
-    pub nonce: String,
-    /// The authorization code from the provider's redirect.
-    pub code: SecretString,
-    /// The PKCE code verifier matching the challenge sent to the provider.
-    pub pkce_verifier: SecretString,
-    /// The exact redirect URI used (with the listener's port).
-    pub redirect_uri: String,
-}
-
-/// What the client shows the person for a device-flow login (RFC 8628).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DevicePrompt {
-    /// The code to type in.
-    pub user_code: String,
-    /// Where to type it.
-    pub verification_uri: String,
-    /// A link with the code filled in, when the provider offers one.
-    pub verification_uri_complete: Option<String>,
-    /// When the code stops working (unix seconds).
-    pub expires_at: u64,
-}
 
 /// A person's identity at the provider, from a verified ID token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,7 +95,7 @@ pub struct VerifiedLogin {
     /// [`OidcConfig`]).
     pub name: String,
     /// Attributes mapped from the claims by the configuration.
-    pub attributes: crate::Attributes,
+    pub attributes: postern_identity::Attributes,
     /// When the provider issued the ID token (`iat`, unix seconds).
     pub issued_at: u64,
     /// When the ID token expires (`exp`, unix seconds).

@@ -43,8 +43,10 @@ const RESERVED_AUTH_PARAMS: &[&str] = &[
 /// client_id = "postern"
 /// # client_secret = "…"   # only if the provider insists on a confidential client
 /// scopes = ["openid", "profile", "email", "groups", "offline_access"]
-/// name_claim = "email"    # default: email, then preferred_username, then name, then sub
+/// name_claim = "email"    # default: email (if verified), then preferred_username, then name, then sub
 /// allowed_email_domains = ["example.com"]   # default: any
+/// allowed_groups = ["postern-users"]         # default: any
+/// allow_device_flow = true  # default: false (a device code can be phished)
 /// redirect_uri = "http://127.0.0.1/callback" # default; register it at the provider
 /// auth_params = { prompt = "consent" }       # extra authorization parameters
 ///
@@ -68,11 +70,27 @@ const RESERVED_AUTH_PARAMS: &[&str] = &[
 ///   (or `null`) gives no attribute; an object, or a list holding anything
 ///   but strings, numbers and booleans, is refused, naming the claim.
 /// - The name comes from `name_claim`, which must then be a string claim
-///   present in every ID token; without it, the first string among `email`,
-///   `preferred_username` and `name`, or else the subject.
+///   present in every ID token; without it, the first string among `email`
+///   (only when `email_verified` is `true`: an address the provider did not
+///   verify may belong to anyone), `preferred_username` and `name`, or else
+///   the subject. `name_claim = "email"` refuses an unverified address.
 /// - `allowed_email_domains`, when not empty, admits only ID tokens whose
 ///   `email` ends in `@` one of these domains (case-insensitive) and whose
 ///   `email_verified` is `true`.
+/// - `allowed_groups`, when not empty, admits only ID tokens whose
+///   `groups_claim` (default `groups`: a list of strings, or one string)
+///   holds at least one of these groups.
+/// - `allow_device_flow` (default `false`) lets people enroll with the device
+///   flow (`postern enroll --oidc --device`). A device code can be phished:
+///   whoever persuades a person to enter it enrolls *their own* machine with
+///   that person's attributes. Allow it only where machines without a
+///   browser must enroll, and watch the audit log (`oidc-device` records name
+///   the identity enrolled and the person who approved).
+/// - With the issuer of a provider that admits accounts of any organisation
+///   (Entra ID's `common`, `organizations` and `consumers`, Google, …),
+///   configure `allowed_email_domains` or `allowed_groups`:
+///   [`OidcConfig::open_to_everyone`] says when one is missing, and the
+///   verifier warns at start-up.
 /// - `redirect_uri` must be `http` on `127.0.0.1` or `[::1]` (RFC 8252 §8.3
 ///   advises against `localhost`); leave the port out so the client can pick
 ///   a free one, which providers accept for native clients.
@@ -88,9 +106,31 @@ pub struct OidcConfig {
     claims: BTreeMap<String, String>,
     name_claim: Option<String>,
     allowed_email_domains: Vec<String>,
+    allowed_groups: Vec<String>,
+    groups_claim: String,
+    allow_device_flow: bool,
     redirect_uri: Url,
     auth_params: Vec<(String, String)>,
 }
+
+/// Issuers whose provider admits accounts of any organisation (or any
+/// person): the host, and the first path segment when it names the tenant
+/// (`None`: any path).
+const MULTI_TENANT_ISSUERS: &[(&str, Option<&str>)] = &[
+    ("login.microsoftonline.com", Some("common")),
+    ("login.microsoftonline.com", Some("organizations")),
+    ("login.microsoftonline.com", Some("consumers")),
+    // The tenant of personal Microsoft accounts.
+    (
+        "login.microsoftonline.com",
+        Some("9188040d-6c67-4c5b-b112-36a304b66dad"),
+    ),
+    ("login.live.com", None),
+    ("accounts.google.com", None),
+    ("appleid.apple.com", None),
+    ("gitlab.com", None),
+    ("token.actions.githubusercontent.com", None),
+];
 
 /// The configuration as written, before its checks.
 #[derive(Deserialize)]
@@ -108,6 +148,12 @@ struct RawOidcConfig {
     name_claim: Option<String>,
     #[serde(default)]
     allowed_email_domains: Vec<String>,
+    #[serde(default)]
+    allowed_groups: Vec<String>,
+    #[serde(default)]
+    groups_claim: Option<String>,
+    #[serde(default)]
+    allow_device_flow: bool,
     #[serde(default)]
     redirect_uri: Option<String>,
     #[serde(default)]
@@ -198,6 +244,20 @@ impl TryFrom<RawOidcConfig> for OidcConfig {
             allowed_email_domains.push(d);
         }
 
+        if let Some(g) = raw
+            .allowed_groups
+            .iter()
+            .find(|g| g.is_empty() || g.chars().any(char::is_control))
+        {
+            return bad(format!(
+                "allowed_groups: {g:?} is not a group name (give them as the provider writes them in the groups claim)"
+            ));
+        }
+        let groups_claim = raw.groups_claim.unwrap_or_else(|| "groups".into());
+        if groups_claim.is_empty() {
+            return bad("groups_claim is empty: remove it to use the default (groups)".into());
+        }
+
         let redirect_text = raw
             .redirect_uri
             .unwrap_or_else(|| DEFAULT_REDIRECT_URI.to_string());
@@ -231,6 +291,9 @@ impl TryFrom<RawOidcConfig> for OidcConfig {
             claims: raw.claims,
             name_claim: raw.name_claim,
             allowed_email_domains,
+            allowed_groups: raw.allowed_groups,
+            groups_claim,
+            allow_device_flow: raw.allow_device_flow,
             redirect_uri,
             auth_params,
         })
@@ -285,6 +348,47 @@ impl OidcConfig {
     /// E-mail domains admitted (empty: any).
     pub fn allowed_email_domains(&self) -> &[String] {
         &self.allowed_email_domains
+    }
+
+    /// Groups admitted (empty: any), read from [`OidcConfig::groups_claim`].
+    pub fn allowed_groups(&self) -> &[String] {
+        &self.allowed_groups
+    }
+
+    /// The claim `allowed_groups` reads (default `groups`).
+    pub fn groups_claim(&self) -> &str {
+        &self.groups_claim
+    }
+
+    /// Whether people may enroll with the device flow.
+    pub fn allow_device_flow(&self) -> bool {
+        self.allow_device_flow
+    }
+
+    /// `Some(why)` when the issuer is a provider that admits accounts of
+    /// any organisation or person, and neither `allowed_email_domains` nor
+    /// `allowed_groups` restricts who may enroll: then anyone with an
+    /// account there (millions of people) can enroll.
+    pub fn open_to_everyone(&self) -> Option<String> {
+        if !self.allowed_email_domains.is_empty() || !self.allowed_groups.is_empty() {
+            return None;
+        }
+        let url = Url::parse(&self.issuer_url).ok()?;
+        let host = url.host_str()?.to_ascii_lowercase();
+        let tenant = url
+            .path_segments()
+            .and_then(|mut s| s.next())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let open = MULTI_TENANT_ISSUERS
+            .iter()
+            .any(|(h, t)| *h == host && t.is_none_or(|t| t == tenant));
+        open.then(|| {
+            format!(
+                "issuer {} admits accounts of any organisation, and neither `allowed_email_domains` nor `allowed_groups` is set in the [oidc] configuration: anyone with an account there can enroll; restrict it to your domain or groups (or use your organisation's own tenant as the issuer)",
+                self.issuer_url
+            )
+        })
     }
 
     /// The loopback redirect URI template.
@@ -402,6 +506,54 @@ mod tests {
     }
 
     #[test]
+    fn multi_tenant_issuers_without_a_restriction_are_flagged() {
+        let config = |issuer: &str, extra: &str| {
+            parse(&format!(
+                "issuer_url = \"{issuer}\"\nclient_id = \"p\"\n{extra}"
+            ))
+            .expect("valid")
+        };
+        for open in [
+            "https://login.microsoftonline.com/common/v2.0",
+            "https://login.microsoftonline.com/organizations/v2.0",
+            "https://login.microsoftonline.com/consumers/v2.0",
+            "https://accounts.google.com",
+            "https://gitlab.com",
+        ] {
+            let why = config(open, "").open_to_everyone();
+            assert!(
+                why.as_deref()
+                    .is_some_and(|w| w.contains(open) && w.contains("allowed_email_domains")),
+                "{open}: {why:?}"
+            );
+            assert_eq!(
+                config(open, "allowed_email_domains = [\"example.com\"]").open_to_everyone(),
+                None
+            );
+            assert_eq!(
+                config(open, "allowed_groups = [\"postern-users\"]").open_to_everyone(),
+                None
+            );
+        }
+        for single in [
+            "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0",
+            "https://login.example.com/realms/corp",
+            "https://example.okta.com",
+        ] {
+            assert_eq!(config(single, "").open_to_everyone(), None, "{single}");
+        }
+    }
+
+    #[test]
+    fn device_flow_is_off_unless_allowed() {
+        let base = "issuer_url = \"https://id.example.com\"\nclient_id = \"p\"\n";
+        assert!(!parse(base).unwrap().allow_device_flow());
+        assert!(parse(&format!("{base}allow_device_flow = true"))
+            .unwrap()
+            .allow_device_flow());
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_a_reason() {
         let cases = [
             ("issuer_url = \"http://id.example.com\"\nclient_id = \"p\"", "https"),
@@ -415,6 +567,8 @@ mod tests {
             ("issuer_url = \"https://x\"\nclient_id = \"p\"\nsurprise = 1", "unknown field"),
             ("issuer_url = \"https://x\"\nclient_id = \"p\"\nallowed_email_domains = [\"a@b\"]", "domain"),
             ("issuer_url = \"https://x/?a=b\"\nclient_id = \"p\"", "query"),
+            ("issuer_url = \"https://x\"\nclient_id = \"p\"\nallowed_groups = [\"\"]", "group name"),
+            ("issuer_url = \"https://x\"\nclient_id = \"p\"\nallow_device_flow = \"yes\"", "bool"),
         ];
         for (text, needle) in cases {
             let err = parse(text).expect_err(text).to_string();

@@ -18,7 +18,7 @@ use super::claims::quote;
 use super::config::{check_loopback_redirect, is_loopback_host};
 use super::verifier::random_token;
 use super::{CodeGrant, DevicePrompt, LoginChallenge, OidcError, SecretString};
-use crate::credential::format_timestamp;
+use postern_identity::credential::format_timestamp;
 
 /// How long [`browser_login`] waits for the browser by default.
 pub const LOGIN_PAGE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -40,11 +40,15 @@ const MAX_CODE_LEN: usize = 4096;
 /// [`show_login_url`]; tests drive the provider with it), and waits up to
 /// `timeout` for the provider to redirect the browser back.
 ///
-/// The redirect must carry the `state` sent (else [`OidcError::StateMismatch`])
-/// and, if it names an issuer (RFC 9207), the challenge's issuer. The
-/// browser gets a short page saying whether to go back to the terminal.
-/// Requests for other paths (such as `/favicon.ico`) are answered 404 and
-/// ignored. Cancel-safe: dropping the future closes the listener.
+/// Only a redirect carrying the `state` sent counts: any other request to
+/// the listener (another path such as `/favicon.ico`, a wrong or missing
+/// `state`, a repeated parameter) is answered with a short page saying it
+/// was ignored, and the wait goes on until the real redirect or the
+/// timeout, so that a stray request from another local process cannot end
+/// the login. The redirect must then name the challenge's issuer if it
+/// names one (RFC 9207). The browser gets a short page saying whether to go
+/// back to the terminal. Cancel-safe: dropping the future closes the
+/// listener.
 pub async fn browser_login<F>(
     challenge: &LoginChallenge,
     timeout: Duration,
@@ -130,18 +134,9 @@ pub fn show_login_url(url: &str, open_browser: bool) {
     if !open_browser {
         return;
     }
-    let opener = if cfg!(target_os = "macos") {
-        "open"
-    } else {
-        "xdg-open"
-    };
-    match std::process::Command::new(opener)
-        .arg(url)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-    {
+    let mut command = browser_command(url);
+    let opener = command.get_program().to_string_lossy().into_owned();
+    match command.spawn() {
         Ok(mut child) => {
             // Reap it whenever it exits, without blocking the login.
             std::thread::spawn(move || child.wait());
@@ -152,8 +147,35 @@ pub fn show_login_url(url: &str, open_browser: bool) {
     }
 }
 
-/// Prints a device-flow prompt on standard error.
+/// The command that opens `url` in the desktop's browser: `xdg-open` (or
+/// `open` on macOS), with no standard input or output, and without the
+/// secret variables of [`postern_identity::secret_env`] in its environment
+/// (the browser and everything it starts inherit it).
+fn browser_command(url: &str) -> std::process::Command {
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
+    let mut command = std::process::Command::new(opener);
+    command
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    postern_identity::secret_env::scrub_child(&mut command);
+    command
+}
+
+/// Prints a device-flow prompt on standard error, headed by the identity
+/// being enrolled and a warning: whoever enters the code enrolls that
+/// identity with their own attributes.
 pub fn show_device_prompt(prompt: &DevicePrompt) {
+    if let Some(who) = &prompt.enrolling {
+        eprintln!(
+            "You are enrolling {who}.\nEnter the code below only if you started this enrollment yourself, on this machine: whoever enters it gives {who} their access.\n"
+        );
+    }
     eprintln!(
         "To log in, open {} in a browser on any device and enter the code\n\n    {}\n",
         prompt.verification_uri, prompt.user_code
@@ -261,22 +283,25 @@ async fn serve(
         return None;
     }
     let mut params: HashMap<String, String> = HashMap::new();
+    let mut repeated = false;
     for (k, v) in url.query_pairs() {
-        if params.insert(k.to_string(), v.to_string()).is_some() {
-            let e = OidcError::BadProviderResponse {
-                during: "login redirect",
-                reason: format!("parameter {} appears twice", quote(&k)),
-            };
-            page_for(&mut stream, &Err(&e)).await;
-            return Some(Err(e));
-        }
+        repeated |= params.insert(k.to_string(), v.to_string()).is_some();
     }
-    if !params.contains_key("state") && !params.contains_key("error") {
+    // Only the redirect of the login started here counts: it alone knows
+    // the state. Anything else is ignored, and the wait goes on.
+    let ours = !repeated
+        && params
+            .get("state")
+            .is_some_and(|s| bool::from(s.as_bytes().ct_eq(expected.state.as_bytes())));
+    if !ours {
+        tracing::debug!(
+            "ignored a request to the login listener that is not this login's redirect"
+        );
         respond(
             &mut stream,
             400,
-            "Bad request",
-            "This address only receives a login redirect.",
+            "Not this login",
+            "This response does not belong to the login in progress here, and was ignored. If you are logging in, finish the login in the browser window that Postern opened; the terminal is still waiting for it.",
         )
         .await;
         return None;
@@ -286,17 +311,11 @@ async fn serve(
     Some(result)
 }
 
-/// Checks the redirect's parameters.
+/// Checks the parameters of this login's redirect (its state matched).
 fn evaluate(
     params: &HashMap<String, String>,
     expected: &Expected,
 ) -> Result<SecretString, OidcError> {
-    let state_ok = params
-        .get("state")
-        .is_some_and(|s| bool::from(s.as_bytes().ct_eq(expected.state.as_bytes())));
-    if !state_ok {
-        return Err(OidcError::StateMismatch);
-    }
     if let Some(iss) = params.get("iss") {
         if *iss != expected.issuer {
             return Err(OidcError::IssuerMismatch {
@@ -506,15 +525,52 @@ mod tests {
         );
     }
 
+    /// A local process that knows the port but not the state (a stray or
+    /// hostile `GET /callback?state=x`, an error with a forged state, a
+    /// repeated parameter) cannot end the login: each is answered and
+    /// ignored, and the real redirect that follows still logs in.
     #[tokio::test]
-    async fn wrong_state_wrong_issuer_and_errors_are_refused() {
-        let (r, page) = login_with(|_| "code=abc&state=forged".to_string()).await;
-        assert!(matches!(r, Err(OidcError::StateMismatch)), "{r:?}");
+    async fn requests_without_the_state_are_ignored_and_the_real_redirect_still_succeeds() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let result = browser_login(&challenge(), Duration::from_secs(5), move |url| {
+            let url = Url::parse(url).expect("auth url");
+            let q: HashMap<String, String> = url.query_pairs().into_owned().collect();
+            let base = q["redirect_uri"].clone();
+            let state = state_of(&url);
+            tokio::spawn(async move {
+                let mut stray = Vec::new();
+                for query in [
+                    "state=x".to_string(),
+                    "code=evil&state=forged".to_string(),
+                    "error=access_denied".to_string(),
+                    "error=access_denied&state=forged".to_string(),
+                    format!("code=evil&state={state}&state={state}"),
+                    "code=evil".to_string(),
+                ] {
+                    stray.push(get(&format!("{base}?{query}")).await);
+                }
+                let real = get(&format!("{base}?code=abc&state={state}")).await;
+                let _ = tx.send((stray, real));
+            });
+        })
+        .await;
+        let (stray, real) = rx.await.expect("pages");
+        let grant = result.expect("the real redirect logged in");
+        assert_eq!(grant.code.expose(), "abc");
+        for page in stray {
+            assert!(
+                page.starts_with("HTTP/1.1 400") && page.contains("was ignored"),
+                "{page}"
+            );
+        }
         assert!(
-            page.starts_with("HTTP/1.1 400") && page.contains("wrong state"),
-            "{page}"
+            real.starts_with("HTTP/1.1 200") && real.contains("Login complete"),
+            "{real}"
         );
+    }
 
+    #[tokio::test]
+    async fn wrong_issuer_and_errors_are_refused() {
         let (r, _) =
             login_with(|u| format!("code=abc&state={}&iss=https%3A%2F%2Fevil", state_of(u))).await;
         assert!(matches!(r, Err(OidcError::IssuerMismatch { .. })), "{r:?}");
@@ -560,6 +616,20 @@ mod tests {
             browser_login(&c, Duration::from_secs(1), |_| {}).await,
             Err(OidcError::BadChallenge(_))
         ));
+    }
+
+    #[test]
+    fn the_browser_never_inherits_secret_variables() {
+        let command = browser_command("http://127.0.0.1:9/auth?x=1");
+        let envs: Vec<_> = command.get_envs().collect();
+        for name in postern_identity::secret_env::SECRET_VARS {
+            assert!(
+                envs.contains(&(std::ffi::OsStr::new(name), None)),
+                "{name} would reach the browser: {envs:?}"
+            );
+        }
+        let args: Vec<_> = command.get_args().collect();
+        assert_eq!(args, ["http://127.0.0.1:9/auth?x=1"]);
     }
 
     #[test]

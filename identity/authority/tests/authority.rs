@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_identity::authority::{
+use postern_authority::{
     Authority, AuthorityConfig, AuthorityError, AuthorityStore, EnrollmentRoute, IssuedVia,
     MemberSource, MemoryStore, RedbStore, StoreError, TicketSpec, MAX_TICKET_TTL,
 };
@@ -361,7 +361,7 @@ fn redb_store_persists_locks_and_prunes() {
         // A second open of the same file is refused while the first lives.
         let err = RedbStore::open(&path).unwrap_err();
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
-        assert!(err.to_string().contains("already running"), "{err}");
+        assert!(err.to_string().contains("admin endpoint"), "{err}");
         let a = Authority::new(
             identity.clone(),
             Box::new(store),
@@ -411,4 +411,172 @@ fn garbage_database_file_is_refused() {
     std::fs::write(&path, b"this is not a database at all, not even close").unwrap();
     let err = RedbStore::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::Open { .. }), "{err}");
+}
+
+fn oidc_login(subject: &str) -> postern_authority::oidc::VerifiedLogin {
+    postern_authority::oidc::VerifiedLogin {
+        issuer: "https://id.example.com".into(),
+        subject: subject.into(),
+        name: format!("{subject}@example.com"),
+        attributes: Attributes::new(),
+        issued_at: NOW,
+        expires_at: NOW + 600,
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn refresh_tokens_never_reach_the_store_file_in_clear() {
+    use postern_authority::oidc::SecretString;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("authority.redb");
+    let identity = Identity::generate();
+    let node = Identity::generate().identifier();
+    let (first, rotated) = (
+        "rt-first-4f1d9c77-refresh-token-of-alice",
+        "rt-rotated-9b2e01aa-refresh-token-of-alice",
+    );
+    {
+        let a = Authority::new(
+            identity.clone(),
+            Box::new(RedbStore::open(&path).unwrap()),
+            AuthorityConfig::default(),
+        )
+        .unwrap();
+        a.enroll_oidc(
+            node,
+            &oidc_login("alice"),
+            Some(SecretString::new(first)),
+            NOW,
+        )
+        .unwrap();
+        a.renew_oidc(
+            node,
+            &oidc_login("alice"),
+            Some(SecretString::new(rotated)),
+            NOW + 1,
+        )
+        .unwrap();
+        let (_, token) = a.oidc_refresh_token(&node).unwrap().unwrap();
+        assert_eq!(token.unwrap().expose(), rotated);
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(contains(&bytes, "alice@example.com"), "the check is blind");
+    for token in [first, rotated] {
+        assert!(!contains(&bytes, token), "{token} is in the store file");
+    }
+    // The authority's key opens it again; another authority's does not.
+    let a = Authority::new(
+        identity.clone(),
+        Box::new(RedbStore::open(&path).unwrap()),
+        AuthorityConfig::default(),
+    )
+    .unwrap();
+    let (_, token) = a.oidc_refresh_token(&node).unwrap().unwrap();
+    assert_eq!(token.unwrap().expose(), rotated);
+    drop(a);
+    let stranger = Authority::new(
+        Identity::generate(),
+        Box::new(RedbStore::open(&path).unwrap()),
+        AuthorityConfig::default(),
+    )
+    .unwrap();
+    let err = stranger.oidc_refresh_token(&node).unwrap_err();
+    assert!(err.to_string().contains("does not open"), "{err}");
+}
+
+#[test]
+fn tokens_an_older_postern_stored_in_clear_are_sealed_and_their_bytes_dropped() {
+    use postern_authority::oidc::SecretString;
+    use postern_authority::{OidcSession, StoredToken};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("authority.redb");
+    let identity = Identity::generate();
+    let node = Identity::generate().identifier();
+    let member = Identity::generate().identifier();
+    let legacy = "rt-legacy-0c5f37d2-stored-in-clear-by-an-older-postern";
+    {
+        // The record as an older Postern wrote it, beside other state.
+        let store = RedbStore::open(&path).unwrap();
+        store
+            .put_oidc_session(&OidcSession {
+                identifier: node,
+                issuer: "https://id.example.com".into(),
+                subject: "alice".into(),
+                name: "alice@example.com".into(),
+                refresh_token: Some(StoredToken::Plain(SecretString::new(legacy))),
+                logged_in_at: NOW,
+                checked_at: NOW,
+                refresh_refused_at: None,
+            })
+            .unwrap();
+        store
+            .put_member(&postern_authority::Member {
+                identifier: member,
+                kind: Kind::Service,
+                attributes: Attributes::new(),
+                added_at: NOW,
+                source: MemberSource::Admin,
+            })
+            .unwrap();
+        store
+            .revoke(postern_identity::credential::Revocation {
+                target: RevocationTarget::Identity(Identity::generate().identifier()),
+                revoked_at: NOW,
+            })
+            .unwrap();
+    }
+    assert!(
+        contains(&std::fs::read(&path).unwrap(), legacy),
+        "the check is blind: the legacy token is not in the file"
+    );
+    let a = Authority::new(
+        identity.clone(),
+        Box::new(RedbStore::open(&path).unwrap()),
+        AuthorityConfig::default(),
+    )
+    .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(
+        !contains(&bytes, legacy),
+        "the legacy token is still in the file"
+    );
+    let (session, token) = a.oidc_refresh_token(&node).unwrap().unwrap();
+    assert_eq!(token.unwrap().expose(), legacy);
+    assert!(matches!(
+        session.refresh_token,
+        Some(StoredToken::Sealed(_))
+    ));
+    // Everything else came along, and the rewritten file is the store.
+    assert!(a.member(&member).unwrap().is_some());
+    assert_eq!(a.revocations_since(0).unwrap().len(), 1);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        matches!(RedbStore::open(&path), Err(StoreError::Locked { .. })),
+        "the rewritten store is not held"
+    );
+    drop(a);
+    let again = Authority::new(
+        identity,
+        Box::new(RedbStore::open(&path).unwrap()),
+        AuthorityConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        again
+            .oidc_refresh_token(&node)
+            .unwrap()
+            .unwrap()
+            .1
+            .unwrap()
+            .expose(),
+        legacy
+    );
+    assert!(!dir.path().join("authority.redb.rewrite").exists());
 }
