@@ -570,3 +570,69 @@ async fn graceful_stop_drains_then_closes() -> Result<()> {
     );
     Ok(())
 }
+
+/// A client that connects while the outlet is still registering (a relay
+/// just restarted, an outlet just started) is not turned away: the inlet
+/// asks the relay again while the refusal is one that passes by itself
+/// ("unknown service"), and the tunnel opens once the outlet is there. A
+/// service that never appears is still refused, within the handshake
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_arriving_before_the_outlet_registers_gets_through() -> Result<()> {
+    let relay = TestRelay::start().await?;
+    let echo = EchoServer::start().await?;
+    let outlet_id = Identity::generate();
+    let inlet_id = Identity::generate();
+    let mut inlet = support::net::TestNode::simple_inlet(
+        inlet_id.clone(),
+        relay.endpoint(),
+        "late",
+        outlet_id.identifier(),
+    )
+    .await?;
+    inlet.wait_ready().await?;
+
+    // The client connects first; the outlet registers 300 ms later.
+    let addr = inlet.addr();
+    let client = tokio::spawn(async move {
+        let mut conn = TcpStream::connect(addr).await?;
+        echo_round(&mut conn, b"early bird").await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut outlet = support::net::TestNode::simple_outlet(
+        outlet_id,
+        relay.endpoint(),
+        "late",
+        echo.target(),
+        &[inlet_id.identifier()],
+    )?;
+    outlet.wait_ready().await?;
+    tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .context("the early client hung")??
+        .context("the early client was turned away instead of waiting for the outlet")?;
+
+    // A service nobody serves is still refused, and not forever.
+    let mut config = InletConfig::new(
+        relay.endpoint(),
+        service("nobody-serves-this"),
+        support::net::any_loopback(),
+        Identity::generate().identifier(),
+    );
+    config.timeouts.handshake = Duration::from_secs(3);
+    let started = Instant::now();
+    let err = postern_node::check(Identity::generate(), &config)
+        .await
+        .err()
+        .context("a check of a service nobody serves succeeded")?;
+    ensure!(
+        err.to_string().contains("nobody-serves-this"),
+        "unclear refusal: {err}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -386,6 +386,38 @@ impl Hop {
         }
     }
 
+    /// [`Hop::open`], asked again (after each of [`OPEN_RETRY_DELAYS`], all
+    /// within `timeout`) while the relay's
+    /// refusal is one that may pass by itself: the outlet is reconnecting
+    /// (`UnknownService`), a limit is reached (`Limit`), or the relay cannot
+    /// decide right now (`RetryLater`). A denial is final at once.
+    pub(crate) async fn open_retrying(
+        &self,
+        service: &ServiceName,
+        timeout: Duration,
+    ) -> Result<TunnelToken, NodeError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut delays = OPEN_RETRY_DELAYS.iter();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let refusal = match self.open(service, left).await {
+                Err(NodeError::OpenRefused(refusal)) if refusal.code.is_retryable() => refusal,
+                other => return other,
+            };
+            let Some(&delay) = delays
+                .next()
+                .filter(|&&d| tokio::time::Instant::now() + d < deadline)
+            else {
+                return Err(NodeError::OpenRefused(refusal));
+            };
+            debug!(%service, code = %refusal.code, reason = %refusal.reason, "relay refused the open for now; asking again in {delay:?}");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.closed.cancelled() => return Err(NodeError::OpenRefused(refusal)),
+            }
+        }
+    }
+
     /// Dials a data connection and authenticates it with the relay.
     async fn dial_data(
         &self,
@@ -553,7 +585,7 @@ impl Hop {
         trust: &Trust,
         required: &[AttributeRule],
     ) -> Result<(Peer, DataChannel), NodeError> {
-        let token = self.open(service, timeouts.handshake).await?;
+        let token = self.open_retrying(service, timeouts.handshake).await?;
         let (mut reader, mut writer) = self.attach(local, timeouts, Side::Inlet, token).await?;
         let hello = Hello {
             service: Some(service.clone()),
@@ -623,6 +655,14 @@ impl Hop {
 
 /// The two halves of an end-to-end channel over a data connection.
 pub type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
+
+/// The pauses between the asks of [`Hop::open_retrying`] for one tunnel: about 1.5 s in all, enough for an outlet
+/// to reconnect after a relay restart or for a rate limit to refill.
+pub(crate) const OPEN_RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1000),
+];
 
 /// Jittered exponential back-off between reconnection attempts.
 #[derive(Debug)]

@@ -59,7 +59,7 @@ pub mod tunnel;
 pub use config::{InletConfig, OutletConfig, RelayEndpoint, Target, Timeouts, DEFAULT_MAX_TUNNELS};
 pub use error::NodeError;
 pub use inlet::{check, CheckReport, Inlet};
-pub use outlet::Outlet;
+pub use outlet::{Outlet, REFUSED_RETRY_DELAY};
 pub use trust::{AttributeRule, Trust, TrustAnchor};
 
 use std::net::SocketAddr;
@@ -149,7 +149,12 @@ pub enum NodeStatus {
     Connecting,
     /// Connected (inlet) or registered (outlet).
     Ready,
-    /// The relay refused the outlet's registration; retrying later.
+    /// The relay refused the outlet's registration, or ended its hop
+    /// channel, for a reason that needs an admin (a denied registration, a
+    /// revoked identity); the outlet asks again every
+    /// [`REFUSED_RETRY_DELAY`]. Refusals that pass by themselves
+    /// (stale revocations, a limit, a fail-closed audit log) show as
+    /// `Disconnected` and are retried after the usual back-off.
     Refused(String),
     /// The last attempt failed; retrying after a back-off.
     Disconnected(String),

@@ -100,6 +100,12 @@ impl Outlet {
     }
 }
 
+/// How long an outlet waits before asking again after a refusal that needs
+/// an admin (a denied registration, a revoked identity): long enough not to
+/// flood the relay and its audit log, short enough to pick up a fixed
+/// policy without a restart.
+pub const REFUSED_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn run(shared: Arc<Shared>, life: Lifecycle, status: watch::Sender<NodeStatus>) {
     let cfg = &shared.config;
     let tunnels = TaskTracker::new();
@@ -140,7 +146,11 @@ async fn run(shared: Arc<Shared>, life: Lifecycle, status: watch::Sender<NodeSta
         if drain.is_cancelled() {
             break;
         }
-        let delay = cycle.failed();
+        let mut delay = cycle.failed();
+        // A refusal that needs an admin is not cured by asking fast.
+        if matches!(*status.borrow(), NodeStatus::Refused(_)) {
+            delay = delay.max(REFUSED_RETRY_DELAY);
+        }
         let next = cycle.current().map_or("", |r| r.address.as_str());
         warn!(relay = %relay.address, reason = %ended, "relay session ended; connecting to {next} in {delay:.1?}");
         if !matches!(*status.borrow(), NodeStatus::Refused(_)) {
@@ -215,8 +225,12 @@ async fn serve_events(
                 report_ready(cfg, status, registered);
             }
             Some(HopEvent::RegisterRefused(service, refusal)) => {
-                error!(%service, code = %refusal.code, reason = %refusal.reason, "relay refused the registration");
-                status.send_replace(NodeStatus::Refused(refusal.reason.clone()));
+                if refusal.code.is_retryable() {
+                    warn!(%service, code = %refusal.code, reason = %refusal.reason, "relay refused the registration for now");
+                } else {
+                    error!(%service, code = %refusal.code, reason = %refusal.reason, "relay refused the registration");
+                    status.send_replace(NodeStatus::Refused(refusal.reason.clone()));
+                }
                 return format!("registration refused: {refusal}");
             }
             Some(HopEvent::FollowRevocations(after)) => {
