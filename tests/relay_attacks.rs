@@ -221,3 +221,156 @@ async fn a_session_registering_100000_names_is_bounded() -> Result<()> {
     );
     Ok(())
 }
+
+/// An admin withdraws an outlet's right to register by editing the relay's
+/// policies: the relay re-decides the names live sessions hold (within
+/// seconds, without a restart), so the outlet's service disappears and new
+/// tunnels are refused, while an outlet still permitted keeps its name.
+/// Without the re-decision the withdrawn outlet would keep serving until it
+/// reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_withdraws_a_registration() -> Result<()> {
+    use postern_node::{InletConfig, NodeStatus};
+    use postern_policies::LivePolicies;
+    use support::net::{any_loopback, service, TestNode, TestRelay};
+
+    let echo = EchoServer::start().await?;
+    let (kept_id, withdrawn_id, inlet_id) = (
+        Identity::generate(),
+        Identity::generate(),
+        Identity::generate(),
+    );
+    let permit = |who: &Identity, name: &str| {
+        format!(
+            "permit(principal == Identity::\"{}\", action == Action::\"register\", resource == Service::\"{name}\");\n",
+            who.identifier()
+        )
+    };
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("register.cedar");
+    std::fs::write(
+        &file,
+        permit(&kept_id, "kept") + &permit(&withdrawn_id, "withdrawn"),
+    )?;
+    let policies = std::sync::Arc::new(LivePolicies::load(dir.path())?);
+    let relay =
+        TestRelay::start_with(Identity::generate(), |c| c.policies = Some(policies)).await?;
+
+    let mut outlets = Vec::new();
+    for (id, name) in [(&kept_id, "kept"), (&withdrawn_id, "withdrawn")] {
+        let mut outlet = TestNode::simple_outlet(
+            id.clone(),
+            relay.endpoint(),
+            name,
+            echo.target(),
+            &[inlet_id.identifier()],
+        )?;
+        outlet.wait_ready().await?;
+        outlets.push(outlet);
+    }
+    let check = |name: &str, outlet: &Identity| {
+        let config = InletConfig::new(
+            relay.endpoint(),
+            service(name),
+            any_loopback(),
+            outlet.identifier(),
+        );
+        let inlet_id = inlet_id.clone();
+        async move { postern_node::check(inlet_id, &config).await }
+    };
+    check("withdrawn", &withdrawn_id)
+        .await
+        .context("before the reload")?;
+
+    // The admin keeps only the first permit; the relay reloads within a
+    // second and re-decides.
+    std::fs::write(&file, permit(&kept_id, "kept"))?;
+    let started = Instant::now();
+    loop {
+        if check("withdrawn", &withdrawn_id).await.is_err() {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the withdrawn outlet still serves 10 s after the policy reload"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The outlet is told, and says it needs an admin.
+    let withdrawn = &outlets[1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(withdrawn.handle().status(), NodeStatus::Refused(_)) {
+        ensure!(
+            Instant::now() < deadline,
+            "the withdrawn outlet's status is {}",
+            withdrawn.status_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The legitimate outlet is untouched.
+    check("kept", &kept_id)
+        .await
+        .context("the outlet still permitted lost its name")?;
+    Ok(())
+}
+
+/// An attacker with valid identities (one per connection, as anyone can
+/// make) opening authenticated hop sessions from one address holds at most
+/// `--max-connections-per-source` of them: the rest are refused at accept,
+/// and nodes from other addresses still connect and carry data. Without the
+/// per-source cap the attacker's sessions would count against the global
+/// limit only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_sessions_from_one_address_are_capped() -> Result<()> {
+    let (_home, relay, endpoint) = relay_process(&[
+        "--max-connections",
+        "64",
+        "--max-connections-per-source",
+        "16",
+    ])
+    .await?;
+    let addr: SocketAddr = endpoint.address.parse()?;
+    let attacker_ip: std::net::IpAddr = "127.0.0.2".parse()?;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        let attempt = RawHop::connect_from(
+            Some(attacker_ip),
+            addr,
+            endpoint.identifier,
+            Identity::generate(),
+            Hello::default(),
+        );
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(hop)) => held.push(hop),
+            Ok(Err(_)) | Err(_) => refused += 1,
+        }
+    }
+    // Sessions the relay accepted are live: each answers a ping.
+    let mut live = 0;
+    for hop in &mut held {
+        if hop.send(&Control::Ping { seq: 7 }).await.is_ok()
+            && matches!(
+                tokio::time::timeout(Duration::from_secs(2), hop.recv()).await,
+                Ok(Some(Control::Pong { .. }))
+            )
+        {
+            live += 1;
+        }
+    }
+    ensure!(
+        live <= 16 && refused >= 24,
+        "one address holds {live} live sessions ({refused} refused); the cap is 16"
+    );
+
+    // Another address is not affected: 64 slots, 16 taken.
+    let echo = EchoServer::start().await?;
+    let (_outlet, inlet) = echo_nodes(&endpoint, &echo, |_| {}, |_| {}).await?;
+    let mut client = TcpStream::connect(inlet.addr()).await?;
+    echo_round(&mut client, b"past the crowd").await?;
+    ensure!(
+        relay.stderr().contains("max_connections_per_source"),
+        "the relay did not say why it refused"
+    );
+    Ok(())
+}

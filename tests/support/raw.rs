@@ -33,8 +33,30 @@ impl RawHop {
         identity: Identity,
         hello: Hello,
     ) -> Result<RawHop> {
+        Self::connect_from(None, addr, relay, identity, hello).await
+    }
+
+    /// [`RawHop::connect`] from the local address `source` (e.g. 127.0.0.2,
+    /// to look like another machine), or any.
+    pub async fn connect_from(
+        source: Option<std::net::IpAddr>,
+        addr: SocketAddr,
+        relay: Identifier,
+        identity: Identity,
+        hello: Hello,
+    ) -> Result<RawHop> {
         let local = LocalParty::new(identity)?;
-        let mut stream = TcpStream::connect(addr).await?;
+        let mut stream = match source {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let socket = match ip {
+                    std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+        };
         stream.set_nodelay(true)?;
         stream.write_all(&PREAMBLE_HOP).await?;
         let (rd, mut wr) = stream.into_split();
