@@ -15,10 +15,23 @@
 //!
 //! It prints `ready` once the service is registered and stops cleanly on
 //! Ctrl-C or SIGTERM.
+//!
+//! With an authority, set `POSTERN_TRUST_AUTHORITY=P…` (or `P…@SERVICE`;
+//! comma-separated for several) and, if the service enrolled,
+//! `POSTERN_CREDENTIAL_FILE=~/.postern/credentials/svc.cred`. The library
+//! then does what `postern outlet --trust-authority` does, with no code
+//! here: it follows each authority's revocations over its relay connection,
+//! closes the tunnels of revoked identities, refuses new tunnels while it
+//! cannot vouch for current revocations (`--max-revocation-staleness`,
+//! default 2 minutes), presents the credential and renews it before it
+//! expires, saving each new one to the file.
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
-use postern_node::{Outlet, OutletConfig, RelayEndpoint, Target};
+use std::sync::Arc;
+
+use postern_identity::credential::SignedCredential;
+use postern_node::{Outlet, OutletConfig, RelayEndpoint, Target, Trust, TrustAnchor};
 use postern_policies::AllowList;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -60,12 +73,29 @@ async fn main() -> Result<()> {
         .split(',')
         .map(|id| id.trim().parse())
         .collect::<Result<Vec<_>, _>>()?;
-    let config = OutletConfig::new(
+    let mut config = OutletConfig::new(
         relay,
         "echo".parse()?,
         Target::Tcp(internal.to_string()),
         AllowList::new(allow),
     );
+    // Optional: the authorities whose revocations (and credentials) count.
+    if let Ok(anchors) = std::env::var("POSTERN_TRUST_AUTHORITY") {
+        let anchors = anchors
+            .split(',')
+            .map(|a| a.trim().parse::<TrustAnchor>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("POSTERN_TRUST_AUTHORITY: {e}"))?;
+        let mut trust = Trust::with_anchors(anchors);
+        if let Ok(path) = std::env::var("POSTERN_CREDENTIAL_FILE") {
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
+            let credential = SignedCredential::decode(&bytes)
+                .with_context(|| format!("{path} is not a Postern credential"))?;
+            trust = trust.with_credential(credential);
+            config.credential_file = Some(path.into());
+        }
+        config.trust = Arc::new(trust);
+    }
     let mut outlet = Outlet::start(identity, config)?;
     outlet
         .wait_ready(std::time::Duration::from_secs(30))

@@ -1,6 +1,9 @@
 //! Builds and runs `examples/embedded_outlet.rs` as a real process against an
-//! in-process relay, and reaches the embedded service through an inlet.
+//! in-process relay, and reaches the embedded service through an inlet; with
+//! an authority, the embedded outlet applies its revocations by itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -108,4 +111,75 @@ async fn embedded_outlet_example_serves_through_the_tunnel() {
     assert!(status.success());
     inlet.shutdown().await;
     stop.cancel();
+}
+
+/// The embedded outlet trusting an authority (one environment variable, no
+/// code of its own) follows its revocations: an inlet it admitted is
+/// refused once the authority revokes it, while the service runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_outlet_example_applies_its_authoritys_revocations() {
+    use support::authority::TestAuthority;
+    use support::net::TestRelay;
+
+    let example = example_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("svc.key");
+    let service_identity = keyfile::create(&key_path).unwrap();
+    let (revoked, kept) = (Identity::generate(), Identity::generate());
+    let relay = TestRelay::start().await.unwrap();
+    let authority = TestAuthority::start(&relay, |s| s).await.unwrap();
+
+    let mut child = Command::new(&example)
+        .env("POSTERN_RELAY", relay.endpoint().address)
+        .env("POSTERN_RELAY_IDENTITY", relay.identifier.to_string())
+        .env("POSTERN_IDENTITY_FILE", &key_path)
+        .env(
+            "POSTERN_ALLOW",
+            format!("{},{}", revoked.identifier(), kept.identifier()),
+        )
+        .env(
+            "POSTERN_TRUST_AUTHORITY",
+            authority.identifier().to_string(),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the example");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("example ready in time");
+    assert_eq!(first.unwrap().as_deref(), Some("ready"));
+
+    let check = |who: &Identity| {
+        let config = InletConfig::new(
+            relay.endpoint(),
+            "echo".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            service_identity.identifier(),
+        );
+        let who = who.clone();
+        async move { postern_node::check(who, &config).await }
+    };
+    check(&revoked).await.expect("admitted before revocation");
+
+    authority.revoke(revoked.identifier()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        match check(&revoked).await {
+            Err(e) => break e.to_string(),
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the embedded outlet still admits a revoked identity after 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(refusal.contains("revoked"), "unclear refusal: {refusal}");
+    check(&kept)
+        .await
+        .expect("an identity nobody revoked is still admitted");
 }
