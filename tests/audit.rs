@@ -323,7 +323,8 @@ async fn a_fail_closed_outlet_refuses_tunnels_while_its_log_cannot_be_written() 
         .expect_err("a tunnel was admitted although it could not be audited");
     let text = err.to_string();
     ensure!(
-        matches!(err, NodeError::Denied { .. })
+        matches!(err, NodeError::ClosedByOutlet { .. })
+            && text.contains("temporarily unavailable")
             && text.contains("cannot write its audit log")
             && text.contains("fail-closed")
             && !text.contains("logs/audit.jsonl"),
@@ -364,8 +365,11 @@ async fn a_fail_closed_relay_refuses_registrations_while_its_log_cannot_be_writt
         TestNode::simple_outlet(outlet_identity, relay.endpoint(), "db", echo.target(), &[])?;
     let deadline = Instant::now() + STARTUP;
     let reason = loop {
+        // A refusal that passes by itself: the outlet keeps asking with
+        // its usual back-off (Disconnected, not Refused).
         match outlet.handle().status() {
-            NodeStatus::Refused(reason) => break reason,
+            NodeStatus::Disconnected(reason) if reason.contains("refused") => break reason,
+            NodeStatus::Refused(reason) => bail!("a passing refusal was taken as final: {reason}"),
             NodeStatus::Ready => bail!("registered although the relay could not audit it"),
             _ if Instant::now() > deadline => bail!("no refusal: {}", outlet.status_text()),
             _ => tokio::time::sleep(Duration::from_millis(20)).await,

@@ -40,8 +40,10 @@ pub const TICKET_PREFIX: &str = "pstn-ticket:";
 pub const TICKET_VERSION: u8 = 1;
 /// Longest ticket text accepted (a real one is about 250 characters).
 pub const MAX_TICKET_LEN: usize = 2048;
-/// The service name an authority registers at its relay unless configured
-/// otherwise.
+/// The legacy fixed name authorities once registered under. Authorities now
+/// register under their own name ([`crate::wire::ServiceName::of_authority`],
+/// `authority-P…`); relays keep this name for the authorities they trust, so
+/// nobody else can take it.
 pub const DEFAULT_AUTHORITY_SERVICE: &str = "postern-authority";
 const CODE_HASH_DOMAIN: &[u8] = b"postern ticket code v1\0";
 

@@ -78,12 +78,19 @@ impl NodeCredential {
 
     /// Why a credential accepted earlier no longer holds (revoked or
     /// expired), if it does not.
-    pub(crate) fn ended(&self, revocations: &dyn RevocationCheck) -> Option<String> {
+    ///
+    /// The code says what the node should make of it: an expired
+    /// credential is `RetryLater` (nodes renew their credential by
+    /// themselves and present the new one when they reconnect), anything
+    /// else (revoked) is `Denied`.
+    pub(crate) fn ended(&self, revocations: &dyn RevocationCheck) -> Option<(RefusalCode, String)> {
         let verified = self.0.as_ref()?;
-        verified
-            .check_still_valid(unix_now(), revocations)
-            .err()
-            .map(|e| format!("credential no longer valid: {e}"))
+        let e = verified.check_still_valid(unix_now(), revocations).err()?;
+        let code = match e {
+            CredentialError::Expired { .. } => RefusalCode::RetryLater,
+            _ => RefusalCode::Denied,
+        };
+        Some((code, format!("credential no longer valid: {e}")))
     }
 
     /// The verified credential, if any.

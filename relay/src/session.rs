@@ -292,14 +292,16 @@ fn recheck(
     let cfg = &shared.config;
     let ended = {
         let feeds = shared.feeds();
-        access::identity_revoked(&*feeds, &who.node).or_else(|| {
-            who.credential
-                .ended(&*feeds)
-                .map(|reason| format!("{reason}; its services are unregistered"))
-        })
+        access::identity_revoked(&*feeds, &who.node)
+            .map(|reason| (RefusalCode::Denied, reason))
+            .or_else(|| {
+                who.credential.ended(&*feeds).map(|(code, reason)| {
+                    (code, format!("{reason}; its services are unregistered"))
+                })
+            })
     };
-    if let Some(reason) = ended {
-        return Err(Ending::goodbye(RefusalCode::Denied, reason));
+    if let Some((code, reason)) = ended {
+        return Err(Ending::goodbye(code, reason));
     }
     let Some(policies) = &cfg.policies else {
         return Ok(Vec::new());

@@ -494,8 +494,8 @@ pub struct EnrollmentRoute {
     pub relay_addr: String,
     /// The relay's identifier.
     pub relay: Identifier,
-    /// The authority's service name at the relay (usually
-    /// [`ticket::DEFAULT_AUTHORITY_SERVICE`]).
+    /// The authority's service name at the relay (by default its own,
+    /// `authority-P…`: [`ServiceName::of_authority`]).
     pub authority_service: ServiceName,
 }
 
