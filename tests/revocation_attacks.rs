@@ -11,7 +11,10 @@
 //! - a revoked outlet that reconnects without its credential is refused at
 //!   the relay;
 //! - an outlet embedded through the library alone (no binary) closes a
-//!   revoked inlet's live tunnel.
+//!   revoked inlet's live tunnel;
+//! - an inlet closes its live tunnel to an outlet that gets revoked (the
+//!   relay never cuts a splice and a revoked outlet would not close its own
+//!   tunnels), and opens no new one to it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -482,5 +485,59 @@ async fn an_embedded_outlet_closes_a_revoked_tunnel() -> Result<()> {
         .context("the embedded outlet kept a revoked inlet's tunnel open for more than 5 s")?;
     println!("the revoked tunnel closed after {closed:?}");
     echo_round(&mut inlets[1].2, b"the other inlet is unaffected").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inlet_closes_its_tunnel_to_a_revoked_outlet() -> Result<()> {
+    // The outlet is the compromised party: its key leaked, the admin
+    // revokes it. It keeps its end of every open tunnel (it is the
+    // attacker's now); only the inlets can end them.
+    let echo = EchoServer::start().await?;
+    let relay = TestRelay::start().await?;
+    let authority = TestAuthority::start(&relay, |s| s).await?;
+    let trust = || Trust::new([authority.identifier()].into_iter().collect());
+
+    let mut outlets = Vec::new();
+    for name in ["db", "other"] {
+        let identity = Identity::generate();
+        let id = identity.identifier();
+        let mut config = OutletConfig::new(
+            relay.endpoint(),
+            service(name),
+            echo.target(),
+            AllowList::default(),
+        );
+        // An outlet that ignores revocations (it trusts no authority), as
+        // a compromised one would.
+        let inlet_identity = Identity::generate();
+        config.allow = AllowList::new([inlet_identity.identifier()]);
+        let mut outlet = TestNode::outlet(identity, config)?;
+        outlet.wait_ready().await?;
+        let mut config = InletConfig::new(relay.endpoint(), service(name), any_loopback(), id);
+        config.trust = Arc::new(trust());
+        let mut inlet = TestNode::inlet(inlet_identity, config).await?;
+        inlet.wait_ready().await?;
+        let mut stream = TcpStream::connect(inlet.addr()).await?;
+        echo_round(&mut stream, b"hello").await?;
+        outlets.push((outlet, id, inlet, stream));
+    }
+    authority.revoke(outlets[0].1)?;
+    let closed = closed_within(&mut outlets[0].3, Duration::from_secs(5))
+        .await
+        .context("the inlet kept its tunnel to a revoked outlet open for more than 5 s")?;
+    println!("the tunnel to the revoked outlet closed after {closed:?}");
+    // No new tunnel to it either (the relay may still hold its name: this
+    // outlet presents no credential, and this relay trusts no authority).
+    // (The inlet may reset the client before `connect` even returns.)
+    if let Ok(mut again) = TcpStream::connect(outlets[0].2.addr()).await {
+        ensure!(
+            echo_round(&mut again, b"anyone?").await.is_err(),
+            "a new tunnel to the revoked outlet carried data"
+        );
+    }
+    echo_round(&mut outlets[1].3, b"the other outlet is unaffected")
+        .await
+        .context("the tunnel to the other outlet")?;
     Ok(())
 }

@@ -208,7 +208,14 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self) {
-        let reason = self.drive().await;
+        let mut reason = self.drive().await;
+        if reason.starts_with("send failed") {
+            // The relay may have said why before it closed (a Goodbye still
+            // in the receive buffer): that is what the user should hear.
+            if let Some(said) = self.last_words().await {
+                reason = said;
+            }
+        }
         debug!(relay = %self.hop.relay.address, %reason, "hop channel ended");
         *self
             .hop
@@ -219,6 +226,25 @@ impl Driver {
         let _ = self.outbox.shutdown().await;
         // Fail every request still waiting for an answer.
         self.hop.lock_opens().clear();
+    }
+
+    /// Reads what is left from the relay, briefly, for a `Goodbye`.
+    async fn last_words(&mut self) -> Option<String> {
+        let read = async {
+            loop {
+                match self.inbox.recv().await {
+                    Ok(Control::Goodbye { code, reason }) => {
+                        let said = format!("the relay ended the session: {reason}");
+                        *self.hop.goodbye.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(Refusal { code, reason });
+                        return Some(said);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(LAST_WORDS, read).await.ok().flatten()
     }
 
     async fn drive(&mut self) -> String {
@@ -599,6 +625,11 @@ impl Hop {
             &hello,
             |peer| {
                 expect_identity(peer, expected)?;
+                if trust.identity_revoked(&expected) {
+                    return Err(ChannelError::BadIdentityProof(format!(
+                        "outlet {expected} has been revoked by its authority"
+                    )));
+                }
                 if peer.hello.service.as_ref() != Some(service) {
                     return Err(ChannelError::BadIdentityProof(format!(
                         "outlet claims to serve {:?}, not \"{service}\"",
@@ -655,6 +686,10 @@ impl Hop {
 
 /// The two halves of an end-to-end channel over a data connection.
 pub type DataChannel = ChannelHalves<OwnedReadHalf, OwnedWriteHalf>;
+
+/// How long a hop channel whose write failed still listens for the relay's
+/// `Goodbye` (the reason it closed).
+const LAST_WORDS: Duration = Duration::from_millis(250);
 
 /// The pauses between the asks of [`Hop::open_retrying`] for one tunnel: about 1.5 s in all, enough for an outlet
 /// to reconnect after a relay restart or for a rate limit to refill.

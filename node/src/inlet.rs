@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use postern_identity::credential::VerifiedCredential;
 use postern_identity::handshake::LocalParty;
 use postern_identity::link;
+use postern_identity::time::unix_now;
 use postern_identity::wire::{CloseReason, DataFrame};
 use postern_identity::{Identifier, Identity};
 use tokio::net::{TcpListener, TcpStream};
@@ -19,7 +21,7 @@ use crate::feeds;
 use crate::hop::{self, DataChannel, Hop, RelayCycle};
 use crate::outlet::{log_end, reset_tcp};
 use crate::tunnel::{self, TunnelEnd};
-use crate::{InletConfig, Lifecycle, NodeError, NodeHandle, NodeStatus};
+use crate::{InletConfig, Lifecycle, NodeError, NodeHandle, NodeStatus, Trust};
 
 /// An inlet node. See [`Inlet::start`].
 #[derive(Debug)]
@@ -200,7 +202,9 @@ async fn keep_connected(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// Opens one tunnel: token from the relay, attach, end-to-end handshake with
 /// the pinned outlet.
-async fn open_tunnel(shared: &Shared) -> Result<(Identifier, DataChannel), NodeError> {
+async fn open_tunnel(
+    shared: &Shared,
+) -> Result<(Identifier, Option<VerifiedCredential>, DataChannel), NodeError> {
     let cfg = &shared.config;
     // The outlet's credential cannot be checked against revocations this
     // inlet does not have (just after start, wait a moment for them).
@@ -226,8 +230,70 @@ async fn open_tunnel(shared: &Shared) -> Result<(Identifier, DataChannel), NodeE
             &cfg.require_outlet_attributes,
         )
         .await?;
-    Ok((peer.identity.identifier(), channel))
+    let outlet = peer.identity.identifier();
+    // Verified in the handshake already; kept for the live re-checks.
+    let credential = cfg
+        .trust
+        .verify(outlet, peer.hello.credential.as_ref(), unix_now())
+        .ok()
+        .flatten();
+    Ok((outlet, credential, channel))
 }
+
+/// Ends a live tunnel once the outlet at its far end is no longer one this
+/// inlet would open a tunnel to: its identity revoked by a trusted
+/// authority, or the credential it presented expired or revoked. Wakes on
+/// each revocation feed update and at the credential's expiry, not on a
+/// timer. The relay never cuts a spliced tunnel and the outlet will not
+/// close its own, so this is the inlet's to do.
+pub(crate) async fn watch_outlet(
+    trust: Arc<Trust>,
+    outlet: Identifier,
+    credential: Option<VerifiedCredential>,
+    stop: CancellationToken,
+    reason_out: tunnel::StopReason,
+) {
+    let mut feeds = trust.watch_feeds();
+    loop {
+        feeds.borrow_and_update();
+        let ended = if trust.identity_revoked(&outlet) {
+            Some(format!("outlet {outlet} has been revoked by its authority"))
+        } else {
+            credential.as_ref().and_then(|c| {
+                trust
+                    .still_valid(c, unix_now())
+                    .err()
+                    .map(|e| format!("outlet's credential no longer valid: {e}"))
+            })
+        };
+        if let Some(reason) = ended {
+            warn!(%outlet, %reason, "closing live tunnel: the outlet is no longer trusted");
+            reason_out.set(CloseReason::Aborted { reason });
+            stop.cancel();
+            return;
+        }
+        let expiry = credential.as_ref().map_or(Duration::MAX, |c| {
+            Duration::from_secs(c.expires_at().saturating_sub(unix_now()))
+        });
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = feeds.changed() => {
+                if changed.is_err() {
+                    // No more feed updates (the trust is gone): only the
+                    // expiry is left to watch.
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(expiry.min(NEVER)) => {}
+                    }
+                }
+            }
+            () = tokio::time::sleep(expiry.min(NEVER)) => {}
+        }
+    }
+}
+
+/// A far-future sleep for "no expiry" (cannot overflow an `Instant`).
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn explain(cfg: &InletConfig, outlet: Identifier, end: &TunnelEnd) -> Option<NodeError> {
     match end {
@@ -257,7 +323,7 @@ async fn serve_client(
 ) {
     let cfg = &shared.config;
     let started = Instant::now();
-    let (outlet, channel) = match open_tunnel(shared).await {
+    let (outlet, credential, channel) = match open_tunnel(shared).await {
         Ok(ok) => ok,
         Err(e) => {
             error!(client = %client_addr, service = %cfg.service, "refusing client connection: {e}");
@@ -268,9 +334,24 @@ async fn serve_client(
     };
     debug!(client = %client_addr, %outlet, setup = ?started.elapsed(), "tunnel open");
     let (mut r, mut w) = client.into_split();
+    let reason = tunnel::StopReason::default();
     let options = tunnel::PumpOptions::with_idle_timeout(cfg.timeouts.tunnel_idle)
-        .with_own_credential(cfg.trust.watch_credential());
+        .with_own_credential(cfg.trust.watch_credential())
+        .with_stop_reason(reason.clone());
+    let stop = stop.child_token();
+    let watcher = (!cfg.trust.authorities().is_empty()).then(|| {
+        tokio::spawn(watch_outlet(
+            Arc::clone(&cfg.trust),
+            outlet,
+            credential,
+            stop.clone(),
+            reason,
+        ))
+    });
     let outcome = tunnel::pump_with(&mut r, &mut w, channel, stop, &options).await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     if outcome.end.is_abort() {
         reset_tcp(r, w);
     }
@@ -324,7 +405,7 @@ pub async fn check(identity: Identity, config: &InletConfig) -> Result<CheckRepo
         status: watch::channel(NodeStatus::Ready).0,
     };
     let result = async {
-        let (outlet, mut channel) = open_tunnel(&shared).await?;
+        let (outlet, _, mut channel) = open_tunnel(&shared).await?;
         let mut plain = vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE];
         let verdict = link::within(config.timeouts.handshake, "outlet verdict", async {
             let n =
