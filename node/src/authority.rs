@@ -3,18 +3,25 @@
 //! that other clients of the authority (the OpenID Connect enrollment in the
 //! `postern-authority` crate) are built on.
 //!
-//! The authority is a service behind a relay, registered under a name (by
-//! default `postern-authority`). A node reaches it through an end-to-end
-//! Noise channel pinned to the authority's identifier (which an enrollment
-//! ticket carries) and exchanges one CBOR message per data frame: an
+//! The authority is a service behind a relay, registered under a name: by
+//! default its own `authority-P…` (`ServiceName::of_authority`), which
+//! relays keep for that identity alone, or one its admin chose (an
+//! enrollment ticket carries it, a trust anchor names it as `P…@SERVICE`;
+//! the fixed `postern-authority` of older versions is such a legacy name).
+//! A node reaches it through an end-to-end Noise channel pinned to the
+//! authority's identifier (which an enrollment ticket carries) and
+//! exchanges one CBOR message per data frame: an
 //! [`AuthorityRequest`], answered by one or more [`AuthorityReply`]s
 //! (`postern_identity::authority_wire` describes them). The authority's side
 //! is `postern_authority::service`.
 //!
 //! - [`enroll`]: `Redeem { code }` with a ticket's one-time code.
 //! - [`renew`]: `Renew`, a fresh credential for a current member.
-//! - Following revocations (`Revocations { after }`, kept open) and renewing
-//!   through the node's own hop channel are done by the node itself
+//! - `renew_over` (crate-internal): `Renew` through the node's own hop
+//!   channel, to the authority a [`TrustAnchor`] names (the renewal task's).
+//! - Following revocations (`Revocations { after }`, kept open, one feed per
+//!   trusted authority with its own cursor) and renewing are done by the
+//!   node itself, in the library, over its existing hop channel
 //!   (`feeds.rs`, `renewal.rs`).
 //! - [`with_channel`] and [`AuthorityChannel`]: open a channel, send
 //!   requests, read replies, for exchanges defined elsewhere.
@@ -98,6 +105,9 @@ fn tunnel_error(source: link::LinkError) -> NodeError {
     }
 }
 
+/// The name errors on an authority channel are labelled with. Only a label
+/// (the legacy `postern-authority`): where a node looks for an authority is
+/// its route's or trust anchor's service, by default `authority-P…`.
 fn authority_service_name() -> ServiceName {
     postern_identity::ticket::DEFAULT_AUTHORITY_SERVICE
         .parse()

@@ -9,6 +9,16 @@
 //! the relay's splice. The outlet decides access; the inlet checks that it
 //! reached the outlet it expected.
 //!
+//! Trust is enforced by the library, not by the `postern` binary. Given a
+//! [`Trust`] (the authorities to trust, as [`TrustAnchor`]s, and a
+//! credential to present), an outlet or inlet follows each authority's
+//! revocations over its own hop channel (one cursor per authority), closes
+//! the tunnels of revoked identities (outlet), refuses new tunnels while an
+//! authority's revocations are staler than its bound
+//! ([`Trust::with_max_staleness`], 2 minutes by default), and renews its
+//! credential before it expires. An embedded node is as protected as the
+//! CLI.
+//!
 //! # Embedding an outlet
 //!
 //! ```no_run
@@ -31,9 +41,10 @@
 //! # Beyond outlet and inlet
 //!
 //! - [`authority`]: the node's side of the authority (enrolling with a
-//!   ticket, renewing, following revocations, and the channel the OpenID
-//!   Connect enrollment of the `postern-authority` crate is built on);
-//!   [`renewal`] keeps a credential fresh, [`trust`] checks peers'.
+//!   ticket, renewing, and the channel the OpenID Connect enrollment of the
+//!   `postern-authority` crate is built on); [`trust`] holds the trust
+//!   anchors, the node's credential and the revocations heard per
+//!   authority, and checks peers' credentials.
 //! - [`service`]: the hop channel and data-frame pieces a service built on
 //!   Postern (the authority) uses to register at a relay and serve tunnels.
 //!

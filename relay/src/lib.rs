@@ -10,7 +10,15 @@
 //!
 //! It refuses, on the hop handshake and within a second afterwards, nodes
 //! whose identity or credential an authority it trusts has revoked, and
-//! nodes presenting an invalid credential. Data connections are accepted
+//! nodes presenting an invalid credential from such an authority (one from
+//! an authority it does not trust is set aside). It hears each trusted
+//! authority's revocations on that authority's own hop channel, with a
+//! cursor per authority, and dials nothing itself; while an authority's
+//! revocations are staler than [`RelayConfig::max_revocation_staleness`],
+//! it refuses registrations by every other node for now. A name containing
+//! an identifier (such as an authority's `authority-P…`) is reserved for
+//! that identity. Tunnels already spliced are never cut by the relay: the
+//! outlet closes a revoked inlet's. Data connections are accepted
 //! only from the Noise key of a live hop channel. Every resource a node can
 //! make the relay hold is bounded per source address and per identity
 //! ([`RelayConfig`] lists the limits), and every refusal reaches the node as
