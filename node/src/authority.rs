@@ -349,16 +349,7 @@ pub(crate) async fn renew_over(
     anchor: &TrustAnchor,
     timeouts: &Timeouts,
 ) -> Result<SignedCredential, EnrollError> {
-    let (_peer, channel) = hop
-        .open_end_to_end(
-            local,
-            timeouts,
-            &anchor.service,
-            anchor.authority,
-            &Trust::default(),
-            &[],
-        )
-        .await?;
+    let channel = hop.open_to_authority(local, timeouts, anchor).await?;
     let mut channel = AuthorityChannel {
         channel,
         plain: vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE],

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::authority::{recv_message, send_message};
-use crate::hop::{Backoff, Hop};
+use crate::hop::{Backoff, DataChannel, Hop};
 use crate::trust::{Trust, TrustAnchor};
 use crate::{renewal, NodeError, Timeouts};
 
@@ -131,18 +131,7 @@ async fn feed_once(
     backoff: &mut Backoff,
     failures: &mut u32,
 ) -> Result<std::convert::Infallible, NodeError> {
-    let (_peer, mut channel) = hop
-        .open_end_to_end(
-            local,
-            timeouts,
-            &anchor.service,
-            anchor.authority,
-            &Trust::default(),
-            &[],
-        )
-        .await?;
-    let after = trust.feed_cursor(&anchor.authority);
-    send_message(&mut channel, &AuthorityRequest::Revocations { after }).await?;
+    let mut channel = request_feed(local, hop, trust, anchor, timeouts).await?;
     let mut plain = vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE];
     loop {
         match recv_message::<AuthorityReply>(&mut channel, &mut plain).await? {
@@ -176,6 +165,21 @@ async fn feed_once(
     }
 }
 
+/// Opens a channel to `anchor`'s authority and asks for the revocations
+/// after this node's cursor for it.
+async fn request_feed(
+    local: &LocalParty,
+    hop: &Hop,
+    trust: &Trust,
+    anchor: &TrustAnchor,
+    timeouts: &Timeouts,
+) -> Result<DataChannel, NodeError> {
+    let mut channel = hop.open_to_authority(local, timeouts, anchor).await?;
+    let after = trust.feed_cursor(&anchor.authority);
+    send_message(&mut channel, &AuthorityRequest::Revocations { after }).await?;
+    Ok(channel)
+}
+
 /// Fetches one round of every anchor's feed through `hop` (for one-shot
 /// commands such as `inlet --check`): the revocations after the node's
 /// cursors, which also marks each authority current.
@@ -186,18 +190,7 @@ pub(crate) async fn sync_once(
     timeouts: &Timeouts,
 ) -> Result<(), NodeError> {
     for anchor in trust.anchors() {
-        let (_peer, mut channel) = hop
-            .open_end_to_end(
-                local,
-                timeouts,
-                &anchor.service,
-                anchor.authority,
-                &Trust::default(),
-                &[],
-            )
-            .await?;
-        let after = trust.feed_cursor(&anchor.authority);
-        send_message(&mut channel, &AuthorityRequest::Revocations { after }).await?;
+        let mut channel = request_feed(local, hop, trust, anchor, timeouts).await?;
         let mut plain = vec![0u8; postern_identity::frame::MAX_NOISE_MESSAGE];
         let reply = tokio::time::timeout(
             timeouts.handshake,

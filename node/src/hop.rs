@@ -597,6 +597,28 @@ pub(crate) fn expect_identity(peer: &Peer, expected: Identifier) -> Result<(), C
 }
 
 impl Hop {
+    /// Opens an end-to-end channel to the authority `anchor` names (its
+    /// service at this relay, pinned to its identifier; the authority
+    /// presents no credential of its own to check).
+    pub(crate) async fn open_to_authority(
+        &self,
+        local: &LocalParty,
+        timeouts: &Timeouts,
+        anchor: &crate::TrustAnchor,
+    ) -> Result<DataChannel, NodeError> {
+        let (_peer, channel) = self
+            .open_end_to_end(
+                local,
+                timeouts,
+                &anchor.service,
+                anchor.authority,
+                &Trust::default(),
+                &[],
+            )
+            .await?;
+        Ok(channel)
+    }
+
     /// Opens an end-to-end channel to `service` through this relay: asks for
     /// a token, joins a data connection, and runs the XX handshake as
     /// initiator. The answering outlet must prove `expected`, claim
