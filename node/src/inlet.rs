@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use postern_identity::credential::VerifiedCredential;
+use postern_identity::credential::{CredentialError, VerifiedCredential};
 use postern_identity::handshake::LocalParty;
 use postern_identity::link;
 use postern_identity::time::unix_now;
@@ -241,11 +241,12 @@ async fn open_tunnel(
 }
 
 /// Ends a live tunnel once the outlet at its far end is no longer one this
-/// inlet would open a tunnel to: its identity revoked by a trusted
-/// authority, or the credential it presented expired or revoked. Wakes on
-/// each revocation feed update and at the credential's expiry, not on a
-/// timer. The relay never cuts a spliced tunnel and the outlet will not
-/// close its own, so this is the inlet's to do.
+/// inlet would open a tunnel to: its identity, or the credential it
+/// presented, revoked by a trusted authority. Wakes on each revocation feed
+/// update, not on a timer. The relay never cuts a spliced tunnel and a
+/// revoked outlet (its key perhaps in other hands) will not close its own,
+/// so this is the inlet's to do. The credential's expiry is not watched:
+/// outlets renew theirs while tunnels run, and the next tunnel checks it.
 pub(crate) async fn watch_outlet(
     trust: Arc<Trust>,
     outlet: Identifier,
@@ -259,12 +260,14 @@ pub(crate) async fn watch_outlet(
         let ended = if trust.identity_revoked(&outlet) {
             Some(format!("outlet {outlet} has been revoked by its authority"))
         } else {
-            credential.as_ref().and_then(|c| {
-                trust
-                    .still_valid(c, unix_now())
-                    .err()
-                    .map(|e| format!("outlet's credential no longer valid: {e}"))
-            })
+            credential
+                .as_ref()
+                .and_then(|c| match trust.still_valid(c, unix_now()) {
+                    Err(e @ CredentialError::Revoked { .. }) => {
+                        Some(format!("outlet's credential no longer valid: {e}"))
+                    }
+                    _ => None,
+                })
         };
         if let Some(reason) = ended {
             warn!(%outlet, %reason, "closing live tunnel: the outlet is no longer trusted");
@@ -272,28 +275,17 @@ pub(crate) async fn watch_outlet(
             stop.cancel();
             return;
         }
-        let expiry = credential.as_ref().map_or(Duration::MAX, |c| {
-            Duration::from_secs(c.expires_at().saturating_sub(unix_now()))
-        });
         tokio::select! {
             () = stop.cancelled() => return,
             changed = feeds.changed() => {
                 if changed.is_err() {
-                    // No more feed updates (the trust is gone): only the
-                    // expiry is left to watch.
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(expiry.min(NEVER)) => {}
-                    }
+                    // No more feed updates: nothing left to watch.
+                    return;
                 }
             }
-            () = tokio::time::sleep(expiry.min(NEVER)) => {}
         }
     }
 }
-
-/// A far-future sleep for "no expiry" (cannot overflow an `Instant`).
-const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn explain(cfg: &InletConfig, outlet: Identifier, end: &TunnelEnd) -> Option<NodeError> {
     match end {
