@@ -231,8 +231,7 @@ pub(crate) async fn run(
         if !other_leftover.is_empty() {
             stream.write_all(&other_leftover).await?;
         }
-        let size = shared.config.splice_buffer;
-        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut other_stream, size, size).await
+        crate::splice::splice(&stream, &other_stream, shared.config.splice_buffer).await
     };
     let result = tokio::select! {
         () = shutdown.cancelled() => Err(io::Error::other("relay shutting down")),

@@ -39,5 +39,6 @@ mod limits;
 mod registry;
 mod server;
 mod session;
+mod splice;
 
 pub use server::{Relay, RelayConfig, RelayError};

@@ -80,7 +80,8 @@ pub struct RelayConfig {
     pub open_burst_per_node: u32,
     /// Most service names one hop session may hold.
     pub max_services_per_session: usize,
-    /// Buffer size of each direction of a splice.
+    /// Size of the buffers a splice borrows, one per direction and only
+    /// while bytes are in flight (an idle tunnel holds none).
     pub splice_buffer: usize,
     /// Most authenticated data connections one identity may keep waiting
     /// for a tunnel (nodes dial a few ahead of need to cut tunnel set-up
