@@ -69,10 +69,17 @@ enum Bench {
     Rtt,
     Setup,
     Pgbench,
+    Memory,
 }
 
 impl Bench {
-    const ALL: [Bench; 4] = [Bench::Throughput, Bench::Rtt, Bench::Setup, Bench::Pgbench];
+    const ALL: [Bench; 5] = [
+        Bench::Throughput,
+        Bench::Rtt,
+        Bench::Setup,
+        Bench::Memory,
+        Bench::Pgbench,
+    ];
 
     fn parse(s: &str) -> Option<Vec<Bench>> {
         Some(match s {
@@ -81,6 +88,7 @@ impl Bench {
             "rtt" | "latency" | "pingpong" | "ping-pong" => vec![Bench::Rtt],
             "setup" | "connect" => vec![Bench::Setup],
             "pgbench" | "pg" => vec![Bench::Pgbench],
+            "memory" | "idle" | "mem" => vec![Bench::Memory],
             _ => return None,
         })
     }
@@ -114,6 +122,8 @@ struct Opts {
     runs: usize,
     rtt_iters: usize,
     setup_iters: usize,
+    /// Idle tunnels held open for the memory row.
+    idle_tunnels: usize,
     pg_secs: u32,
     pg_scale: u32,
     /// Wait (bounded) for background load to settle before each section.
@@ -124,7 +134,7 @@ struct Opts {
 const USAGE: &str = "\
 usage: cargo bench --bench tunnel -- [BENCH...] [OPTIONS]
 
-BENCH: throughput | rtt | setup | pgbench | all (default: all); also
+BENCH: throughput | rtt | setup | memory | pgbench | all (default: all); also
        POSTERN_BENCH=throughput,rtt
 OPTIONS:
   --quick            smaller sizes and shorter runs (POSTERN_BENCH_QUICK=1)
@@ -135,6 +145,9 @@ OPTIONS:
   --runs=N           throughput runs per direction, median reported [3; quick 1]
   --rtt-iters=N      ping-pong round trips [20000; quick 3000]
   --setup-iters=N    sequential tunnel set-ups [500; quick 100]
+  --idle-tunnels=N   idle tunnels held open for the memory row [4000; quick
+                     1000] (each costs the benchmark 2 descriptors and a
+                     thread, the relay 2 descriptors: mind `ulimit -n`)
   --pgbench-secs=N   duration of each pgbench run [10; quick 4]
   --pgbench-scale=N  pgbench -i scale factor [10]
   --no-wait          do not wait for the machine to be quiet before a section
@@ -211,6 +224,7 @@ impl Opts {
             runs: if quick { 1 } else { 3 },
             rtt_iters: if quick { 3_000 } else { 20_000 },
             setup_iters: if quick { 100 } else { 500 },
+            idle_tunnels: if quick { 1_000 } else { 4_000 },
             pg_secs: if quick { 4 } else { 10 },
             pg_scale: 10,
             wait_quiet,
@@ -222,6 +236,7 @@ impl Opts {
             opts.runs = 1;
             opts.rtt_iters = 200;
             opts.setup_iters = 20;
+            opts.idle_tunnels = 20;
             opts.pg_secs = 1;
             opts.pg_scale = 1;
             opts.wait_quiet = false;
@@ -236,6 +251,7 @@ impl Opts {
                 "runs" => opts.runs = usize_value,
                 "rtt-iters" => opts.rtt_iters = usize_value,
                 "setup-iters" => opts.setup_iters = usize_value,
+                "idle-tunnels" => opts.idle_tunnels = usize_value,
                 "pgbench-secs" => opts.pg_secs = u32::try_from(value)?.max(1),
                 "pgbench-scale" => opts.pg_scale = u32::try_from(value)?.max(1),
                 _ => bail!("unknown option --{key}\n{USAGE}"),
@@ -728,7 +744,19 @@ impl ProcStack {
         stack.spawn(
             &bin,
             "relay",
-            &["relay", "--identity", "relay", "--listen", "127.0.0.1:0"],
+            &[
+                "relay",
+                "--identity",
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                // Room for the memory row's idle tunnels (all from one
+                // inlet identity and one address).
+                "--max-tunnels",
+                "50000",
+                "--max-tunnels-per-node",
+                "50000",
+            ],
         )?;
         let relay_addr = stack.wait_for(0, |log| listening_on(log, "relay "))?;
         let relay_addr = relay_addr.to_string();
@@ -750,6 +778,8 @@ impl ProcStack {
                 &target,
                 "--allow",
                 inlet_id,
+                "--max-tunnels",
+                "50000",
             ],
         )?;
         stack.spawn(
@@ -769,6 +799,8 @@ impl ProcStack {
                 "127.0.0.1:0",
                 "--outlet-identity",
                 outlet_id,
+                "--max-tunnels",
+                "50000",
             ],
         )?;
         stack.spawn_watchdog();
@@ -1283,6 +1315,74 @@ fn bench_setup(opts: &Opts, stack: &Stack, target: SocketAddr, report: &mut Repo
     Ok(())
 }
 
+/// Resident memory of process `pid`, in KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Memory per idle open tunnel: each process's resident memory before and
+/// after `idle_tunnels` tunnels are opened (one echo each) and left idle.
+fn bench_memory(opts: &Opts, stack: &Stack, report: &mut Report) -> Result<()> {
+    let Stack::Process(procs) = stack else {
+        println!("\n== memory per idle tunnel: process mode only (one process per role); skipped");
+        return Ok(());
+    };
+    let n = opts.idle_tunnels;
+    println!("\n== memory per idle tunnel: {n} tunnels opened, one echo each, then idle");
+    let rss = || -> Vec<(&'static str, u64)> {
+        procs
+            .procs
+            .iter()
+            .map(|(role, child, _)| (*role, rss_kib(child.id()).unwrap_or(0)))
+            .collect()
+    };
+    // Warm the allocators and the spare connections first.
+    drop(setups(stack.inlet(), 5, 0)?);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss();
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = connect(stack.inlet())?;
+        s.write_all(b"E")?;
+        s.read_exact(&mut [0u8; 1])
+            .with_context(|| format!("idle tunnel {i}: no echo"))?;
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rss();
+    drop(held);
+    for ((role, b), (_, a)) in before.iter().zip(&after) {
+        let per = a.saturating_sub(*b) as f64 / n as f64;
+        let (name, limit) = match *role {
+            "relay" => ("Relay memory per idle tunnel", 16.0),
+            other => (
+                if other == "inlet" {
+                    "Inlet memory per idle tunnel"
+                } else {
+                    "Outlet memory per idle tunnel"
+                },
+                32.0,
+            ),
+        };
+        report.row(
+            format!("{name} ({n} open)"),
+            "—",
+            format!("{per:.1} KiB"),
+            format!("{b} → {a} KiB RSS"),
+            format!("≤ {limit:.0} KiB"),
+            verdict(per <= limit),
+        );
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 struct PgbenchRun {
     tps: f64,
@@ -1531,7 +1631,7 @@ fn run() -> Result<()> {
     println!("  load average {load_start}; other processes use {idle:.2} cores");
 
     let mut report = Report::default();
-    let synthetic = [Bench::Throughput, Bench::Rtt, Bench::Setup]
+    let synthetic = [Bench::Throughput, Bench::Rtt, Bench::Setup, Bench::Memory]
         .iter()
         .any(|b| opts.benches.contains(b));
     if synthetic {
@@ -1546,6 +1646,9 @@ fn run() -> Result<()> {
         }
         if opts.benches.contains(&Bench::Setup) {
             bench_setup(&opts, &stack, target, &mut report)?;
+        }
+        if opts.benches.contains(&Bench::Memory) {
+            bench_memory(&opts, &stack, &mut report)?;
         }
     }
     if opts.benches.contains(&Bench::Pgbench) {
