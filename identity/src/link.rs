@@ -72,6 +72,11 @@ pub async fn within<T>(
         .unwrap_or(Err(LinkError::Timeout { what, after }))
 }
 
+/// First size of a [`FramedReader`]'s buffer. It grows, up to the capacity
+/// given to [`FramedReader::new`], when a frame needs more room or a read
+/// fills it, so a quiet connection holds 4 KiB rather than the capacity.
+pub const INITIAL_READ_BUFFER: usize = 4 * 1024;
+
 /// Reads length-prefixed frames from a stream through one reusable buffer.
 ///
 /// [`FramedReader::next_frame`] is cancel-safe: bytes already read stay in
@@ -79,21 +84,30 @@ pub async fn within<T>(
 #[derive(Debug)]
 pub struct FramedReader<R> {
     inner: R,
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The most the buffer grows to.
+    max: usize,
 }
 
 impl<R: AsyncRead + Unpin> FramedReader<R> {
     /// Wraps a stream with a buffer of `capacity` bytes (at least one
     /// maximal frame; see [`DATA_READ_BUFFER`] and [`CONTROL_READ_BUFFER`]).
     pub fn new(inner: R, capacity: usize) -> Self {
+        let max = capacity.max(frame::LEN_PREFIX + MAX_NOISE_MESSAGE);
         FramedReader {
             inner,
-            buf: vec![0u8; capacity.max(frame::LEN_PREFIX + MAX_NOISE_MESSAGE)].into_boxed_slice(),
+            buf: vec![0u8; INITIAL_READ_BUFFER.min(max)],
             start: 0,
             end: 0,
+            max,
         }
+    }
+
+    /// Bytes the buffer holds now (it grows on demand up to its capacity).
+    pub fn allocated(&self) -> usize {
+        self.buf.len()
     }
 
     /// Bytes received but not yet returned as frames.
@@ -119,10 +133,23 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-            } else if self.buf.len() - self.start < frame::LEN_PREFIX + MAX_NOISE_MESSAGE {
+            }
+            // Room the frame being received needs from where it starts (its
+            // length is known once its prefix is here; `decode` above has
+            // refused one longer than `max_body`).
+            let needed = match self.buf.get(self.start..self.start + frame::LEN_PREFIX) {
+                Some(p) if self.end - self.start >= frame::LEN_PREFIX => {
+                    frame::LEN_PREFIX + usize::from(u16::from_be_bytes([p[0], p[1]]))
+                }
+                _ => frame::LEN_PREFIX,
+            };
+            if self.buf.len() - self.start < needed {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
+                if self.buf.len() < needed {
+                    self.grow(needed);
+                }
             }
             let n = self.inner.read(&mut self.buf[self.end..]).await?;
             if n == 0 {
@@ -133,6 +160,20 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
                 });
             }
             self.end += n;
+            // A read that filled the buffer: a bulk stream; read more at once.
+            if self.end == self.buf.len() {
+                self.grow(self.buf.len() * 2);
+            }
+        }
+    }
+}
+
+impl<R> FramedReader<R> {
+    /// Grows the buffer to at least `wanted` bytes (doubling), at most `max`.
+    fn grow(&mut self, wanted: usize) {
+        let size = wanted.max(self.buf.len() * 2).min(self.max);
+        if size > self.buf.len() {
+            self.buf.resize(size, 0);
         }
     }
 }
@@ -299,5 +340,70 @@ impl<W: AsyncWrite + Unpin> ControlSender<W> {
     pub async fn shutdown(&mut self) -> Result<(), LinkError> {
         self.writer.shutdown().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode(body, &mut out).expect("a valid frame");
+        out
+    }
+
+    #[tokio::test]
+    async fn the_buffer_grows_only_as_frames_and_reads_need() {
+        let (mut tx, rx) = tokio::io::duplex(256 * 1024);
+        let mut reader = FramedReader::new(rx, DATA_READ_BUFFER);
+        assert_eq!(reader.allocated(), INITIAL_READ_BUFFER);
+
+        // Small frames: the buffer stays small.
+        for i in 0..100u8 {
+            tx.write_all(&framed(&[i; 100])).await.unwrap();
+            assert_eq!(
+                reader.next_frame(MAX_NOISE_MESSAGE).await.unwrap(),
+                &[i; 100]
+            );
+        }
+        assert_eq!(reader.allocated(), INITIAL_READ_BUFFER);
+
+        // A maximal frame, written in pieces: it grows to hold it whole.
+        let big: Vec<u8> = (0..MAX_NOISE_MESSAGE).map(|i| (i % 253) as u8).collect();
+        let bytes = framed(&big);
+        let writer = tokio::spawn(async move {
+            for piece in bytes.chunks(1000) {
+                tx.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            tx.write_all(&framed(b"after")).await.unwrap();
+            tx
+        });
+        assert_eq!(
+            reader.next_frame(MAX_NOISE_MESSAGE).await.unwrap(),
+            &big[..]
+        );
+        assert_eq!(
+            reader.next_frame(MAX_NOISE_MESSAGE).await.unwrap(),
+            b"after"
+        );
+        assert!(reader.allocated() >= frame::LEN_PREFIX + MAX_NOISE_MESSAGE);
+        assert!(reader.allocated() <= DATA_READ_BUFFER);
+        drop(writer.await.unwrap());
+        assert!(matches!(
+            reader.next_frame(MAX_NOISE_MESSAGE).await,
+            Err(LinkError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_frame_longer_than_allowed_is_refused_before_growing() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let mut reader = FramedReader::new(rx, DATA_READ_BUFFER);
+        tx.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+        assert!(reader.next_frame(1024).await.is_err());
+        assert_eq!(reader.allocated(), INITIAL_READ_BUFFER);
     }
 }

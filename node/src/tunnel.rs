@@ -125,6 +125,23 @@ pub async fn recv_frame<R: AsyncRead + Unpin>(
     Ok(opener.open(body, plain)?)
 }
 
+/// [`recv_frame`] into a buffer grown to the frame's size when needed.
+async fn recv_frame_growing<R: AsyncRead + Unpin>(
+    reader: &mut FramedReader<R>,
+    opener: &mut Opener,
+    plain: &mut Vec<u8>,
+) -> Result<usize, LinkError> {
+    let body = reader.next_frame(MAX_NOISE_MESSAGE).await?;
+    if plain.len() < body.len() {
+        plain.resize(body.len(), 0);
+    }
+    Ok(opener.open(body, plain)?)
+}
+
+/// First size of a tunnel's read buffer towards the relay; it doubles on
+/// each read that fills it, up to [`MAX_CHUNK`].
+const INITIAL_CHUNK: usize = 4 * 1024;
+
 enum UpEnd {
     Done,
     Failed(TunnelEnd),
@@ -342,9 +359,11 @@ where
     let activity = Activity::new(idle_timeout.is_some());
 
     let up = async {
-        let mut plain = vec![0u8; 1 + MAX_CHUNK];
+        // Small while the tunnel is quiet; a read that fills it doubles it,
+        // up to one maximal frame (an idle tunnel holds little memory).
+        let mut plain = vec![0u8; 1 + INITIAL_CHUNK.min(MAX_CHUNK)];
         plain[0] = FRAME_DATA;
-        let mut out = Vec::with_capacity(MAX_NOISE_MESSAGE + 2);
+        let mut out = Vec::new();
         let mut scratch = Vec::new();
         let mut eof_sent = false;
         let mut close_open = true;
@@ -400,6 +419,9 @@ where
                         activity.touch();
                         out.clear();
                         let sealed = sealer.seal(&plain[..=n], &mut out);
+                        if n + 1 == plain.len() && plain.len() < 1 + MAX_CHUNK {
+                            plain.resize((plain.len() * 2).min(1 + MAX_CHUNK), 0);
+                        }
                         let written = match sealed {
                             Ok(()) => writer.write_all(&out).await.map_err(LinkError::from),
                             Err(e) => Err(e.into()),
@@ -437,14 +459,15 @@ where
     };
 
     let down = async {
-        let mut plain = vec![0u8; MAX_NOISE_MESSAGE];
+        // Grows to the largest frame received (at most one maximal frame).
+        let mut plain = Vec::new();
         let mut eof_received = false;
         let mut close_tx = Some(close_tx);
         loop {
             let next = tokio::select! {
                 biased;
                 () = abort.cancelled() => return None,
-                next = recv_frame(&mut reader, &mut opener, &mut plain) => next,
+                next = recv_frame_growing(&mut reader, &mut opener, &mut plain) => next,
             };
             let n = match next {
                 Ok(n) => {
