@@ -41,8 +41,9 @@ fn env(name: &str) -> Result<String> {
         .with_context(|| format!("set {name} (see the comment at the top of this example)"))
 }
 
+// `pub(crate)`: tests/embedded_example.rs runs this very function.
 #[tokio::main]
-async fn main() -> Result<()> {
+pub(crate) async fn main() -> Result<()> {
     // The service's own business: an echo server, on loopback only.
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let internal = listener.local_addr()?;

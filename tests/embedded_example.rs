@@ -1,11 +1,18 @@
-//! Builds and runs `examples/embedded_outlet.rs` as a real process against an
+//! Runs `examples/embedded_outlet.rs` as a real process against an
 //! in-process relay, and reaches the embedded service through an inlet; with
 //! an authority, the embedded outlet applies its revocations by itself.
+//!
+//! The example's source is compiled into this test binary, which re-runs
+//! itself as the example's process (the ignored `example_process` entry):
+//! no second `cargo build` with another feature set, and always the source
+//! as it is now.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
-use std::path::PathBuf;
+#[path = "../examples/embedded_outlet.rs"]
+mod example;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -17,31 +24,56 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-fn example_binary() -> PathBuf {
-    // target/<profile>/postern -> target/<profile>/examples/embedded_outlet
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_postern"));
-    let path = bin
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("embedded_outlet");
-    // Always (re)build: `cargo test` compiles examples only as test
-    // harnesses, so an existing binary may be stale. Up to date, this is quick.
-    {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--example", "embedded_outlet"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build --example");
-        assert!(status.success(), "building the example failed");
+/// Set in the environment of this binary re-run as the example.
+const CHILD: &str = "POSTERN_TEST_RUN_EXAMPLE";
+
+/// Not a test of its own: the example's `main`, when this binary is started
+/// by [`example_command`].
+#[test]
+#[ignore = "runs as the example's process, started by the tests below"]
+fn example_process() {
+    if std::env::var_os(CHILD).is_none() {
+        return;
     }
-    path
+    if let Err(e) = example::main() {
+        eprintln!("example failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// This test binary, re-run as the example's process.
+fn example_command() -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "example_process",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(CHILD, "1");
+    cmd
+}
+
+/// The next word the example prints, `ready` or `stopped` (the test
+/// harness's own output skipped: it may start the same line, as in
+/// `test example_process ... ready`).
+async fn next_example_line<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+) -> Option<String> {
+    while let Ok(Some(line)) = lines.next_line().await {
+        for word in ["ready", "stopped"] {
+            if line.trim_end().ends_with(word) {
+                return Some(word.to_owned());
+            }
+        }
+    }
+    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_outlet_example_serves_through_the_tunnel() {
-    let example = example_binary();
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("svc.key");
     let service_identity = keyfile::create(&key_path).unwrap();
@@ -59,7 +91,7 @@ async fn embedded_outlet_example_serves_through_the_tunnel() {
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(stop.clone()));
 
-    let mut child = Command::new(&example)
+    let mut child = example_command()
         .env("POSTERN_RELAY", relay_addr.to_string())
         .env("POSTERN_RELAY_IDENTITY", relay_id.to_string())
         .env("POSTERN_IDENTITY_FILE", &key_path)
@@ -70,10 +102,10 @@ async fn embedded_outlet_example_serves_through_the_tunnel() {
         .spawn()
         .expect("start the example");
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+    let first = tokio::time::timeout(Duration::from_secs(30), next_example_line(&mut stdout))
         .await
         .expect("example ready in time");
-    assert_eq!(first.unwrap().as_deref(), Some("ready"));
+    assert_eq!(first.as_deref(), Some("ready"));
 
     let config = InletConfig::new(
         RelayEndpoint::new(relay_addr.to_string(), relay_id),
@@ -100,10 +132,10 @@ async fn embedded_outlet_example_serves_through_the_tunnel() {
         .args(["-TERM", &pid])
         .status()
         .unwrap();
-    let last = tokio::time::timeout(Duration::from_secs(10), stdout.next_line())
+    let last = tokio::time::timeout(Duration::from_secs(10), next_example_line(&mut stdout))
         .await
         .expect("example stops in time");
-    assert_eq!(last.unwrap().as_deref(), Some("stopped"));
+    assert_eq!(last.as_deref(), Some("stopped"));
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .unwrap()
@@ -121,7 +153,6 @@ async fn embedded_outlet_example_applies_its_authoritys_revocations() {
     use support::authority::TestAuthority;
     use support::net::TestRelay;
 
-    let example = example_binary();
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("svc.key");
     let service_identity = keyfile::create(&key_path).unwrap();
@@ -129,7 +160,7 @@ async fn embedded_outlet_example_applies_its_authoritys_revocations() {
     let relay = TestRelay::start().await.unwrap();
     let authority = TestAuthority::start(&relay, |s| s).await.unwrap();
 
-    let mut child = Command::new(&example)
+    let mut child = example_command()
         .env("POSTERN_RELAY", relay.endpoint().address)
         .env("POSTERN_RELAY_IDENTITY", relay.identifier.to_string())
         .env("POSTERN_IDENTITY_FILE", &key_path)
@@ -147,10 +178,10 @@ async fn embedded_outlet_example_applies_its_authoritys_revocations() {
         .spawn()
         .expect("start the example");
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+    let first = tokio::time::timeout(Duration::from_secs(30), next_example_line(&mut stdout))
         .await
         .expect("example ready in time");
-    assert_eq!(first.unwrap().as_deref(), Some("ready"));
+    assert_eq!(first.as_deref(), Some("ready"));
 
     let check = |who: &Identity| {
         let config = InletConfig::new(
