@@ -15,6 +15,11 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
+# A one-off build does not profit from incremental compilation's caches, and
+# writing them slows the ~45 test binaries of a cold run. Set
+# CARGO_INCREMENTAL=1 to keep them for repeated local runs.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 started=$SECONDS
 stage_started=$SECONDS
 stage() {
