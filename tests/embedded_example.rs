@@ -56,6 +56,25 @@ fn example_command() -> Command {
     cmd
 }
 
+type ExampleOutput = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// Starts the example with `env` and waits until it says `ready`.
+async fn start_example(env: &[(&str, String)]) -> (tokio::process::Child, ExampleOutput) {
+    let mut child = example_command()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the example");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), next_example_line(&mut stdout))
+        .await
+        .expect("example ready in time");
+    assert_eq!(first.as_deref(), Some("ready"));
+    (child, stdout)
+}
+
 /// The next word the example prints, `ready` or `stopped` (the test
 /// harness's own output skipped: it may start the same line, as in
 /// `test example_process ... ready`).
@@ -91,21 +110,13 @@ async fn embedded_outlet_example_serves_through_the_tunnel() {
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(stop.clone()));
 
-    let mut child = example_command()
-        .env("POSTERN_RELAY", relay_addr.to_string())
-        .env("POSTERN_RELAY_IDENTITY", relay_id.to_string())
-        .env("POSTERN_IDENTITY_FILE", &key_path)
-        .env("POSTERN_ALLOW", inlet_identity.identifier().to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the example");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), next_example_line(&mut stdout))
-        .await
-        .expect("example ready in time");
-    assert_eq!(first.as_deref(), Some("ready"));
+    let (mut child, mut stdout) = start_example(&[
+        ("POSTERN_RELAY", relay_addr.to_string()),
+        ("POSTERN_RELAY_IDENTITY", relay_id.to_string()),
+        ("POSTERN_IDENTITY_FILE", key_path.display().to_string()),
+        ("POSTERN_ALLOW", inlet_identity.identifier().to_string()),
+    ])
+    .await;
 
     let config = InletConfig::new(
         RelayEndpoint::new(relay_addr.to_string(), relay_id),
@@ -160,28 +171,20 @@ async fn embedded_outlet_example_applies_its_authoritys_revocations() {
     let relay = TestRelay::start().await.unwrap();
     let authority = TestAuthority::start(&relay, |s| s).await.unwrap();
 
-    let mut child = example_command()
-        .env("POSTERN_RELAY", relay.endpoint().address)
-        .env("POSTERN_RELAY_IDENTITY", relay.identifier.to_string())
-        .env("POSTERN_IDENTITY_FILE", &key_path)
-        .env(
+    let (_child, _stdout) = start_example(&[
+        ("POSTERN_RELAY", relay.endpoint().address),
+        ("POSTERN_RELAY_IDENTITY", relay.identifier.to_string()),
+        ("POSTERN_IDENTITY_FILE", key_path.display().to_string()),
+        (
             "POSTERN_ALLOW",
             format!("{},{}", revoked.identifier(), kept.identifier()),
-        )
-        .env(
+        ),
+        (
             "POSTERN_TRUST_AUTHORITY",
             authority.identifier().to_string(),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the example");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), next_example_line(&mut stdout))
-        .await
-        .expect("example ready in time");
-    assert_eq!(first.as_deref(), Some("ready"));
+        ),
+    ])
+    .await;
 
     let check = |who: &Identity| {
         let config = InletConfig::new(
