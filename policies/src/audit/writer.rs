@@ -413,19 +413,32 @@ impl AuditLog {
     }
 
     fn wait_for(&self, ticket: u64) -> Result<(), AuditError> {
-        let mut st = self.shared.state();
-        loop {
+        self.wait_until(self.shared.state(), |st| {
             if st.written >= ticket {
-                return Ok(());
+                return Some(Ok(()));
             }
-            if st.failed_through >= ticket {
-                return Err(AuditError::Unavailable {
+            (st.failed_through >= ticket).then(|| {
+                Err(AuditError::Unavailable {
                     path: self.shared.path.clone(),
                     error: st
                         .failure
                         .as_ref()
                         .map_or_else(|| "write failed".to_owned(), |(e, _)| e.clone()),
-                });
+                })
+            })
+        })
+    }
+
+    /// Waits for the writer's progress until `done` has an outcome, or the
+    /// writer stopped.
+    fn wait_until(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        mut done: impl FnMut(&mut State) -> Option<Result<(), AuditError>>,
+    ) -> Result<(), AuditError> {
+        loop {
+            if let Some(outcome) = done(&mut st) {
+                return outcome;
             }
             if st.stopped {
                 return Err(self.closed());
@@ -535,19 +548,7 @@ impl AuditLog {
         st.request = Some(request);
         st.answer = None;
         self.shared.work.notify_one();
-        loop {
-            if let Some(answer) = st.answer.take() {
-                return answer;
-            }
-            if st.stopped {
-                return Err(self.closed());
-            }
-            st = self
-                .shared
-                .progress
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        self.wait_until(st, |st| st.answer.take())
     }
 }
 
