@@ -83,9 +83,13 @@ impl NodeCredential {
     /// credential is `RetryLater` (nodes renew their credential by
     /// themselves and present the new one when they reconnect), anything
     /// else (revoked) is `Denied`.
-    pub(crate) fn ended(&self, revocations: &dyn RevocationCheck) -> Option<(RefusalCode, String)> {
+    pub(crate) fn ended(
+        &self,
+        now: u64,
+        revocations: &dyn RevocationCheck,
+    ) -> Option<(RefusalCode, String)> {
         let verified = self.0.as_ref()?;
-        let e = verified.check_still_valid(unix_now(), revocations).err()?;
+        let e = verified.check_still_valid(now, revocations).err()?;
         let code = match e {
             CredentialError::Expired { .. } => RefusalCode::RetryLater,
             _ => RefusalCode::Denied,
@@ -180,21 +184,25 @@ pub(crate) fn decide_register(
     source: IpAddr,
     current: Result<(), StaleRevocations>,
 ) -> Result<(), Refusal> {
-    let deny = |reason: String| {
+    // A decision no policy took part in, audited as such.
+    let record = |decision: Verdict, reason: String| {
         audit(
             config,
             AuditEvent::Register(AccessRecord {
-                decision: Verdict::Deny,
+                decision,
                 principal: node,
                 service: service.clone(),
                 policies: Vec::new(),
-                reason: reason.clone(),
+                reason,
                 errors: Vec::new(),
                 source_ip: Some(source),
                 relay: Some(relay),
                 tunnel: None,
             }),
         );
+    };
+    let deny = |reason: String| {
+        record(Verdict::Deny, reason.clone());
         Err(Refusal::new(RefusalCode::Denied, reason))
     };
     if let Some(reason) = reservation(config, &node, service) {
@@ -206,19 +214,9 @@ pub(crate) fn decide_register(
     // relay's admin vouched for it with --trust-authority, and nodes need it
     // to enroll, renew and hear revocations.
     if own_authority_name(config, &node, service) {
-        audit(
-            config,
-            AuditEvent::Register(AccessRecord {
-                decision: Verdict::Allow,
-                principal: node,
-                service: service.clone(),
-                policies: Vec::new(),
-                reason: "a trusted authority registers its own name".into(),
-                errors: Vec::new(),
-                source_ip: Some(source),
-                relay: Some(relay),
-                tunnel: None,
-            }),
+        record(
+            Verdict::Allow,
+            "a trusted authority registers its own name".into(),
         );
         return Ok(());
     }
@@ -387,6 +385,48 @@ fn write_audit(log: &AuditLog, event: &AuditEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use postern_identity::credential::{
+        issue, CredentialBody, CredentialId, Kind, NoRevocations, Revocation, RevocationList,
+        RevocationTarget, CREDENTIAL_VERSION,
+    };
+
+    #[test]
+    fn an_expired_hop_credential_is_a_passing_refusal_a_revoked_one_is_not() {
+        let authority = Identity::generate();
+        let node = Identity::generate().identifier();
+        let now = unix_now();
+        let id = CredentialId::random();
+        let signed = issue(
+            &authority,
+            &CredentialBody {
+                version: CREDENTIAL_VERSION,
+                id,
+                subject: node,
+                issuer: authority.identifier(),
+                kind: Kind::Service,
+                attributes: Default::default(),
+                issued_at: now - 10,
+                expires_at: now + 10,
+            },
+        )
+        .unwrap();
+        let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap());
+        config.authorities = [authority.identifier()].into_iter().collect();
+        let held = NodeCredential::verify(&config, &NoRevocations, node, Some(&signed)).unwrap();
+        assert!(held.ended(now, &NoRevocations).is_none());
+        // Expired: the node renews by itself and presents the new one.
+        let later = now + 10 + postern_identity::credential::CLOCK_SKEW_SECS + 1;
+        let (code, reason) = held.ended(later, &NoRevocations).unwrap();
+        assert_eq!(code, RefusalCode::RetryLater, "{reason}");
+        // Revoked: that needs an admin.
+        let mut revoked = RevocationList::new();
+        revoked.insert(Revocation {
+            target: RevocationTarget::Credential(id),
+            revoked_at: now,
+        });
+        let (code, reason) = held.ended(now, &revoked).unwrap();
+        assert_eq!(code, RefusalCode::Denied, "{reason}");
+    }
     use postern_identity::Identity;
 
     fn name(s: &str) -> ServiceName {

@@ -295,9 +295,11 @@ fn recheck(
         access::identity_revoked(&*feeds, &who.node)
             .map(|reason| (RefusalCode::Denied, reason))
             .or_else(|| {
-                who.credential.ended(&*feeds).map(|(code, reason)| {
-                    (code, format!("{reason}; its services are unregistered"))
-                })
+                who.credential
+                    .ended(postern_identity::time::unix_now(), &*feeds)
+                    .map(|(code, reason)| {
+                        (code, format!("{reason}; its services are unregistered"))
+                    })
             })
     };
     if let Some((code, reason)) = ended {
