@@ -185,6 +185,7 @@ pub async fn connect(
         outbox_rx,
         events: events_tx,
         timeouts: timeouts.clone(),
+        write_failed: false,
     };
     tokio::spawn(driver.run());
     if timeouts.spare_connections > 0 {
@@ -204,12 +205,14 @@ struct Driver {
     outbox_rx: mpsc::Receiver<Control>,
     events: mpsc::Sender<HopEvent>,
     timeouts: Timeouts,
+    /// Whether the channel ended because a write to the relay failed.
+    write_failed: bool,
 }
 
 impl Driver {
     async fn run(mut self) {
         let mut reason = self.drive().await;
-        if reason.starts_with("send failed") {
+        if self.write_failed {
             // The relay may have said why before it closed (a Goodbye still
             // in the receive buffer): that is what the user should hear.
             if let Some(said) = self.last_words().await {
@@ -226,6 +229,12 @@ impl Driver {
         let _ = self.outbox.shutdown().await;
         // Fail every request still waiting for an answer.
         self.hop.lock_opens().clear();
+    }
+
+    /// Notes that a write to the relay failed; the reason to report.
+    fn send_failed(&mut self, e: &LinkError) -> String {
+        self.write_failed = true;
+        format!("send failed: {e}")
     }
 
     /// Reads what is left from the relay, briefly, for a `Goodbye`.
@@ -262,13 +271,13 @@ impl Driver {
                 _ = heartbeat.tick() => {
                     seq += 1;
                     if let Err(e) = self.outbox.send(&Control::Ping { seq }).await {
-                        return format!("send failed: {e}");
+                        return self.send_failed(&e);
                     }
                 }
                 out = self.outbox_rx.recv() => {
                     let Some(msg) = out else { return "node dropped its channel".into() };
                     if let Err(e) = self.outbox.send(&msg).await {
-                        return format!("send failed: {e}");
+                        return self.send_failed(&e);
                     }
                 }
                 msg = self.inbox.recv() => {
@@ -289,12 +298,8 @@ impl Driver {
     async fn dispatch(&mut self, msg: Control) -> Option<String> {
         let event = match msg {
             Control::Ping { seq } => {
-                return self
-                    .outbox
-                    .send(&Control::Pong { seq })
-                    .await
-                    .err()
-                    .map(|e| format!("send failed: {e}"));
+                let sent = self.outbox.send(&Control::Pong { seq }).await;
+                return sent.err().map(|e| self.send_failed(&e));
             }
             Control::Pong { .. } => return None,
             Control::Opened { request, token } => {
